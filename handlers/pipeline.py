@@ -1,0 +1,230 @@
+"""The case pipeline: the five steps of SPEC 2.2 over pieces of billed time. Pure: data in, case out.
+
+Every step takes the pieces left by the one before and removes the ones it blames, so a billed
+second is credited at most once, under the first kind that claims it. The steps walk the
+instance's whole history (a run or a stop window may have begun before the checked periods);
+only pieces of records in the checked periods are credited.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from decimal import Decimal
+from typing import Iterable
+
+from . import duplicates, stuck_instance, throttle, wrong_tier
+from .model import KINDS, CaseInput, CaseResult, Claim, Finding, Piece, PriorCover
+from .pieces import cut, merge_windows
+from .timeline import (
+    Time, add, day_of, fmt_duration, fmt_money, fmt_span, fmt_time, hours, hours_text, scale, td_us,
+    to_cents,
+)
+
+EVIDENCE_RECORD_LINES = 25  # per finding; the record_ids list stays complete
+
+
+def run_case(case: CaseInput) -> CaseResult:
+    inst = case.instance
+    thr = case.throttle
+    claims: dict[str, list[Claim]] = {k: [] for k in KINDS}
+    headline: dict[str, list[str]] = {k: [] for k in KINDS}
+    notes: list[str] = []
+
+    # 1. duplicate_charge
+    pieces, dup = duplicates.split_duplicates(case.records)
+    for piece, first_id in dup:
+        claims["duplicate_charge"].append(Claim(piece, piece.charge, f"duplicates record #{first_id}"))
+    extra_credits = []
+    if case.polar_events is not None:
+        for x in duplicates.extra_polar_events(case.records, case.polar_events):
+            extra_credits.append(x)
+            headline["duplicate_charge"].append(
+                f"Polar has {x.events} usage events for {fmt_span(x.record.start, x.record.end)} "
+                f"but the database has {x.records} record(s): {x.extra} extra charge(s) of record #{x.record.id}")
+
+    # 2. stuck_instance
+    windows = stuck_instance.stuck_windows(inst, case.pods, case.log_events, thr.idle_timeout)
+    merged = merge_windows([w.as_tuple() for w in windows])
+    pieces, stuck = cut(pieces, merged)
+    for piece, reason in stuck:
+        claims["stuck_instance"].append(Claim(piece, piece.charge, reason))
+    headline["stuck_instance"] = sorted({r for p, r in stuck if p.record.billing_period in case.periods})
+
+    # 3. throttle_continuous
+    limit = td_us(thr.continuous_limit) if thr.continuous_limit is not None else None
+    pieces, excess = throttle.continuous_excess(pieces, limit)
+    for piece, run_start in excess:
+        claims["throttle_continuous"].append(Claim(
+            piece, piece.charge,
+            f"run since {fmt_time(run_start)} passed the {fmt_duration(thr.continuous_limit)} continuous limit "
+            f"at {fmt_time(run_start + limit)}"))
+    headline["throttle_continuous"] = [f"continuous limit {fmt_duration(thr.continuous_limit)}"]
+
+    # 4. throttle_daily
+    daily_limit = td_us(thr.daily_limit) if thr.daily_limit is not None else None
+    pieces, excess_d, reached = throttle.daily_excess(pieces, case.org_intervals, daily_limit)
+    for piece, t in excess_d:
+        claims["throttle_daily"].append(Claim(
+            piece, piece.charge,
+            f"org {inst.org_id} reached its {fmt_duration(thr.daily_limit)} daily limit at {fmt_time(t)}"))
+    headline["throttle_daily"] = [
+        f"org {inst.org_id} reached its {fmt_duration(thr.daily_limit)} daily limit on {day_of(d)} at {fmt_time(t)}"
+        for d, t in sorted(reached.items())
+        if any(c.piece.start >= d and c.piece.record.billing_period in case.periods for c in claims["throttle_daily"])
+    ]
+
+    # 5. wrong_tier
+    tier, tier_source = wrong_tier.true_tier(inst, case.pods, case.log_events)
+    rate = case.rate_card.get(tier)
+    in_scope_left = [p for p in pieces if p.record.billing_period in case.periods]
+    if rate is None:
+        notes.append(f"true tier {tier!r} ({tier_source}) is not on the rate card: tier pricing not checked")
+    else:
+        over, under = wrong_tier.price_pieces(in_scope_left, rate)
+        for piece, diff in over:
+            r = piece.record
+            claims["wrong_tier"].append(Claim(
+                piece, diff, f"billed {r.tier} at {r.rate_per_hour}/h, true tier {tier} costs {rate}/h"))
+        headline["wrong_tier"] = [f"true tier {tier} ({tier_source}), rate card {tier} {rate}/h"]
+        if to_cents(under) > 0:
+            notes.append(f"undercharged by {fmt_money(to_cents(under))} at the {tier} rate: not credited, "
+                         "nothing is collected back")
+
+    findings, covered, credited_before = _findings(case, claims, headline, extra_credits)
+    credit = sum(f.credit_cents for f in findings)
+
+    systematic_reasons = _systematic(case, findings)
+    return CaseResult(
+        instance=inst,
+        periods=list(case.periods),
+        findings=findings,
+        credit_cents=credit,
+        required_level=0,  # set by the caller, which holds the level configuration
+        systematic=bool(systematic_reasons),
+        systematic_reasons=systematic_reasons,
+        true_tier=tier,
+        true_tier_source=tier_source,
+        notes=notes,
+        credited_before=credited_before,
+        covered=covered,
+    )
+
+
+def _uncovered(piece: Piece, covers: list[PriorCover]) -> tuple[Time, set[int]]:
+    """How much of a piece no issued case has credited yet, and the cases that did credit it."""
+    covered = 0
+    for start, end, _ in merge_windows([(c.start, c.end, c.case_id) for c in covers]):
+        lo, hi = max(start, piece.start), min(end, piece.end)
+        if hi > lo:
+            covered += hi - lo
+    cases = {c.case_id for c in covers if min(c.end, piece.end) > max(c.start, piece.start)}
+    return piece.duration - covered, cases
+
+
+def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[str, list[str]],
+              extra_credits: list) -> tuple[list[Finding], list[dict], list[dict]]:
+    covers_by_record: dict[int, list[PriorCover]] = defaultdict(list)
+    for c in case.prior_covers:
+        covers_by_record[c.record_id].append(c)
+    prior_cases_hit: set[int] = set()
+
+    findings: list[Finding] = []
+    covered: list[dict] = []
+    for kind in KINDS:
+        amount = Decimal(0)
+        duration = 0
+        record_ids: set[int] = set()
+        lines: list[str] = []
+        per_record: dict[int, list[Claim]] = defaultdict(list)
+        for claim in claims[kind]:
+            if claim.piece.record.billing_period not in case.periods:
+                continue
+            credit = claim.credit
+            prior = covers_by_record.get(claim.piece.record.id)
+            if prior:
+                left, hit = _uncovered(claim.piece, prior)
+                prior_cases_hit |= hit
+                if left <= 0:
+                    continue
+                credit = scale(credit, left, claim.piece.duration)
+            amount = add(amount, credit)
+            duration += claim.piece.duration
+            per_record[claim.piece.record.id].append(claim)
+            covered.append({"kind": kind, "record_id": claim.piece.record.id,
+                            "start": int(claim.piece.start), "end": _ceil(claim.piece.end), "extra_events": 0})
+        if kind == "duplicate_charge":
+            for x in extra_credits:
+                if x.record.billing_period not in case.periods:
+                    continue
+                already = sum(c.extra_events for c in covers_by_record.get(x.record.id, []))
+                if already:
+                    prior_cases_hit |= {c.case_id for c in covers_by_record[x.record.id] if c.extra_events}
+                n = x.extra - already
+                if n <= 0:
+                    continue
+                amount = add(amount, scale(x.record.total_charge, n, 1))
+                duration += x.record.seconds_us * n
+                record_ids.add(x.record.id)
+                covered.append({"kind": kind, "record_id": x.record.id, "start": x.record.start,
+                                "end": x.record.end, "extra_events": n})
+        record_ids |= set(per_record)
+        cents = to_cents(amount)
+        if cents <= 0:
+            continue
+        lines.extend(headline.get(kind, []))
+        for rid in sorted(per_record)[:EVIDENCE_RECORD_LINES]:
+            cl = per_record[rid]
+            r = cl[0].piece.record
+            spans = ", ".join(fmt_span(c.piece.start, c.piece.end) for c in cl[:3])
+            more = f" and {len(cl) - 3} more spans" if len(cl) > 3 else ""
+            lines.append(f"record #{rid} ({fmt_span(r.start, r.end)}, {r.tier} ${r.total_charge}): "
+                         f"{spans}{more} — {cl[0].because}")
+        if len(per_record) > EVIDENCE_RECORD_LINES:
+            lines.append(f"…and {len(per_record) - EVIDENCE_RECORD_LINES} more records")
+        findings.append(Finding(
+            kind=kind, credit_cents=cents, hours=hours(duration), summary=_summary(kind, case, duration, cents),
+            evidence=lines, record_ids=sorted(record_ids), amount=amount))
+
+    credited_before = [
+        {"case_id": pc.case_id, "credit_cents": pc.credit_cents, "kinds": list(pc.kinds),
+         "text": f"credited before: {fmt_money(pc.credit_cents)} in case {pc.case_id}"}
+        for pc in case.prior_cases if pc.case_id in prior_cases_hit
+    ]
+    return findings, covered, credited_before
+
+
+def _ceil(t) -> int:
+    i = int(t)
+    return i if i == t else i + 1
+
+
+def _summary(kind: str, case: CaseInput, duration, cents: int) -> str:
+    h = hours_text(hours(duration)).rstrip("0").rstrip(".")
+    thr = case.throttle
+    return {
+        "duplicate_charge": f"{h} h billed more than once: {fmt_money(cents)}",
+        "stuck_instance": f"{h} h billed while the instance was stopped, paused or idle: {fmt_money(cents)}",
+        "throttle_continuous": f"{h} h billed past the {fmt_duration(thr.continuous_limit)} continuous limit: {fmt_money(cents)}",
+        "throttle_daily": f"{h} h billed past the org's {fmt_duration(thr.daily_limit)} daily limit: {fmt_money(cents)}",
+        "wrong_tier": f"{h} h charged above the true tier's rate: {fmt_money(cents)}",
+    }[kind]
+
+
+def _systematic(case: CaseInput, findings: Iterable[Finding]) -> list[str]:
+    """SPEC 2.4: the mechanism failed for this instance in the checked periods, or the latest
+    reconciliation saw the same kind for enough customers."""
+    reasons = []
+    for ev in sorted(case.log_events, key=lambda e: e.at):
+        if ev.instance_id != case.instance.instance_id or ev.kind not in ("pause_failed", "reap_failed"):
+            continue
+        if _period_of(ev.at) in case.periods:
+            what = "throttle failed to pause" if ev.kind == "pause_failed" else "idle reaper failed to delete"
+            reasons.append(f"{what} {ev.instance_id} at {fmt_time(ev.at)}: {ev.detail}")
+    for f in findings:
+        n = case.systematic_kinds.get(f.kind, 0)
+        if n >= case.systematic_min_customers:
+            reasons.append(f"latest reconciliation found {f.kind} for {n} customers in the same period")
+    return reasons
+
+
+def _period_of(t: int) -> str:
+    return day_of(t).strftime("%Y-%m")
