@@ -32,7 +32,7 @@ def run_case(case: CaseInput) -> CaseResult:
     # 1. duplicate_charge
     pieces, dup = duplicates.split_duplicates(case.records)
     for piece, first_id in dup:
-        claims["duplicate_charge"].append(Claim(piece, piece.charge, f"duplicates record #{first_id}"))
+        claims["duplicate_charge"].append(Claim(piece, piece.charge, f"record #{piece.record.id} duplicates #{first_id}"))
     extra_credits = []
     if case.polar_events is not None:
         for x in duplicates.extra_polar_events(case.records, case.polar_events):
@@ -47,7 +47,6 @@ def run_case(case: CaseInput) -> CaseResult:
     pieces, stuck = cut(pieces, merged)
     for piece, reason in stuck:
         claims["stuck_instance"].append(Claim(piece, piece.charge, reason))
-    headline["stuck_instance"] = sorted({r for p, r in stuck if p.record.billing_period in case.periods})
 
     # 3. throttle_continuous
     limit = td_us(thr.continuous_limit) if thr.continuous_limit is not None else None
@@ -57,20 +56,14 @@ def run_case(case: CaseInput) -> CaseResult:
             piece, piece.charge,
             f"run since {fmt_time(run_start)} passed the {fmt_duration(thr.continuous_limit)} continuous limit "
             f"at {fmt_time(run_start + limit)}"))
-    headline["throttle_continuous"] = [f"continuous limit {fmt_duration(thr.continuous_limit)}"]
 
     # 4. throttle_daily
     daily_limit = td_us(thr.daily_limit) if thr.daily_limit is not None else None
-    pieces, excess_d, reached = throttle.daily_excess(pieces, case.org_intervals, daily_limit)
+    pieces, excess_d, _reached = throttle.daily_excess(pieces, case.org_intervals, daily_limit)
     for piece, t in excess_d:
         claims["throttle_daily"].append(Claim(
             piece, piece.charge,
             f"org {inst.org_id} reached its {fmt_duration(thr.daily_limit)} daily limit at {fmt_time(t)}"))
-    headline["throttle_daily"] = [
-        f"org {inst.org_id} reached its {fmt_duration(thr.daily_limit)} daily limit on {day_of(d)} at {fmt_time(t)}"
-        for d, t in sorted(reached.items())
-        if any(c.piece.start >= d and c.piece.record.billing_period in case.periods for c in claims["throttle_daily"])
-    ]
 
     # 5. wrong_tier
     tier, tier_source = wrong_tier.true_tier(inst, case.pods, case.log_events)
@@ -171,13 +164,17 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
         if cents <= 0:
             continue
         lines.extend(headline.get(kind, []))
+        reasons = sorted({c.because for cl in per_record.values() for c in cl})
+        if len(reasons) <= 6:  # few distinct reasons: state each once, above the records
+            lines.extend(r for r in reasons if r not in lines)
         for rid in sorted(per_record)[:EVIDENCE_RECORD_LINES]:
             cl = per_record[rid]
             r = cl[0].piece.record
             spans = ", ".join(fmt_span(c.piece.start, c.piece.end) for c in cl[:3])
             more = f" and {len(cl) - 3} more spans" if len(cl) > 3 else ""
-            lines.append(f"record #{rid} ({fmt_span(r.start, r.end)}, {r.tier} ${r.total_charge}): "
-                         f"{spans}{more} — {cl[0].because}")
+            why = "" if cl[0].because in lines else f" — {cl[0].because}"
+            lines.append(f"record #{rid} ({fmt_span(r.start, r.end)}, {r.tier}, ${_money(r.total_charge)}): "
+                         f"{spans}{more}{why}")
         if len(per_record) > EVIDENCE_RECORD_LINES:
             lines.append(f"…and {len(per_record) - EVIDENCE_RECORD_LINES} more records")
         findings.append(Finding(
@@ -190,6 +187,13 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
         for pc in case.prior_cases if pc.case_id in prior_cases_hit
     ]
     return findings, covered, credited_before
+
+
+def _money(amount: Decimal) -> str:
+    """A charge as stored (numeric 12,4) without trailing zeros past the cents: 4.16, 0.1245."""
+    text = f"{amount.normalize():f}"
+    whole, _, frac = text.partition(".")
+    return f"{whole}.{frac.ljust(2, '0')}"
 
 
 def _ceil(t) -> int:

@@ -130,10 +130,13 @@ def fmt_money(cents: int) -> str:
 
 
 def fmt_duration(value: timedelta | None) -> str:
+    """'8h', '30m', '1h30m', '24h'; days only for multiples of a day past 48 hours."""
     if value is None:
         return "off"
     total = int(value.total_seconds())
     d, rem = divmod(total, 86400)
+    if not (d >= 2 and rem == 0):
+        d, rem = 0, total
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     parts = [f"{d}d" if d else "", f"{h}h" if h else "", f"{m}m" if m else "", f"{s}s" if s else ""]

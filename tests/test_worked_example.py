@@ -26,6 +26,6 @@ def test_worked_example_record_ids_and_evidence():
     assert by_kind["stuck_instance"].record_ids == [1, 3]
     assert by_kind["wrong_tier"].record_ids == [1]
     assert str(by_kind["wrong_tier"].amount.normalize()) == "2.9955"
-    assert any("duplicates record #1" in line for line in by_kind["duplicate_charge"].evidence)
+    assert any("record #2 duplicates #1" in line for line in by_kind["duplicate_charge"].evidence)
     assert any("idle from 2026-10-05 09:30 UTC" in line for line in by_kind["stuck_instance"].evidence)
     assert result.true_tier == "small"

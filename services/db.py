@@ -1,0 +1,170 @@
+"""PostgreSQL access: a psycopg 3 async pool, parameterized queries, read-only snapshots for reads.
+
+Every connection runs in UTC with a statement timeout. The control-plane tables are read in one
+REPEATABLE READ, READ ONLY transaction so a case sees one consistent snapshot. The bot writes
+only billing_corrections in the control-plane schema; its own state lives in its own schema.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import AsyncIterator
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from handlers.model import Instance, OrgInterval, PriorCase, PriorCover, Record
+from handlers.timeline import to_us
+from services.config import Throttle
+
+STATEMENT_TIMEOUT_MS = 15_000
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    await conn.commit()
+
+
+def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnectionPool:
+    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+                               configure=_configure, kwargs={"row_factory": dict_row})
+
+
+class Database:
+    def __init__(self, pool: AsyncConnectionPool, bot_schema: str = "billing_bot"):
+        self.pool = pool
+        self.schema = bot_schema
+
+    @classmethod
+    async def connect(cls, url: str, bot_schema: str = "billing_bot", **kw) -> "Database":
+        pool = make_pool(url, **kw)
+        await pool.open(wait=True, timeout=15)
+        return cls(pool, bot_schema)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A read-only, repeatable-read transaction."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield conn
+
+    # --- control-plane reads -------------------------------------------------------------------
+
+    @staticmethod
+    async def instance(conn, instance_id: str) -> Instance | None:
+        cur = await conn.execute(
+            "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
+            " last_heartbeat FROM instances WHERE instance_id = %s", (instance_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Instance(
+            instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
+            tier=row["tier"], status=row["status"],
+            created_at=_us(row["created_at"]), started_at=_us(row["started_at"]),
+            stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"]))
+
+    @staticmethod
+    async def instance_from_records(conn, instance_id: str) -> Instance | None:
+        """An instance with billing records but no instances row: known only from its records."""
+        cur = await conn.execute(
+            "SELECT org_id, customer_id, tier FROM billing_records WHERE instance_id = %s ORDER BY id DESC LIMIT 1",
+            (instance_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Instance(instance_id, row["org_id"], row["customer_id"], row["tier"], "unknown",
+                        None, None, None, None)
+
+    @staticmethod
+    async def records(conn, instance_id: str) -> list[Record]:
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        await cur.execute(
+            "SELECT id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge,"
+            " billing_period, start_time, end_time FROM billing_records WHERE instance_id = %s ORDER BY id",
+            (instance_id,))
+        rows = await cur.fetchall()
+        return [Record(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], to_us(r[9]), to_us(r[10]))
+                for r in rows]
+
+    @staticmethod
+    async def throttle(conn, org_id: str, defaults: Throttle) -> tuple[Throttle, bool]:
+        """The org's limits and whether they came from a throttle_settings row."""
+        cur = await conn.execute(
+            "SELECT continuous_limit, daily_limit, idle_timeout FROM throttle_settings WHERE org_id = %s",
+            (org_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return defaults, False
+        return Throttle(row["continuous_limit"], row["daily_limit"], row["idle_timeout"]), True
+
+    @staticmethod
+    async def org_intervals(conn, org_id: str, first: date, last: date, limit: timedelta) -> list[OrgInterval]:
+        """The org's billed intervals on the days between first and last whose raw billed time
+        passes the daily limit. De-duplication only lowers billed time, so a day whose raw sum
+        stays within the limit cannot reach it and needs no detail."""
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        await cur.execute(
+            """
+            WITH days AS (
+              SELECT d::date AS day, d AS lo, d + interval '1 day' AS hi
+              FROM generate_series(%(first)s::timestamptz, %(last)s::timestamptz, interval '1 day') AS d
+            ), over_limit AS (
+              SELECT days.lo, days.hi
+              FROM days JOIN billing_records r
+                ON r.org_id = %(org)s AND r.start_time < days.hi AND r.end_time > days.lo
+              GROUP BY days.lo, days.hi
+              HAVING sum(extract(epoch FROM least(r.end_time, days.hi) - greatest(r.start_time, days.lo)))
+                     > %(limit)s
+            )
+            SELECT DISTINCT r.instance_id, r.id, r.start_time, r.end_time
+            FROM billing_records r JOIN over_limit o
+              ON r.org_id = %(org)s AND r.start_time < o.hi AND r.end_time > o.lo
+            """,
+            {"org": org_id, "first": first, "last": last, "limit": Decimal(limit.total_seconds())})
+        return [OrgInterval(r[0], r[1], to_us(r[2]), to_us(r[3])) for r in await cur.fetchall()]
+
+    # --- the bot's own schema (read side used by checks) ------------------------------------------
+
+    async def _has_table(self, conn, table: str) -> bool:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.schema}.{table}",))
+        return (await cur.fetchone())["ok"]
+
+    async def prior_credits(self, conn, instance_id: str) -> tuple[list[PriorCover], list[PriorCase]]:
+        """Pieces of this instance's records that issued cases already credited (SPEC 2.2)."""
+        if not await self._has_table(conn, "case_pieces"):
+            return [], []
+        s = self.schema
+        cur = await conn.execute(
+            f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+            f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
+            f" WHERE c.instance_id = %s AND c.state = 'issued'", (instance_id,))
+        covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
+                  for r in await cur.fetchall()]
+        cur = await conn.execute(
+            f"SELECT c.id, c.issued_cents, c.kinds, c.issued_at FROM {s}.cases c"
+            f" WHERE c.instance_id = %s AND c.state = 'issued' ORDER BY c.id", (instance_id,))
+        cases = [PriorCase(r["id"], r["issued_cents"], tuple(r["kinds"] or ()), _us(r["issued_at"]))
+                 for r in await cur.fetchall()]
+        return covers, cases
+
+    async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
+        """Finding kind -> customers the latest reconciliation saw it for, in the checked periods."""
+        if not await self._has_table(conn, "reconcile_kind_customers"):
+            return {}
+        cur = await conn.execute(
+            f"SELECT finding_kind, max(customers) AS n FROM {self.schema}.reconcile_kind_customers"
+            f" WHERE run_id = (SELECT max(run_id) FROM {self.schema}.reconcile_kind_customers)"
+            f" AND period = ANY(%s) GROUP BY finding_kind", (periods,))
+        return {r["finding_kind"]: int(r["n"]) for r in await cur.fetchall()}
+
+
+def _us(value) -> int | None:
+    return None if value is None else to_us(value)
