@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create .venv and install billing-bot with its test extras, once per change of pyproject.toml.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+  .venv/bin/python -m pip install --quiet -e '.[test]'
+  rm -f .venv/.installed-* && touch "$stamp"
+fi

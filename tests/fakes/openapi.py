@@ -1,0 +1,79 @@
+"""Validate requests and responses against the subset of Polar's OpenAPI document we keep in tests/data."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+SPEC_PATH = Path(__file__).resolve().parent.parent / "data" / "polar-openapi-subset.json"
+URN = "urn:polar-openapi"
+
+
+@lru_cache(maxsize=1)
+def spec() -> dict:
+    return json.loads(SPEC_PATH.read_text())
+
+
+@lru_cache(maxsize=1)
+def _registry() -> Registry:
+    return Registry().with_resource(URN, Resource.from_contents(spec(), default_specification=DRAFT202012))
+
+
+def _pointer(*parts: str) -> str:
+    return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+def _errors(pointer: str, instance) -> list[str]:
+    validator = Draft202012Validator({"$ref": f"{URN}#/{pointer}"}, registry=_registry())
+    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message[:300]}"
+            for e in validator.iter_errors(instance)]
+
+
+def operation(path_template: str, method: str) -> dict:
+    return spec()["paths"][path_template][method]
+
+
+def request_body_errors(path_template: str, method: str, body) -> list[str]:
+    return _errors(_pointer("paths", path_template, method, "requestBody", "content", "application/json", "schema"),
+                   body)
+
+
+def response_errors(path_template: str, method: str, status: int, body) -> list[str]:
+    responses = operation(path_template, method)["responses"]
+    if str(status) not in responses:
+        return [f"status {status} is not documented for {method.upper()} {path_template}"]
+    content = responses[str(status)].get("content")
+    if not content:
+        return []
+    return _errors(_pointer("paths", path_template, method, "responses", str(status), "content",
+                            "application/json", "schema"), body)
+
+
+def query_errors(path_template: str, method: str, query: dict[str, list[str]]) -> list[str]:
+    params = {p["name"]: p for p in operation(path_template, method).get("parameters", []) if p["in"] == "query"}
+    errors = []
+    for name, values in query.items():
+        base = name.split("[", 1)[0]
+        p = params.get(base)
+        if p is None:
+            errors.append(f"query parameter {name!r} is not in the OpenAPI document")
+            continue
+        if "[" in name and p.get("style") != "deepObject":
+            errors.append(f"query parameter {name!r} uses deepObject style but {base} is not deepObject")
+            continue
+        schema = p.get("schema", {})
+        for v in values:
+            if schema.get("type") == "integer":
+                if not v.lstrip("-").isdigit():
+                    errors.append(f"{name}={v!r}: not an integer")
+                    continue
+                iv = int(v)
+                if "exclusiveMinimum" in schema and iv <= schema["exclusiveMinimum"]:
+                    errors.append(f"{name}={v}: must be > {schema['exclusiveMinimum']}")
+            if name == "limit" and int(v) > 100:
+                errors.append(f"limit={v}: Polar's maximum page size is 100")
+    return errors

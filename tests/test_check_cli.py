@@ -1,0 +1,102 @@
+"""`billing-bot check` end to end: the real CLI process, real PostgreSQL, our Kubernetes and Polar
+servers, configured only through SPEC 5's environment variables."""
+import json
+import subprocess
+import sys
+
+from .seed import instance, record
+
+CP_LINES = {
+    "control-plane-a": ["2026/09/01 00:00:01 Creating instance i-7f3a (tier small, org o-acme)",
+                        "2026/10/05 07:59:00 some unrelated chatter"],
+    "control-plane-b": ["2026/10/06 12:00:00 Stopping instance i-other (requested by bob)"],
+}
+
+
+def check(env, *args):
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "check", *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc
+
+
+def seed_worked_example(db, kube, polar):
+    instance(db, "i-7f3a", tier="gpu", heartbeat="2026-10-05 09:00")
+    record(db, 1, "i-7f3a", "2026-10-05 08:00", "2026-10-05 10:00", "4.16")
+    record(db, 2, "i-7f3a", "2026-10-05 08:00", "2026-10-05 10:00", "4.16")
+    record(db, 3, "i-7f3a", "2026-10-05 10:00", "2026-10-05 11:00", "2.08")
+    kube.add_pod("orzbob-instances", "i-7f3a-0", {"instance-id": "i-7f3a", "org-id": "o-acme", "tier": "small"})
+    kube.add_control_plane(CP_LINES)
+    polar.add_customer("c-acme")
+
+
+def test_worked_example_through_the_cli(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    proc = check(bot_env, "i-7f3a", "--period", "2026-10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["credit_cents"] == 1028 and out["required_level"] == 1 and out["systematic"] is False
+    assert [(f["kind"], f["credit_cents"], f["hours"], f["record_ids"]) for f in out["findings"]] == [
+        ("duplicate_charge", 416, "2.0000", [2]), ("stuck_instance", 312, "1.5000", [1, 3]),
+        ("wrong_tier", 300, "1.5000", [1])]
+    assert out["sources"] == {"database": "ok", "kubernetes": "ok", "polar": "ok"}
+    assert (out["instance_id"], out["org_id"], out["customer_id"], out["periods"]) == ("i-7f3a", "o-acme", "c-acme", ["2026-10"])
+    assert out["true_tier"] == "small"
+    # both control-plane pods were read, through the deployment's selector
+    log_paths = {r.path for r in kube.server.requests if r.path.endswith("/log")}
+    assert log_paths == {f"/api/v1/namespaces/orzbob-system/pods/{p}/log" for p in CP_LINES}
+
+
+def test_extra_polar_events_and_a_failed_pause_through_the_cli(db, kube, polar, bot_env):
+    instance(db, "i-9b", tier="small", heartbeat="2026-10-07 00:00")
+    record(db, 10, "i-9b", "2026-10-06 08:00", "2026-10-06 09:00", "0.083", tier="small", rate="0.083")
+    kube.add_control_plane({"cp-0": ["2026/10/06 08:30:00 Failed to pause instance i-9b: context deadline exceeded"]})
+    polar.add_customer("c-acme")
+    for _ in range(3):
+        polar.add_usage_event("c-acme", "compute_hours", {"org_id": "o-acme", "instance_id": "i-9b", "tier": "small",
+                                                          "hours": 1, "start_time": "2026-10-06T08:00:00Z",
+                                                          "end_time": "2026-10-06T09:00:00Z", "record_id": 10})
+    polar.add_usage_event("c-acme", "compute_hours", {"instance_id": "i-other", "start_time": "2026-10-06T08:00:00Z",
+                                                      "end_time": "2026-10-06T09:00:00Z"})
+    out = json.loads(check(bot_env, "i-9b", "--period", "2026-10", "--json").stdout)
+    assert [(f["kind"], f["credit_cents"]) for f in out["findings"]] == [("duplicate_charge", 17)]  # 2 x $0.083
+    assert out["systematic"] is True
+
+
+def test_sources_that_fail_say_why_and_the_check_goes_on(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    kube.fail_paths[r"/log$"] = 500
+    env = dict(bot_env, POLAR_API_URL="http://127.0.0.1:9")  # nothing listens there
+    proc = check(env, "i-7f3a", "--period", "2026-10", "--json")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["sources"]["database"] == "ok"
+    assert out["sources"]["kubernetes"].startswith("failed: control-plane logs: HTTP 500")
+    assert out["sources"]["polar"].startswith("failed: usage events:")
+    assert out["credit_cents"] == 1028  # the pod label still gave the tier; the database the rest
+
+
+def test_text_report_is_readable(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    proc = check(bot_env, "i-7f3a", "--period", "2026-10")
+    assert proc.returncode == 0, proc.stderr
+    assert "Credit: $10.28   Needed level: 1 (Support agent)" in proc.stdout
+    assert "record #2 duplicates #1" in proc.stdout
+    assert "pod i-7f3a-0 label tier=small" in proc.stdout
+
+
+def test_bad_input_exits_2_with_one_line_naming_the_problem(db, bot_env):
+    instance(db, "i-7f3a")
+    for args, words in [(["I_BAD"], "invalid instance id"), (["i-nope"], "unknown instance"),
+                        (["i-7f3a", "--period", "2026-13"], "malformed period"),
+                        (["i-7f3a", "--period", "oct"], "malformed period")]:
+        proc = check(bot_env, *args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert proc.stdout == ""
+        assert len(proc.stderr.strip().splitlines()) == 1 and words in proc.stderr, proc.stderr
+
+
+def test_no_secret_reaches_the_output(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    proc = check(dict(bot_env, POLAR_API_URL="http://127.0.0.1:9"), "i-7f3a", "--json")
+    assert "polar_oat_test_token" not in proc.stdout + proc.stderr
+    assert "kube-test-token" not in proc.stdout + proc.stderr
