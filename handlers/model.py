@@ -11,7 +11,7 @@ from .timeline import Time, share
 KINDS = ("duplicate_charge", "stuck_instance", "throttle_continuous", "throttle_daily", "wrong_tier")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Record:
     """One row of billing_records, times in microseconds."""
 
@@ -32,7 +32,7 @@ class Record:
         return self.end - self.start
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Piece:
     """A part [start, end) of one record's interval, carrying its share of the record's charge."""
 
@@ -97,7 +97,8 @@ class UsageEvent:
 
 @dataclass(frozen=True)
 class OrgInterval:
-    """A billed interval of any instance of the org, for the daily limit."""
+    """A billed interval of any instance of the org, for the daily limit (record_id 0 when the
+    database already merged the instance's records into one span)."""
 
     instance_id: str
     record_id: int

@@ -12,6 +12,9 @@ Tag = TypeVar("Tag", bound=Hashable)
 
 def merge_windows(windows: Sequence[tuple[Time, Time, Tag]]) -> list[tuple[Time, Time, Tag]]:
     """Union of windows as sorted disjoint windows; a merged window keeps its earliest tag."""
+    if len(windows) == 1:
+        w = windows[0]
+        return [tuple(w)] if w[1] > w[0] else []
     out: list[list] = []
     for start, end, tag in sorted(windows, key=lambda w: (w[0], w[1])):
         if end <= start:

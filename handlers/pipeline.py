@@ -8,6 +8,7 @@ only pieces of records in the checked periods are credited.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Iterable
 
@@ -15,31 +16,53 @@ from . import duplicates, stuck_instance, throttle, wrong_tier
 from .model import KINDS, CaseInput, CaseResult, Claim, Finding, Piece, PriorCover
 from .pieces import cut, merge_windows
 from .timeline import (
-    Time, add, day_of, fmt_duration, fmt_money, fmt_span, fmt_time, hours, hours_text, scale, td_us,
+    DAY_US, Time, add, day_of, day_start, fmt_duration, fmt_money, fmt_span, fmt_time, hours, hours_text, scale, td_us,
     to_cents,
 )
 
 EVIDENCE_RECORD_LINES = 25  # per finding; the record_ids list stays complete
 
 
+@dataclass
+class Walk:
+    """The billed time after steps 1 to 3, which need no other instance's data."""
+
+    case: CaseInput
+    claims: dict[str, list[Claim]]
+    headline: dict[str, list[str]]
+    pieces: list[Piece]
+
+
 def run_case(case: CaseInput) -> CaseResult:
+    """All five steps, with case.org_intervals for the daily limit."""
+    return finish(first_steps(case), case.org_intervals)
+
+
+def days_for_daily_limit(walk: Walk) -> list[int]:
+    """The UTC days (as day-start microseconds) on which the instance still has billed time in the
+    checked periods after steps 1 to 3: the only days whose org total the daily limit needs."""
+    if walk.case.throttle.daily_limit is None:
+        return []
+    days: set[int] = set()
+    for p in walk.pieces:
+        if p.record.billing_period in walk.case.periods:
+            d = day_start(p.start)
+            while d < p.end:
+                days.add(d)
+                d += DAY_US
+    return sorted(days)
+
+
+def first_steps(case: CaseInput) -> Walk:
     inst = case.instance
     thr = case.throttle
     claims: dict[str, list[Claim]] = {k: [] for k in KINDS}
     headline: dict[str, list[str]] = {k: [] for k in KINDS}
-    notes: list[str] = []
 
     # 1. duplicate_charge
     pieces, dup = duplicates.split_duplicates(case.records)
     for piece, first_id in dup:
         claims["duplicate_charge"].append(Claim(piece, piece.charge, f"record #{piece.record.id} duplicates #{first_id}"))
-    extra_credits = []
-    if case.polar_events is not None:
-        for x in duplicates.extra_polar_events(case.records, case.polar_events):
-            extra_credits.append(x)
-            headline["duplicate_charge"].append(
-                f"Polar has {x.events} usage events for {fmt_span(x.record.start, x.record.end)} "
-                f"but the database has {x.records} record(s): {x.extra} extra charge(s) of record #{x.record.id}")
 
     # 2. stuck_instance
     windows = stuck_instance.stuck_windows(inst, case.pods, case.log_events, thr.idle_timeout)
@@ -57,9 +80,27 @@ def run_case(case: CaseInput) -> CaseResult:
             f"run since {fmt_time(run_start)} passed the {fmt_duration(thr.continuous_limit)} continuous limit "
             f"at {fmt_time(run_start + limit)}"))
 
+    return Walk(case, claims, headline, pieces)
+
+
+def finish(walk: Walk, org_intervals) -> CaseResult:
+    """Steps 4 and 5, the Polar duplicates of step 1, and the findings."""
+    case, claims, headline, pieces = walk.case, walk.claims, walk.headline, walk.pieces
+    inst, thr = case.instance, case.throttle
+    notes: list[str] = []
+
+    # 1b. extra metering events in Polar (they bill a record again; its pieces went on as usual)
+    extra_credits = []
+    if case.polar_events is not None:
+        for x in duplicates.extra_polar_events(case.records, case.polar_events):
+            extra_credits.append(x)
+            headline["duplicate_charge"].append(
+                f"Polar has {x.events} usage events for {fmt_span(x.record.start, x.record.end)} "
+                f"but the database has {x.records} record(s): {x.extra} extra charge(s) of record #{x.record.id}")
+
     # 4. throttle_daily
     daily_limit = td_us(thr.daily_limit) if thr.daily_limit is not None else None
-    pieces, excess_d, _reached = throttle.daily_excess(pieces, case.org_intervals, daily_limit)
+    pieces, excess_d, _reached = throttle.daily_excess(pieces, org_intervals, daily_limit)
     for piece, t in excess_d:
         claims["throttle_daily"].append(Claim(
             piece, piece.charge,
@@ -125,6 +166,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
     for kind in KINDS:
         amount = Decimal(0)
         duration = 0
+        duration_frac = 0
         record_ids: set[int] = set()
         lines: list[str] = []
         per_record: dict[int, list[Claim]] = defaultdict(list)
@@ -140,7 +182,11 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
                     continue
                 credit = scale(credit, left, claim.piece.duration)
             amount = add(amount, credit)
-            duration += claim.piece.duration
+            d = claim.piece.duration
+            if type(d) is int:
+                duration += d
+            else:  # a piece cut at the daily-limit moment: keep Fraction sums rare
+                duration_frac += d
             per_record[claim.piece.record.id].append(claim)
             covered.append({"kind": kind, "record_id": claim.piece.record.id,
                             "start": int(claim.piece.start), "end": _ceil(claim.piece.end), "extra_events": 0})
@@ -160,6 +206,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
                 covered.append({"kind": kind, "record_id": x.record.id, "start": x.record.start,
                                 "end": x.record.end, "extra_events": n})
         record_ids |= set(per_record)
+        duration = duration + duration_frac
         cents = to_cents(amount)
         if cents <= 0:
             continue

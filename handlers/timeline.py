@@ -12,6 +12,7 @@ from __future__ import annotations
 from datetime import date, datetime, timedelta, timezone
 from decimal import ROUND_HALF_EVEN, ROUND_HALF_UP, Context, Decimal
 from fractions import Fraction
+from functools import lru_cache
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 US = 1_000_000
@@ -105,6 +106,7 @@ def hours_text(duration_hours: Decimal) -> str:
     return str(duration_hours.quantize(Decimal("0.0001"), rounding=ROUND_HALF_UP, context=_CTX))
 
 
+@lru_cache(maxsize=4096)
 def fmt_time(value: Time) -> str:
     """'2026-10-05 09:41 UTC', seconds shown only when there are some."""
     dt = from_us(value)
@@ -129,6 +131,7 @@ def fmt_money(cents: int) -> str:
     return f"{sign}${cents // 100:,}.{cents % 100:02d}"
 
 
+@lru_cache(maxsize=256)
 def fmt_duration(value: timedelta | None) -> str:
     """'8h', '30m', '1h30m', '24h'; days only for multiples of a day past 48 hours."""
     if value is None:

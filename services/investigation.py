@@ -13,8 +13,8 @@ from datetime import date, datetime, timezone
 from typing import Awaitable, Callable
 
 from handlers.model import CaseInput, CaseResult, LogEvent, Pod, UsageEvent
-from handlers.pipeline import run_case
-from handlers.timeline import DAY_US, HOUR_US, day_of, fmt_duration
+from handlers.pipeline import days_for_daily_limit, finish, first_steps
+from handlers.timeline import HOUR_US, fmt_duration, from_us
 from services.config import Config
 from services.db import Database
 from services.kube import KubeSource, describe_error
@@ -119,25 +119,24 @@ class Investigator:
 
             records = await self.db.records(conn, instance_id)
             throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
-            org_intervals = None
-            scoped = [r for r in records if r.billing_period in periods]
-            if throttle.daily_limit is not None and scoped:
-                first = day_of(min(r.start for r in scoped))
-                last = day_of(max(r.end for r in scoped) - 1)
-                org_intervals = await self.db.org_intervals(conn, inst.org_id, first, last, throttle.daily_limit)
             covers, prior_cases = await self.db.prior_credits(conn, instance_id)
             systematic_counts = await self.db.systematic_counts(conn, periods)
 
-        (pods, events, kube_status), (customer, usage, polar_status, polar_notes) = await asyncio.gather(
-            kube_task, polar_task)
-        sources["kubernetes"], sources["polar"] = kube_status, polar_status
+            # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
+            # totals only on the days where this instance still has billed time.
+            pods, events, sources["kubernetes"] = await kube_task
+            case = CaseInput(
+                instance=inst, records=records, periods=periods, throttle=throttle,
+                rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
+                prior_cases=prior_cases, systematic_kinds=systematic_counts,
+                systematic_min_customers=self.config.systematic_min_customers)
+            walk = first_steps(case)
+            days = [from_us(d) for d in days_for_daily_limit(walk)]
+            org_intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit) if days else None
 
-        case = CaseInput(
-            instance=inst, records=records, periods=periods, throttle=throttle,
-            rate_card=self.config.rate_card, pods=pods, log_events=events, polar_events=usage,
-            org_intervals=org_intervals, prior_covers=covers, prior_cases=prior_cases,
-            systematic_kinds=systematic_counts, systematic_min_customers=self.config.systematic_min_customers)
-        result = run_case(case)
+        customer, usage, sources["polar"], polar_notes = await polar_task
+        case.polar_events = usage
+        result = finish(walk, org_intervals)
         result.required_level = self.config.required_level(result.credit_cents)
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
