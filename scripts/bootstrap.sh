@@ -9,6 +9,6 @@ fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
-  .venv/bin/python -m pip install --quiet -e '.[test]'
+  .venv/bin/python -m pip install --quiet -e '.[test]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log; exit 1; }
   rm -f .venv/.installed-* && touch "$stamp"
 fi
