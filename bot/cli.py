@@ -43,8 +43,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-class _ArgError(Exception):
-    pass
 
 
 class _Parser(argparse.ArgumentParser):
