@@ -169,14 +169,15 @@ class Database:
         return covers, cases
 
     async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
-        """Finding kind -> customers the latest reconciliation saw it for, in the checked periods."""
+        """Finding kind -> customers the latest reconciliation saw it for, if that run's day is in
+        the checked periods (SPEC 2.4)."""
         if not await self._has_table(conn, "reconcile_kind_customers"):
             return {}
+        s = self.schema
         cur = await conn.execute(
-            f"SELECT finding_kind, max(customers) AS n FROM {self.schema}.reconcile_kind_customers"
-            f" WHERE run_id = (SELECT max(run_id) FROM {self.schema}.reconcile_kind_customers)"
-            f" AND period = ANY(%s) GROUP BY finding_kind", (periods,))
-        return {r["finding_kind"]: int(r["n"]) for r in await cur.fetchall()}
+            f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
+            f" WHERE run_id = (SELECT max(id) FROM {s}.reconcile_runs) AND period = ANY(%s)", (periods,))
+        return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
 
 
 def _us(value) -> int | None:
