@@ -8,12 +8,14 @@ import psycopg
 from services.embedded import controlplane_ddl
 
 
-def fresh_database():
-    """(server, url): a new pgserver in a temp folder with the control-plane schema."""
+def fresh_database(folder: str | None = None):
+    """(server, url): a pgserver with the control-plane schema, in a temp folder (deleted at exit)
+    or in the given folder (kept, so a large data set is generated once)."""
     import pgserver
 
-    folder = tempfile.mkdtemp(prefix="billing-bench-")
-    server = pgserver.get_server(folder, cleanup_mode="delete")
+    keep = folder is not None
+    folder = folder or tempfile.mkdtemp(prefix="billing-bench-")
+    server = pgserver.get_server(folder, cleanup_mode="stop" if keep else "delete")
     url = server.get_uri()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute(controlplane_ddl())

@@ -84,6 +84,8 @@ def _describe_fatal(exc: Exception) -> str:
     import psycopg
     import psycopg_pool
 
+    if isinstance(exc, psycopg.errors.QueryCanceled):
+        return "a database query ran past its statement timeout: " + str(exc).splitlines()[0]
     if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
         return "cannot reach the control-plane database (DATABASE_URL): " + type(exc).__name__
     if isinstance(exc, psycopg.errors.UndefinedTable):

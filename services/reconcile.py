@@ -19,6 +19,7 @@ from handlers.timeline import fmt_money, to_cents
 from services.config import Config
 
 SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
+RECONCILE_TIMEOUT_MS = 600_000
 
 KIND_ORDER = ["daily_limit", "continuous_limit", "rate_mismatch", "charge_mismatch", "duplicate", "overlap",
               "billed_after_stop", "billed_while_idle", "usage_mismatch"]
@@ -102,6 +103,8 @@ def _params(day: date, config: Config) -> dict:
 async def reconcile_day(conn, day: date, config: Config) -> Reconciliation:
     """Run the reconciliation on an open connection (session in UTC)."""
     cur = conn.cursor(row_factory=tuple_row)
+    # a batch job over a whole day: a longer limit than the interactive reads get
+    await cur.execute(f"SET LOCAL statement_timeout = {RECONCILE_TIMEOUT_MS}")
     await cur.execute(SQL, _params(day, config), prepare=False)
     anomalies = []
     for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():

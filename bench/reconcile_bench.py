@@ -1,0 +1,114 @@
+"""Benchmark of `billing-bot reconcile` (issue: daily reconciliation).
+
+    .venv/bin/python -m bench.reconcile_bench [--records 5000000]
+
+Generates 5,000,000 billing records over 60 days for 20,000 instances (COPY), adds the indexes
+the bot asks the platform team for, then reconciles one day in the middle of the range with the
+real CLI process, measuring its wall time and peak RSS, and times a bare
+`SELECT count(*), sum(total_charge)` over the same day's rows in the same run.
+Goals: under 20 s, under 200 MB peak RSS, at most 3 x the bare query.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+
+from bench.common import fresh_database
+
+START = datetime(2026, 9, 1, tzinfo=timezone.utc)
+DAYS = 60
+INSTANCES = 20_000
+TIERS = [("small", "0.083"), ("medium", "0.167"), ("large", "0.333"), ("gpu", "2.08")]
+
+
+def generate(url: str, total: int) -> None:
+    rng = random.Random(7)
+    per_instance = total // INSTANCES
+    t0 = time.perf_counter()
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.cursor() as cur:
+            with cur.copy("COPY instances FROM STDIN") as cp:
+                for i in range(INSTANCES):
+                    tier = TIERS[i % 4][0]
+                    status = "stopped" if i % 50 == 0 else "running"
+                    stopped = (START + timedelta(days=30)).isoformat() if status == "stopped" else None
+                    hb = (START + timedelta(days=DAYS - (3 if i % 40 == 0 else 0))).isoformat()
+                    cp.write_row((f"i-{i:05d}", f"o-{i // 10:04d}", f"c-{i // 10:04d}", tier, status,
+                                  START.isoformat(), START.isoformat(), stopped, hb))
+            rid = 1
+            with cur.copy("COPY billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour, hours_used,"
+                          " total_charge, billing_period, start_time, end_time, created_at) FROM STDIN") as cp:
+                step = DAYS * 24 * 3600 / per_instance
+                for i in range(INSTANCES):
+                    tier, rate = TIERS[i % 4]
+                    org, cust = f"o-{i // 10:04d}", f"c-{i // 10:04d}"
+                    for k in range(per_instance):
+                        s = START + timedelta(seconds=int(k * step) + rng.randrange(0, 600))
+                        secs = rng.choice((3600, 3600, 7200, 10800))
+                        e = s + timedelta(seconds=secs)
+                        r = rate if rng.random() > 0.001 else "2.08"
+                        hours = secs / 3600
+                        total = f"{float(r) * hours:.4f}"
+                        cp.write(f"{rid}\t{cust}\t{org}\t{f'i-{i:05d}'}\t{tier}\t{r}\t{hours:.4f}\t{total}\t"
+                                 f"{s:%Y-%m}\t{s.isoformat()}\t{e.isoformat()}\t{e.isoformat()}\n")
+                        rid += 1
+        print(f"COPY of {rid - 1:,} records: {time.perf_counter() - t0:.0f} s", flush=True)
+        t0 = time.perf_counter()
+        conn.execute("CREATE INDEX IF NOT EXISTS billing_records_time_idx ON billing_records (start_time, end_time)")
+        conn.execute("ANALYZE")
+        print(f"indexes and ANALYZE: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--records", type=int, default=5_000_000)
+    ap.add_argument("--data", help="keep the generated database in this folder and reuse it next time")
+    args = ap.parse_args()
+    server, url = fresh_database(args.data)
+    with psycopg.connect(url) as conn:
+        have = conn.execute("SELECT count(*) FROM instances").fetchone()[0]
+    if not have:
+        generate(url, args.records)
+    day = (START + timedelta(days=30)).date()
+    lo = datetime.combine(day, datetime.min.time(), timezone.utc)
+    with psycopg.connect(url) as conn:
+        conn.execute("SET TIME ZONE 'UTC'")
+        bare = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            n, total = conn.execute("SELECT count(*), sum(total_charge) FROM billing_records"
+                                    " WHERE start_time < %s AND end_time > %s",
+                                    (lo + timedelta(days=1), lo)).fetchone()
+            bare.append(time.perf_counter() - t0)
+    env = dict(os.environ, DATABASE_URL=url)
+    runs = []
+    out = ""
+    for _ in range(3):
+        t0 = time.perf_counter()
+        proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", day.isoformat(), "--json"],
+                              env=env, capture_output=True, text=True)
+        runs.append(time.perf_counter() - t0)
+        if proc.returncode:
+            print(proc.stderr)
+            raise SystemExit(1)
+        out = proc.stdout
+    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    import json
+    totals = json.loads(out)["totals"]
+    b, r = min(bare), min(runs)
+    print(f"day {day}: {n:,} records overlap it (sum ${total})")
+    print(f"bare count/sum: {', '.join(f'{x:.2f}' for x in bare)} s; reconcile CLI: {', '.join(f'{x:.2f}' for x in runs)} s "
+          f"(includes ~1 s of process start); ratio best/best {r / b:.1f}x; peak RSS of the reconcile process {rss_mb:.0f} MB")
+    print("totals:", totals)
+
+
+if __name__ == "__main__":
+    main()
