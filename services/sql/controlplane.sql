@@ -52,4 +52,5 @@ CREATE TABLE IF NOT EXISTS billing_corrections (
 -- a read replica serves every read the bot makes).
 CREATE INDEX IF NOT EXISTS billing_records_instance_idx ON billing_records (instance_id, id);
 CREATE INDEX IF NOT EXISTS billing_records_org_time_idx ON billing_records (org_id, start_time);
-CREATE INDEX IF NOT EXISTS billing_records_time_idx ON billing_records (start_time, end_time);
+-- reconciliation finds a day's records by interval overlap (&&): a GiST index on the range
+CREATE INDEX IF NOT EXISTS billing_records_span_idx ON billing_records USING gist (tstzrange(start_time, end_time));

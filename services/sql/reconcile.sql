@@ -16,7 +16,7 @@ day_recs AS (
          tstzrange(greatest(r.start_time, %(lo)s), least(r.end_time, %(hi)s)) AS inday,
          extract(epoch FROM r.end_time - r.start_time) AS secs
   FROM billing_records r
-  WHERE r.start_time < %(hi)s AND r.end_time > %(lo)s AND r.end_time > r.start_time
+  WHERE tstzrange(r.start_time, r.end_time) && tstzrange(%(lo)s, %(hi)s) AND r.end_time > r.start_time
 ),
 lim AS (
   SELECT o.org_id,
@@ -132,7 +132,9 @@ look AS (
   SELECT r.id, r.instance_id, r.org_id, l.cont,
          tstzrange(greatest(r.start_time, %(lo)s - l.cont - interval '60 seconds'), least(r.end_time, %(hi)s)) AS span
   FROM billing_records r JOIN lim l ON l.org_id = r.org_id
-  WHERE l.cont IS NOT NULL AND r.start_time < %(hi)s AND r.end_time > %(lo)s - l.cont - interval '60 seconds'
+  WHERE tstzrange(r.start_time, r.end_time)
+          && tstzrange(%(lo)s - (SELECT max(cont) FROM lim) - interval '60 seconds', %(hi)s)
+        AND l.cont IS NOT NULL AND r.end_time > %(lo)s - l.cont - interval '60 seconds'
         AND r.end_time > r.start_time
         AND r.instance_id IN (SELECT instance_id FROM day_recs)
 ),
