@@ -16,17 +16,19 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import home, scheduler
-from bot.actions import adjust, approve, reject
+from bot.actions import adjust, approve, reject, retry
 from bot.commands import billing_check
 from bot.context import BotContext
+from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
 from bot.views import check_modal
 from services.approvals import GroupMembers
 from services.config import Config, ConfigError, Env
+from services.issuing import Issuer
 from services.store import CaseStore
 
 log = logging.getLogger(__name__)
-LISTENERS = (billing_check, check_modal, approve, adjust, reject, home)
+LISTENERS = (billing_check, check_modal, approve, adjust, reject, retry, home)
 
 
 def build_app(ctx: BotContext) -> AsyncApp:
@@ -78,9 +80,16 @@ async def _serve(env: Env, config: Config) -> None:
 
         ctx = BotContext(env=env, config=config, db=rt.db, cases=cases, investigator=rt.investigator,
                          client=client, groups=GroupMembers(group_users))
+        if rt.polar is not None:
+            async def customer(external_id: str) -> dict:
+                c = await rt.polar.customer_by_external_id(external_id)
+                return {"name": c.name, "email": c.email}
+            ctx.issuer = Issuer(cases, rt.polar, config, SlackNotifier(ctx, customer))
         app = build_app(ctx)
         tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
         reminders = asyncio.create_task(scheduler.run_forever(ctx, tick))
+        if ctx.issuer is not None:  # a restart resumes whatever was left approved or issuing
+            asyncio.create_task(ctx.issuer.resume_unfinished())
         runner = web.AppRunner(web_app(ctx, app))
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", env.port).start()

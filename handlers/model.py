@@ -188,3 +188,4 @@ class CaseResult:
     notes: list[str]
     credited_before: list[dict]
     covered: list[dict]  # pieces this case credits: {record_id, start, end, kind, extra_events}
+    credit_by_period: dict[str, int] = field(default_factory=dict)  # sums to credit_cents

@@ -16,7 +16,7 @@ from . import duplicates, stuck_instance, throttle, wrong_tier
 from .model import KINDS, CaseInput, CaseResult, Claim, Finding, Piece, PriorCover
 from .pieces import cut, merge_windows
 from .timeline import (
-    DAY_US, Time, add, day_of, day_start, fmt_duration, fmt_money, fmt_span, fmt_time, hours, hours_text, scale, td_us,
+    DAY_US, Time, add, allocate, day_of, day_start, fmt_duration, fmt_money, fmt_span, fmt_time, hours, hours_text, scale, td_us,
     to_cents,
 )
 
@@ -123,7 +123,7 @@ def finish(walk: Walk, org_intervals) -> CaseResult:
             notes.append(f"undercharged by {fmt_money(to_cents(under))} at the {tier} rate: not credited, "
                          "nothing is collected back")
 
-    findings, covered, credited_before = _findings(case, claims, headline, extra_credits)
+    findings, covered, credited_before, period_amounts = _findings(case, claims, headline, extra_credits)
     credit = sum(f.credit_cents for f in findings)
 
     systematic_reasons = _systematic(case, findings)
@@ -140,6 +140,7 @@ def finish(walk: Walk, org_intervals) -> CaseResult:
         notes=notes,
         credited_before=credited_before,
         covered=covered,
+        credit_by_period=allocate(credit, period_amounts),
     )
 
 
@@ -163,7 +164,9 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
 
     findings: list[Finding] = []
     covered: list[dict] = []
+    period_amounts: dict[str, Decimal] = defaultdict(Decimal)
     for kind in KINDS:
+        kind_periods: dict[str, Decimal] = defaultdict(Decimal)
         amount = Decimal(0)
         duration = 0
         duration_frac = 0
@@ -182,6 +185,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
                     continue
                 credit = scale(credit, left, claim.piece.duration)
             amount = add(amount, credit)
+            kind_periods[claim.piece.record.billing_period] += credit
             d = claim.piece.duration
             if type(d) is int:
                 duration += d
@@ -201,6 +205,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
                 if n <= 0:
                     continue
                 amount = add(amount, scale(x.record.total_charge, n, 1))
+                kind_periods[x.record.billing_period] += scale(x.record.total_charge, n, 1)
                 duration += x.record.seconds_us * n
                 record_ids.add(x.record.id)
                 covered.append({"kind": kind, "record_id": x.record.id, "start": x.record.start,
@@ -210,6 +215,8 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
         cents = to_cents(amount)
         if cents <= 0:
             continue
+        for period, part in allocate(cents, kind_periods).items():
+            period_amounts[period] += part
         lines.extend(headline.get(kind, []))
         reasons = sorted({c.because for cl in per_record.values() for c in cl})
         if len(reasons) <= 6:  # few distinct reasons: state each once, above the records
@@ -233,7 +240,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
          "text": f"credited before: {fmt_money(pc.credit_cents)} in case {pc.case_id}"}
         for pc in case.prior_cases if pc.case_id in prior_cases_hit
     ]
-    return findings, covered, credited_before
+    return findings, covered, credited_before, period_amounts
 
 
 def _money(amount: Decimal) -> str:

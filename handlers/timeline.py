@@ -144,3 +144,18 @@ def fmt_duration(value: timedelta | None) -> str:
     m, s = divmod(rem, 60)
     parts = [f"{d}d" if d else "", f"{h}h" if h else "", f"{m}m" if m else "", f"{s}s" if s else ""]
     return "".join(parts) or "0s"
+
+
+def allocate(total_cents: int, weights: dict[str, Decimal]) -> dict[str, int]:
+    """Split whole cents in proportion to weights, summing exactly to the total (largest remainder;
+    ties go to the earlier key, so the split is stable)."""
+    keys = sorted(k for k, w in weights.items() if w > 0)
+    whole = sum((weights[k] for k in keys), Decimal(0))
+    if total_cents <= 0 or not keys or whole <= 0:
+        return {}
+    shares = {k: _CTX.divide(_CTX.multiply(Decimal(total_cents), weights[k]), whole) for k in keys}
+    out = {k: int(shares[k]) for k in keys}
+    left = total_cents - sum(out.values())
+    for k in sorted(keys, key=lambda k: (-(shares[k] - out[k]), k))[:left]:
+        out[k] += 1
+    return {k: v for k, v in out.items() if v}

@@ -85,6 +85,9 @@ class CaseReport:
             "true_tier_source": r.true_tier_source,
             "notes": r.notes,
             "credited_before": r.credited_before,
+            "credit_by_period": r.credit_by_period,
+            "customer": ({"name": self.customer.name, "email": self.customer.email, "polar_id": self.customer.id}
+                         if self.customer else None),
         }
 
 

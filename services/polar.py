@@ -123,7 +123,7 @@ class PolarClient:
                 with attempt:
                     response = await self._send_once(method, path, **kw)
         except _Retryable as exc:
-            raise PolarUnavailable(str(exc)) from exc
+            raise PolarUnavailable(str(exc), exc.retry_after) from exc
         if response.status_code >= 400:
             raise _error(response)
         if response.status_code == 204 or not response.content:
@@ -188,7 +188,12 @@ class PolarClient:
 
 
 class PolarUnavailable(Exception):
-    """Polar did not answer usefully after the retries (timeouts, 429s, 5xx)."""
+    """Polar did not answer usefully after the retries (timeouts, 429s, 5xx). The request may or
+    may not have taken effect."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
 
 
 def _quote(value: str) -> str:

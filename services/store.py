@@ -183,3 +183,41 @@ class CaseStore(Store):
             cur = await conn.execute(
                 f"SELECT * FROM {self.s}.cases WHERE state = 'pending' ORDER BY id LIMIT %s", (limit,))
             return await cur.fetchall()
+
+
+class Outbox:
+    """Money movements, recorded before any call to Polar (services/issuing.py)."""
+
+    def __init__(self, store: Store):
+        self.db, self.s = store.db, store.s
+
+    async def intend(self, case_id: int, method: str, target: str, period: str | None, cents: int) -> dict:
+        """The intent for (case, target); an existing one wins, so a resumed run keeps its amount."""
+        async with self.db.pool.connection() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.s}.issuances (case_id, method, target, period, amount_cents)"
+                " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (case_id, target) DO NOTHING",
+                (case_id, method, target, period, cents))
+            cur = await conn.execute(f"SELECT * FROM {self.s}.issuances WHERE case_id = %s AND target = %s",
+                                     (case_id, target))
+            return await cur.fetchone()
+
+    async def for_case(self, case_id: int) -> list[dict]:
+        async with self.db.pool.connection() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.issuances WHERE case_id = %s ORDER BY id", (case_id,))
+            return await cur.fetchall()
+
+    async def attempt(self, issuance_id: int, error: str | None = None) -> None:
+        async with self.db.pool.connection() as conn:
+            await conn.execute(f"UPDATE {self.s}.issuances SET attempts = attempts + 1, last_error = %s,"
+                               " updated_at = now() WHERE id = %s", (error, issuance_id))
+
+    async def confirm(self, issuance_id: int, polar_ref: str) -> None:
+        async with self.db.pool.connection() as conn:
+            await conn.execute(f"UPDATE {self.s}.issuances SET state = 'confirmed', polar_ref = %s, updated_at = now()"
+                               " WHERE id = %s", (polar_ref, issuance_id))
+
+    async def fail(self, issuance_id: int, error: str) -> None:
+        async with self.db.pool.connection() as conn:
+            await conn.execute(f"UPDATE {self.s}.issuances SET state = 'failed', last_error = %s, updated_at = now()"
+                               " WHERE id = %s AND state = 'intent'", (error, issuance_id))

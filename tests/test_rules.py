@@ -326,3 +326,17 @@ def test_reconciliation_counts_make_a_kind_systematic():
     assert run(records, systematic_kinds={"duplicate_charge": 3}).systematic
     assert not run(records, systematic_kinds={"duplicate_charge": 2}).systematic
     assert not run(records, systematic_kinds={"wrong_tier": 9}).systematic
+
+
+def test_credit_is_split_by_period_to_the_cent():
+    records = [rec(1, "09-05 08:00", "09-05 09:00"), rec(2, "09-05 08:00", "09-05 09:00"),
+               rec(3, "10-05 08:00", "10-05 10:00"), rec(4, "10-05 08:00", "10-05 10:00")]
+    r = run(records, periods=["2026-09", "2026-10"])
+    assert r.credit_by_period == {"2026-09": 208, "2026-10": 416}
+
+
+def test_allocate_sums_exactly_and_is_stable():
+    from handlers.timeline import allocate
+    assert allocate(100, {"a": Decimal(1), "b": Decimal(1), "c": Decimal(1)}) == {"a": 34, "b": 33, "c": 33}
+    assert allocate(0, {"a": Decimal(1)}) == {}
+    assert sum(allocate(1001, {"x": Decimal("0.3"), "y": Decimal("0.7")}).values()) == 1001

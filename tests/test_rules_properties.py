@@ -99,6 +99,7 @@ def test_credit_never_exceeds_what_was_charged(c):
 def test_findings_sum_to_the_credit(c):
     result = run_case(build(c))
     assert result.credit_cents == sum(f.credit_cents for f in result.findings)
+    assert sum(result.credit_by_period.values()) == result.credit_cents
     assert len({f.kind for f in result.findings}) == len(result.findings)
 
 
