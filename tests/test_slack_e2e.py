@@ -228,3 +228,93 @@ def test_reminder_fires_once_per_interval_across_two_bot_processes(db, db_url, s
     finally:
         for b in bots:
             b.stop()
+
+
+# --- approve -> issue -> email, through the served bot -----------------------------------------
+
+@pytest.fixture
+def smtp():
+    from aiosmtpd.controller import Controller
+
+    class Inbox:
+        def __init__(self):
+            self.messages = []
+
+        async def handle_DATA(self, server, session, envelope):
+            import email
+            from email import policy
+            msg = email.message_from_bytes(envelope.content, policy=policy.default)
+            text = f"Subject: {msg['Subject']}\n\n" + msg.get_content()  # decoded as a mail client shows it
+            self.messages.append((envelope.rcpt_tos, text))
+            return "250 OK"
+
+    from .slack_harness import free_port
+
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    inbox.url = f"smtp://127.0.0.1:{port}?from=support@orzbob.cloud"
+    yield inbox
+    controller.stop()
+
+
+def test_approve_issues_a_refund_logs_it_and_emails_the_customer(db, db_url, slack, polar, smtp, tmp_path):
+    from datetime import datetime, timezone
+
+    from .fakes.polar_server import TOKEN
+    seed_cases(db)
+    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
+    polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
+    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
+                                                   "SMTP_URL": smtp.url})
+    try:
+        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10 T-77")
+        assert smtp.messages == []
+        bot.action("case_approve", case_id, "U_AGENT2")
+        wait_for(lambda: case_row(db_url, case_id)[0] == "issued", what="issued")
+        wait_for(lambda: smtp.messages, what="email")
+        to, content = smtp.messages[0]
+        assert to == ["ada@example.com"]
+        assert "Subject: Credit Applied - Billing Issue Resolved" in content
+        assert "Hello Ada Lovelace," in content and "(Ticket #T-77)" in content
+        assert "have refunded $10.28 to your original payment method" in content
+        assert len(polar.refunds) == 1 and polar.refunds[0]["amount"] == 1028
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT ticket_id, credit_amount::text, resolved_by FROM billing_corrections").fetchall() \
+                == [("T-77", "10.28", "U_AGENT2")]
+        thread = [m["text"] for m in slack.of("chat.postMessage") if m.get("thread_ts")]
+        assert any("Issued $10.28 by refund" in t and "Root cause" in t for t in thread)
+        assert any("Emailed the customer (ada@example.com)" in t for t in thread)
+        final = [u for u in slack.of("chat.update") if "issued in Polar" in json.dumps(u["blocks"])]
+        assert final and polar.refunds[0]["id"] in json.dumps(final[-1]["blocks"])
+        events_ = events(db_url, case_id)
+        assert events_.index("approved") < events_.index("issuing") < events_.index("issued") < events_.index("customer_emailed")
+    finally:
+        bot.stop()
+
+
+def test_no_email_when_polar_fails_and_the_case_says_why(db, db_url, slack, polar, smtp, tmp_path):
+    from .fakes.polar_server import TOKEN
+    seed_cases(db)
+    polar.add_customer("c-acme")  # no order invoices October yet
+    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
+                                                   "SMTP_URL": smtp.url})
+    try:
+        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
+        bot.action("case_approve", case_id, "U_AGENT")
+        wait_for(lambda: case_row(db_url, case_id)[0] == "failed", what="failed")
+        msg = wait_for(lambda: [m for m in slack.of("chat.postMessage") if "failed" in (m.get("text") or "")
+                                and m.get("thread_ts")], what="failure in thread")[0]
+        assert "2026-10 not invoiced yet" in msg["text"]
+        assert [e["action_id"] for e in msg["blocks"][1]["elements"]] == ["case_retry", "case_invoice_credit"]
+        assert any(m["channel"] == "U_AGENT" and "failed" in m["text"] for m in slack.of("chat.postMessage"))
+        time.sleep(0.3)
+        assert smtp.messages == [] and polar.refunds == []
+        # switch to invoice credit from the button: issued, and the letter says 'next invoice'
+        bot.action("case_invoice_credit", case_id, "U_AGENT")
+        wait_for(lambda: case_row(db_url, case_id)[0] == "issued", what="issued as invoice credit")
+        wait_for(lambda: smtp.messages, what="email")
+        assert "This credit will appear on your next invoice." in smtp.messages[0][1]
+    finally:
+        bot.stop()
