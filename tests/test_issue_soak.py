@@ -5,7 +5,7 @@ from bench.issue_soak import soak
 
 
 def test_short_soak_issues_every_case_once():
-    out = asyncio.run(soak(25, seed=11))
+    out = asyncio.run(soak(25, 11))
     assert out["duplicate_refunds"] == 0
     assert out["problems"] == []
     assert out["violations"] == 0
