@@ -130,7 +130,7 @@ async def soak(runs: int, seed_: int) -> dict:
             "left_unissued_or_unexplained": len([p for p in problems if "left" in p or "without" in p]),
             "problems": problems, "resumed_by_restart": len(resumed), "faults": sum(v for k, v in stats.items()
                                                                                    if k.startswith("fault")),
-            "killed": stats["killed"], "violations": len(polar.violations)}
+            "killed": stats["killed"], "violations": len(polar.violations), "violation_texts": polar.violations[:5]}
 
 
 def main() -> None:

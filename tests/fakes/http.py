@@ -68,6 +68,9 @@ class FakeServer:
                 parts = urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                if len(body) < length:  # the client went away mid-request: no request at all
+                    self.close_connection = True
+                    return
                 req = Request(self.command, parts.path, parse_qs(parts.query, keep_blank_values=True),
                               {k.lower(): v for k, v in self.headers.items()}, body)
                 outer.requests.append(req)
