@@ -139,10 +139,15 @@ async def run_reconcile_cli(env, config: Config, args) -> int:
     try:
         async with db.snapshot() as conn:
             rec = await reconcile_day(conn, day, config)
-        await Store(db).record_reconciliation(rec)
+        try:  # feeds the systematic rule; a read-only database must not stop the report
+            await Store(db).record_reconciliation(rec)
+        except Exception as exc:
+            import sys
+            print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
+                  f"{type(exc).__name__}", file=sys.stderr)
         if args.post:
             from bot.reconcile_post import post_reconciliation
-            await post_reconciliation(env, config, rec)
+            await post_reconciliation(env, config, rec, db)
     finally:
         await db.close()
     print(json.dumps(rec.as_json(), indent=2) if args.json else render_text(rec))

@@ -1,0 +1,95 @@
+"""Reconciliation posted to Slack with its "Open case" buttons; the credits review against billing_corrections."""
+import json
+import subprocess
+import sys
+
+import psycopg
+import pytest
+
+from .fakes.slack_server import BOT_TOKEN, FakeSlack
+from .slack_harness import Bot, wait_for
+from .test_reconcile import seed_all_kinds
+
+
+@pytest.fixture
+def slack():
+    fake = FakeSlack().start()
+    yield fake
+    fake.stop()
+
+
+def test_post_groups_by_kind_and_open_case_starts_a_check(db, db_url, slack, tmp_path):
+    seed_all_kinds(db)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("channels: {alerts: C_ALERTS}\nlevels: {1: {users: [U_AGENT]}}\n")
+    env = {"DATABASE_URL": db_url, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_API_URL": slack.api_url,
+           "BILLING_BOT_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-10-05", "--post"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    posted = slack.of("chat.postMessage")
+    assert len(posted) == 1 and posted[0]["channel"] == "C_ALERTS"
+    text = json.dumps(posted[0]["blocks"], ensure_ascii=False)
+    assert "*9 anomalies*" in text and "*daily_limit*: 1" in text and "*duplicate*: 1 · $2.08" in text
+    buttons = [b["accessory"] for b in posted[0]["blocks"] if "accessory" in b]
+    values = {b["value"] for b in buttons}
+    assert "i-dup 2026-10" in values and "i-d1 2026-10" in values  # the org-level daily anomaly gets an instance
+    # clicking "Open case" in the served bot starts the /billing-check flow for that instance
+    bot = Bot(db_url, slack, tmp_path)
+    try:
+        payload = {"type": "block_actions", "user": {"id": "U_AGENT"}, "team": {"id": "T1"}, "api_app_id": "A1",
+                   "trigger_id": "t", "channel": {"id": "C_ALERTS"}, "container": {"type": "message"},
+                   "actions": [{"action_id": "open_case", "value": "i-dup 2026-10", "type": "button", "block_id": "b"}]}
+        assert bot.post({"payload": json.dumps(payload)}).status_code == 200
+        upd = wait_for(lambda: slack.of("chat.update"), what="case from the alert")[0]
+        assert "i-dup" in json.dumps(upd["blocks"]) and "duplicate_charge" in json.dumps(upd["blocks"])
+    finally:
+        bot.stop()
+
+
+def seed_corrections(db):
+    rows = [("c-a", "T-1", "duplicate_charge", "10.28", "U_AGENT", "2026-11-20 10:00Z"),
+            ("c-a", "T-2", "wrong_tier", "3.00", "U_LEAD", "2026-11-21 10:00Z"),
+            ("c-b", None, "stuck_instance", "99.84", "U_LEAD", "2026-11-22 10:00Z"),
+            ("c-c", "T-3", "duplicate_charge", "1.00", "U_AGENT", "2026-10-01 10:00Z")]  # before the window
+    for r in rows:
+        db.execute("INSERT INTO billing_corrections (customer_id, ticket_id, issue_type, credit_amount, resolved_by,"
+                   " resolved_at, notes) VALUES (%s,%s,%s,%s,%s,%s,'n')", r)
+
+
+def test_report_sums_agree_with_billing_corrections(db, db_url):
+    seed_corrections(db)
+    env = {"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
+    text = subprocess.run([sys.executable, "-m", "bot.cli", "report", "--since", "2026-11-15"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert text.returncode == 0, text.stderr
+    out = text.stdout
+    with psycopg.connect(db_url) as conn:
+        total = conn.execute("SELECT sum(credit_amount) FROM billing_corrections WHERE resolved_at >= '2026-11-15'").fetchone()[0]
+    assert f"Credits issued since 2026-11-15: 3 for ${total:,.2f}" in out
+    assert "duplicate_charge: 1 credit(s), $10.28" in out and "stuck_instance: 1 credit(s), $99.84" in out
+    assert "U_LEAD: 2 credit(s), $102.84" in out and "c-a: 2 credit(s), $13.28" in out
+    csv_out = subprocess.run([sys.executable, "-m", "bot.cli", "report", "--since", "2026-11-15", "--csv"], env=env,
+                             capture_output=True, text=True, timeout=60).stdout.splitlines()
+    assert csv_out[0] == "id,resolved_at,customer_id,ticket_id,issue_type,credit_amount,resolved_by,notes"
+    assert len(csv_out) == 4 and sum(float(line.split(",")[5]) for line in csv_out[1:]) == pytest.approx(113.12)
+    bad = subprocess.run([sys.executable, "-m", "bot.cli", "report", "--since", "last week"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "malformed date 'last week'" in bad.stderr
+
+
+def test_billing_report_command_answers_privately(db, db_url, slack, tmp_path):
+    seed_corrections(db)
+    db.execute("UPDATE billing_corrections SET resolved_at = now()")
+    bot = Bot(db_url, slack, tmp_path)
+    try:
+        r = bot.post({"command": "/billing-report", "text": "week", "user_id": "U_LEAD", "channel_id": "C1",
+                      "team_id": "T1", "trigger_id": "t"})
+        assert r.status_code == 200
+        msg = wait_for(lambda: slack.of("chat.postEphemeral"), what="report")[0]
+        assert msg["user"] == "U_LEAD" and "4 for $114.12" in msg["text"]
+        bad = bot.post({"command": "/billing-report", "text": "year", "user_id": "U_LEAD", "channel_id": "C1",
+                        "team_id": "T1", "trigger_id": "t"})
+        assert "unknown span 'year'" in bad.json()["text"]
+    finally:
+        bot.stop()
