@@ -1,0 +1,31 @@
+"""The Slack manifest and Kubernetes files parse and say what the bot needs (read-only RBAC)."""
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_manifest_declares_commands_interactivity_home_and_scopes():
+    m = yaml.safe_load((ROOT / "manifest.yml").read_text())
+    assert {c["command"] for c in m["features"]["slash_commands"]} == {"/billing-check", "/billing-report"}
+    assert all(c["url"].endswith("/slack/events") for c in m["features"]["slash_commands"])
+    assert m["settings"]["interactivity"]["is_enabled"] and m["features"]["app_home"]["home_tab_enabled"]
+    assert {"commands", "chat:write", "usergroups:read"} <= set(m["oauth_config"]["scopes"]["bot"])
+    assert "app_home_opened" in m["settings"]["event_subscriptions"]["bot_events"]
+
+
+def test_rbac_is_read_only():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "rbac.yaml").read_text()))
+    verbs = {v for d in docs if d["kind"] == "Role" for rule in d["rules"] for v in rule["verbs"]}
+    assert verbs == {"get", "list"}
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "Role"} == {"orzbob-instances", "orzbob-system"}
+
+
+def test_deployment_has_probes_and_secret_refs_and_the_cronjob_runs_reconcile():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "deployment.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["envFrom"][0]["secretRef"]["name"]
+    cron = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
+    assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["reconcile", "--post"]
