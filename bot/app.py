@@ -33,7 +33,7 @@ LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject
 
 def build_app(ctx: BotContext) -> AsyncApp:
     app = AsyncApp(client=ctx.client, signing_secret=ctx.env.slack_signing_secret,
-                   process_before_response=False)
+                   process_before_response=True)
     for module in LISTENERS:
         module.register(app, ctx)
     return app

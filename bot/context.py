@@ -1,6 +1,8 @@
 """What every listener needs, built once at start."""
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -12,6 +14,9 @@ from services.config import Config, Env
 from services.db import Database
 from services.investigation import Investigator
 from services.store import CaseStore
+
+
+log = logging.getLogger(__name__)
 
 
 class Issuer(Protocol):
@@ -36,6 +41,9 @@ class Metrics:
 
 @dataclass
 class BotContext:
+    """Listeners ack first and hand the slow part to `spawn`: the HTTP response to Slack goes out
+    as soon as the listener returns (process_before_response), with no polling for the ack."""
+
     env: Env
     config: Config
     db: Database
@@ -45,3 +53,22 @@ class BotContext:
     groups: GroupMembers
     issuer: Issuer | None = None
     metrics: Metrics = field(default_factory=Metrics)
+    _tasks: set = field(default_factory=set)
+    _slots: asyncio.Semaphore | None = None
+    background_limit: int = 4  # case jobs at once: acks stay fast in a burst, the DB pool is not exhausted
+
+    def spawn(self, coro) -> None:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.background_limit)
+
+        async def bounded():
+            async with self._slots:
+                return await coro
+        task = asyncio.create_task(bounded())
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background work failed", exc_info=task.exception())

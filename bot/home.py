@@ -25,9 +25,11 @@ def home_view(mine: list[dict], waiting: list[dict]) -> dict:
 def register(app, ctx: BotContext) -> None:
     @app.event("app_home_opened")
     async def opened(event, client):
-        user = event["user"]
-        mine = await ctx.cases.open_cases_by(user)
-        authority = await authority_of(ctx.config, ctx.groups, user)
-        waiting = [c for c in await ctx.cases.pending() if authority.covers(c["credit_cents"])
-                   and not (ctx.config.four_eyes and c["requested_by"] == user)]
-        await client.views_publish(user_id=user, view=home_view(mine, waiting))
+        async def publish():
+            user = event["user"]
+            mine = await ctx.cases.open_cases_by(user)
+            authority = await authority_of(ctx.config, ctx.groups, user)
+            waiting = [c for c in await ctx.cases.pending() if authority.covers(c["credit_cents"])
+                       and not (ctx.config.four_eyes and c["requested_by"] == user)]
+            await client.views_publish(user_id=user, view=home_view(mine, waiting))
+        ctx.spawn(publish())

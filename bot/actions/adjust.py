@@ -41,12 +41,15 @@ def register(app, ctx: BotContext) -> None:
     @app.action("case_adjust")
     async def adjust(ack, body, client):
         await ack()
-        case = await ctx.cases.get(int(body["actions"][0]["value"]))
-        user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
-        if case is None or case["state"] != "pending":
-            await slack_io.ephemeral(ctx, channel, user, "This case is no longer waiting for a decision.")
-            return
-        await client.views_open(trigger_id=body["trigger_id"], view=adjust_modal(case))
+
+        async def open_modal():
+            case = await ctx.cases.get(int(body["actions"][0]["value"]))
+            user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
+            if case is None or case["state"] != "pending":
+                await slack_io.ephemeral(ctx, channel, user, "This case is no longer waiting for a decision.")
+                return
+            await client.views_open(trigger_id=body["trigger_id"], view=adjust_modal(case))
+        ctx.spawn(open_modal())
 
     @app.view(CALLBACK)
     async def submitted(ack, body, view):
@@ -70,6 +73,9 @@ def register(app, ctx: BotContext) -> None:
             await ack(response_action="errors", errors={"amount": "the case changed meanwhile; reopen it"})
             return
         await ack()
-        await slack_io.refresh_case_message(ctx, row)
-        await slack_io.post_thread(ctx, row, f"<@{user}> lowered the credit from {fmt_money(case['credit_cents'])} "
-                                             f"to {fmt_money(cents)} (needs level {row['required_level']}).")
+
+        async def announce():
+            await slack_io.refresh_case_message(ctx, row)
+            await slack_io.post_thread(ctx, row, f"<@{user}> lowered the credit from {fmt_money(case['credit_cents'])} "
+                                                 f"to {fmt_money(cents)} (needs level {row['required_level']}).")
+        ctx.spawn(announce())

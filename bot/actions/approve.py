@@ -23,7 +23,7 @@ def register(app, ctx: BotContext) -> None:
         user = body["user"]["id"]
         channel = (body.get("channel") or {}).get("id")
         case_id = int(body["actions"][0]["value"])
-        await approve_case(ctx, case_id, user, channel)
+        ctx.spawn(approve_case(ctx, case_id, user, channel))
 
 
 async def approve_case(ctx: BotContext, case_id: int, user: str, channel: str | None) -> dict | None:

@@ -12,5 +12,5 @@ def register(app, ctx: BotContext) -> None:
         instance, _, period = body["actions"][0]["value"].partition(" ")
         user = body["user"]["id"]
         channel = (body.get("channel") or {}).get("id") or user
-        await open_case(ctx, channel=channel, user=user, instance_id=instance, periods=[period] if period else None,
-                        ticket=None)
+        ctx.spawn(open_case(ctx, channel=channel, user=user, instance_id=instance,
+                            periods=[period] if period else None, ticket=None))

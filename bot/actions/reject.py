@@ -22,12 +22,15 @@ def register(app, ctx: BotContext) -> None:
     @app.action("case_reject")
     async def reject(ack, body, client):
         await ack()
-        case = await ctx.cases.get(int(body["actions"][0]["value"]))
-        user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
-        if case is None or case["state"] != "pending":
-            await slack_io.ephemeral(ctx, channel, user, already_decided(case) if case else "No such case.")
-            return
-        await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(case))
+
+        async def open_modal():
+            case = await ctx.cases.get(int(body["actions"][0]["value"]))
+            user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
+            if case is None or case["state"] != "pending":
+                await slack_io.ephemeral(ctx, channel, user, already_decided(case) if case else "No such case.")
+                return
+            await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(case))
+        ctx.spawn(open_modal())
 
     @app.view(CALLBACK)
     async def submitted(ack, body, view):
@@ -49,9 +52,13 @@ def register(app, ctx: BotContext) -> None:
         row = await ctx.cases.transition(case_id, ("pending",), "rejected", user, "rejected", {"reason": reason},
                                          decided_by=user, reason=reason)
         await ack()
-        if row is None:
-            await slack_io.ephemeral(ctx, case.get("channel_id"), user, already_decided(await ctx.cases.get(case_id)))
-            return
-        ctx.metrics.decisions.labels("rejected").inc()
-        await slack_io.refresh_case_message(ctx, row)
-        await slack_io.post_thread(ctx, row, f"Rejected by <@{user}>: {reason}")
+
+        async def announce():
+            if row is None:
+                await slack_io.ephemeral(ctx, case.get("channel_id"), user,
+                                         already_decided(await ctx.cases.get(case_id)))
+                return
+            ctx.metrics.decisions.labels("rejected").inc()
+            await slack_io.refresh_case_message(ctx, row)
+            await slack_io.post_thread(ctx, row, f"Rejected by <@{user}>: {reason}")
+        ctx.spawn(announce())

@@ -33,9 +33,9 @@ def register(app, ctx: BotContext) -> None:
     @app.action("case_retry")
     async def retry_same(ack, body):
         await ack()
-        await retry(body, None)
+        ctx.spawn(retry(body, None))
 
     @app.action("case_invoice_credit")
     async def retry_invoice_credit(ack, body):
         await ack()
-        await retry(body, "invoice_credit")
+        ctx.spawn(retry(body, "invoice_credit"))

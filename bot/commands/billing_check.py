@@ -16,7 +16,7 @@ def register(app, ctx: BotContext) -> None:
         text = (command.get("text") or "").strip()
         if not text:
             await ack()
-            await client.views_open(trigger_id=command["trigger_id"], view=check_modal(command.get("channel_id")))
+            ctx.spawn(client.views_open(trigger_id=command["trigger_id"], view=check_modal(command.get("channel_id"))))
             return
         try:
             instance, periods, ticket = parse_check_text(text)
@@ -24,5 +24,5 @@ def register(app, ctx: BotContext) -> None:
             await ack(response_type="ephemeral", text=f":warning: {exc}")
             return
         await ack()
-        await open_case(ctx, channel=command["channel_id"], user=command["user_id"], instance_id=instance,
-                        periods=periods, ticket=ticket)
+        ctx.spawn(open_case(ctx, channel=command["channel_id"], user=command["user_id"], instance_id=instance,
+                            periods=periods, ticket=ticket))

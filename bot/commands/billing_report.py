@@ -16,6 +16,9 @@ def register(app, ctx: BotContext) -> None:
             await ack(response_type="ephemeral", text=f":warning: unknown span {span!r}: use week or month")
             return
         await ack()
-        report = await credits_report(ctx.db, since_for(span, datetime.now(timezone.utc).date()))
-        await client.chat_postEphemeral(channel=command["channel_id"], user=command["user_id"],
-                                        text=f"```{report.as_text()[:2900]}```")
+
+        async def answer():
+            report = await credits_report(ctx.db, since_for(span, datetime.now(timezone.utc).date()))
+            await client.chat_postEphemeral(channel=command["channel_id"], user=command["user_id"],
+                                            text=f"```{report.as_text()[:2900]}```")
+        ctx.spawn(answer())

@@ -52,5 +52,5 @@ def register(app, ctx: BotContext) -> None:
         await ack()
         user = body["user"]["id"]
         channel = view.get("private_metadata") or user
-        await open_case(ctx, channel=channel, user=user, instance_id=parsed["instance"], periods=parsed["periods"],
-                        ticket=parsed["ticket"])
+        ctx.spawn(open_case(ctx, channel=channel, user=user, instance_id=parsed["instance"],
+                            periods=parsed["periods"], ticket=parsed["ticket"]))

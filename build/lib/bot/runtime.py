@@ -1,0 +1,65 @@
+"""Wiring: turn the environment and the config file into connected services, and close them."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import AsyncIterator
+
+from services.config import Config, Env
+from services.db import Database
+from services.investigation import Investigator
+from services.kube import KubeNotConfigured, KubeSource, api_client, describe_error
+from services.polar import PolarClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    env: Env
+    config: Config
+    db: Database
+    investigator: Investigator
+    kube: KubeSource | None
+    polar: PolarClient | None
+    embedded: object | None = None  # the pgserver handle when the database is the embedded demo
+
+
+def database_url(env: Env) -> tuple[str, object | None]:
+    """DATABASE_URL, else an embedded PostgreSQL seeded with the demo month."""
+    if env.database_url:
+        return env.database_url, None
+    from services.embedded import start_embedded
+
+    server = start_embedded()
+    return server.url, server
+
+
+@asynccontextmanager
+async def open_runtime(env: Env, config: Config) -> AsyncIterator[Runtime]:
+    url, embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    kube = None
+    kube_problem = None
+    try:
+        kube = KubeSource(api_client(env), config.kubernetes)
+    except KubeNotConfigured as exc:
+        kube_problem = str(exc)
+    except Exception as exc:  # a broken kubeconfig: say so, go on without the cluster
+        kube_problem = f"failed: cannot load kube config: {describe_error(exc)}"
+    polar = None
+    polar_problem = None
+    if env.polar_api_key:
+        polar = PolarClient(env.polar_api_url, env.polar_api_key, api_version=config.polar.api_version)
+    else:
+        polar_problem = "not configured (no POLAR_API_KEY)"
+    inv = Investigator(config, db, kube=kube, kube_problem=kube_problem, polar=polar, polar_problem=polar_problem)
+    try:
+        yield Runtime(env, config, db, inv, kube, polar, embedded)
+    finally:
+        await db.close()
+        if kube is not None:
+            kube.close()
+        if polar is not None:
+            await polar.close()

@@ -1,0 +1,337 @@
+"""The bot's configuration: the YAML file named by BILLING_BOT_CONFIG plus the environment.
+
+Every YAML key is optional (SPEC 5.1). An unknown key or a bad value raises ConfigError with the
+dotted path of the key, so the bot stops at start with a message an operator can act on.
+Secrets (tokens, API keys, SMTP credentials) only ever come from the environment.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal, InvalidOperation
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem, naming the offending key."""
+
+
+@dataclass(frozen=True)
+class Level:
+    number: int
+    name: str
+    limit: Decimal | None  # None: any amount (when money is true)
+    money: bool
+    users: tuple[str, ...]
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    instances_namespace: str = "orzbob-instances"
+    system_namespace: str = "orzbob-system"
+    control_plane_deployment: str = "control-plane"
+    label_instance: str = "instance-id"
+    label_org: str = "org-id"
+    label_tier: str = "tier"
+
+
+@dataclass(frozen=True)
+class PolarSettings:
+    credit_method: str = "refund"
+    usage_event_name: str = "compute_hours"
+    api_version: str = "2026-04"
+
+
+@dataclass(frozen=True)
+class Throttle:
+    """An org's throttle limits; None means that limit is off."""
+
+    continuous_limit: timedelta | None
+    daily_limit: timedelta | None
+    idle_timeout: timedelta | None
+
+
+@dataclass(frozen=True)
+class Env:
+    """What the environment says (SPEC 5). Secrets live here and are never logged."""
+
+    database_url: str | None = None
+    kubeconfig: str | None = None
+    in_cluster: bool = False
+    polar_api_url: str = "https://api.polar.sh"
+    polar_api_key: str | None = field(default=None, repr=False)
+    slack_bot_token: str | None = field(default=None, repr=False)
+    slack_signing_secret: str | None = field(default=None, repr=False)
+    slack_app_token: str | None = field(default=None, repr=False)
+    slack_api_url: str = "https://slack.com/api/"
+    smtp_url: str | None = field(default=None, repr=False)
+    port: int = 3000
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Env":
+        e = os.environ if environ is None else environ
+        port_text = e.get("PORT") or "3000"
+        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+            raise ConfigError(f"PORT: expected a TCP port number, got {port_text!r}")
+        return cls(
+            database_url=e.get("DATABASE_URL") or None,
+            kubeconfig=e.get("KUBECONFIG") or None,
+            in_cluster=bool(e.get("KUBERNETES_SERVICE_HOST")),
+            polar_api_url=(e.get("POLAR_API_URL") or "https://api.polar.sh").rstrip("/"),
+            polar_api_key=e.get("POLAR_API_KEY") or None,
+            slack_bot_token=e.get("SLACK_BOT_TOKEN") or None,
+            slack_signing_secret=e.get("SLACK_SIGNING_SECRET") or None,
+            slack_app_token=e.get("SLACK_APP_TOKEN") or None,
+            slack_api_url=e.get("SLACK_API_URL") or "https://slack.com/api/",
+            smtp_url=e.get("SMTP_URL") or None,
+            port=int(port_text),
+        )
+
+
+DEFAULT_RATE_CARD = {
+    "small": Decimal("0.083"),
+    "medium": Decimal("0.167"),
+    "large": Decimal("0.333"),
+    "gpu": Decimal("2.08"),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    levels: dict[int, Level]
+    four_eyes: bool = False
+    remind_every: timedelta = timedelta(hours=4)
+    channels: dict[str, str | None] = field(
+        default_factory=lambda: {"escalation": None, "engineering": None, "alerts": None}
+    )
+    rate_card: dict[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_RATE_CARD))
+    throttle_defaults: Throttle = Throttle(timedelta(hours=8), timedelta(hours=24), timedelta(minutes=30))
+    systematic_min_customers: int = 3
+    kubernetes: KubernetesSettings = KubernetesSettings()
+    polar: PolarSettings = PolarSettings()
+    usage_tolerance_hours: Decimal = Decimal("0.1")
+    bot_schema: str = "billing_bot"
+
+    def money_levels(self) -> list[Level]:
+        """Levels that carry money authority, smallest limit first, unlimited last."""
+        money = [lv for lv in self.levels.values() if lv.money]
+        return sorted(money, key=lambda lv: (lv.limit is None, lv.limit or 0, lv.number))
+
+    def required_level(self, credit_cents: int) -> int:
+        """The smallest level whose limit covers the credit (SPEC 3); 0 when nothing is credited."""
+        if credit_cents <= 0:
+            return 0
+        amount = Decimal(credit_cents) / 100
+        for level in self.money_levels():
+            if level.limit is None or amount <= level.limit:
+                return level.number
+        return max(lv.number for lv in self.money_levels())
+
+
+DEFAULT_LEVELS = {
+    1: {"name": "Support agent", "limit": "50.00", "money": True},
+    2: {"name": "Support lead", "limit": "500.00", "money": True},
+    3: {"name": "Engineering", "limit": None, "money": False},
+    4: {"name": "VP Engineering", "limit": None, "money": True},
+}
+
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(value: Any, key: str) -> timedelta:
+    """'8h', '30m', '1h30m', '2d', '90s' or a whole number of seconds."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected a duration like 8h or 30m, got {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{key}: a duration cannot be negative")
+        return timedelta(seconds=value)
+    if isinstance(value, str):
+        m = _DURATION.match(value.strip())
+        if m and any(m.groups()):
+            d, h, mi, s = (int(g or 0) for g in m.groups())
+            return timedelta(days=d, hours=h, minutes=mi, seconds=s)
+    raise ConfigError(f"{key}: expected a duration like 8h or 30m, got {value!r}")
+
+
+def parse_money(value: Any, key: str) -> Decimal:
+    if isinstance(value, bool) or value is None:
+        raise ConfigError(f"{key}: expected an amount like \"50.00\", got {value!r}")
+    try:
+        # str() first so a YAML float such as 50.5 keeps the digits the operator typed.
+        amount = Decimal(str(value))
+    except InvalidOperation:
+        raise ConfigError(f"{key}: expected an amount like \"50.00\", got {value!r}") from None
+    if not amount.is_finite() or amount < 0:
+        raise ConfigError(f"{key}: expected a non-negative amount, got {value!r}")
+    return amount
+
+
+def _mapping(value: Any, key: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+    return value
+
+
+def _only(mapping: dict, allowed: set[str], prefix: str) -> None:
+    for k in mapping:
+        if str(k) not in allowed:
+            where = f"{prefix}.{k}" if prefix else str(k)
+            raise ConfigError(f"{where}: unknown key (allowed: {', '.join(sorted(allowed))})")
+
+
+def _ids(value: Any, key: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ConfigError(f"{key}: expected a list of Slack ids")
+    return tuple(value)
+
+
+def _bool(value: Any, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _str(value: Any, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+    return value
+
+
+def _levels(raw: Any) -> dict[int, Level]:
+    raw = _mapping(raw, "levels")
+    levels: dict[int, Level] = {}
+    for number in (1, 2, 3, 4):
+        levels[number] = None  # type: ignore[assignment]
+    for k in raw:
+        if str(k) not in {"1", "2", "3", "4"}:
+            raise ConfigError(f"levels.{k}: unknown level (levels are 1, 2, 3 and 4)")
+    for number, defaults in DEFAULT_LEVELS.items():
+        given = raw.get(number, raw.get(str(number))) or {}
+        key = f"levels.{number}"
+        given = _mapping(given, key)
+        _only(given, {"name", "limit", "money", "users", "groups"}, key)
+        merged = {**defaults, **given}
+        money = _bool(merged["money"], f"{key}.money")
+        limit = None if merged["limit"] is None else parse_money(merged["limit"], f"{key}.limit")
+        levels[number] = Level(
+            number=number,
+            name=_str(merged["name"], f"{key}.name"),
+            limit=limit,
+            money=money,
+            users=_ids(merged.get("users"), f"{key}.users"),
+            groups=_ids(merged.get("groups"), f"{key}.groups"),
+        )
+    money_limits = [lv.limit for lv in levels.values() if lv.money and lv.limit is not None]
+    if money_limits != sorted(money_limits):
+        raise ConfigError("levels: money limits must grow with the level number")
+    return levels
+
+
+def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate the YAML file (path, else BILLING_BOT_CONFIG, else all defaults)."""
+    e = os.environ if environ is None else environ
+    path = path or e.get("BILLING_BOT_CONFIG") or None
+    raw: dict = {}
+    if path:
+        try:
+            with open(path, encoding="utf-8") as fh:
+                raw = yaml.safe_load(fh) or {}
+        except OSError as exc:
+            raise ConfigError(f"BILLING_BOT_CONFIG: cannot read {path}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"BILLING_BOT_CONFIG: {path} is not valid YAML: {exc}") from None
+    return parse_config(raw, schema=e.get("BILLING_BOT_SCHEMA") or "billing_bot")
+
+
+def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
+    raw = _mapping(raw, "config")
+    _only(
+        raw,
+        {"levels", "four_eyes", "remind_every", "channels", "rate_card", "throttle_defaults",
+         "systematic_min_customers", "kubernetes", "polar", "reconcile"},
+        "",
+    )
+    channels_raw = _mapping(raw.get("channels"), "channels")
+    _only(channels_raw, {"escalation", "engineering", "alerts"}, "channels")
+    channels = {k: None for k in ("escalation", "engineering", "alerts")}
+    for k, v in channels_raw.items():
+        channels[k] = None if v is None else _str(v, f"channels.{k}")
+
+    rate_raw = raw.get("rate_card")
+    rate_card = dict(DEFAULT_RATE_CARD)
+    if rate_raw is not None:
+        rate_raw = _mapping(rate_raw, "rate_card")
+        rate_card = {str(k): parse_money(v, f"rate_card.{k}") for k, v in rate_raw.items()}
+        if not rate_card:
+            raise ConfigError("rate_card: at least one tier is needed")
+
+    thr_raw = _mapping(raw.get("throttle_defaults"), "throttle_defaults")
+    _only(thr_raw, {"continuous_limit", "daily_limit", "idle_timeout"}, "throttle_defaults")
+    thr_defaults = {"continuous_limit": "8h", "daily_limit": "24h", "idle_timeout": "30m"}
+    thr = {}
+    for k, default in thr_defaults.items():
+        v = thr_raw.get(k, default)
+        thr[k] = None if v is None else parse_duration(v, f"throttle_defaults.{k}")
+
+    kube_raw = _mapping(raw.get("kubernetes"), "kubernetes")
+    _only(kube_raw, {"instances_namespace", "system_namespace", "control_plane_deployment", "labels"}, "kubernetes")
+    labels_raw = _mapping(kube_raw.get("labels"), "kubernetes.labels")
+    _only(labels_raw, {"instance", "org", "tier"}, "kubernetes.labels")
+    kube = KubernetesSettings(
+        instances_namespace=_str(kube_raw.get("instances_namespace", "orzbob-instances"), "kubernetes.instances_namespace"),
+        system_namespace=_str(kube_raw.get("system_namespace", "orzbob-system"), "kubernetes.system_namespace"),
+        control_plane_deployment=_str(kube_raw.get("control_plane_deployment", "control-plane"), "kubernetes.control_plane_deployment"),
+        label_instance=_str(labels_raw.get("instance", "instance-id"), "kubernetes.labels.instance"),
+        label_org=_str(labels_raw.get("org", "org-id"), "kubernetes.labels.org"),
+        label_tier=_str(labels_raw.get("tier", "tier"), "kubernetes.labels.tier"),
+    )
+
+    polar_raw = _mapping(raw.get("polar"), "polar")
+    _only(polar_raw, {"credit_method", "usage_event_name", "api_version"}, "polar")
+    method = polar_raw.get("credit_method", "refund")
+    if method not in ("refund", "invoice_credit"):
+        raise ConfigError(f"polar.credit_method: expected refund or invoice_credit, got {method!r}")
+    polar = PolarSettings(
+        credit_method=method,
+        usage_event_name=_str(polar_raw.get("usage_event_name", "compute_hours"), "polar.usage_event_name"),
+        api_version=_str(str(polar_raw.get("api_version", "2026-04")), "polar.api_version"),
+    )
+
+    rec_raw = _mapping(raw.get("reconcile"), "reconcile")
+    _only(rec_raw, {"usage_tolerance_hours"}, "reconcile")
+    tolerance = parse_money(rec_raw.get("usage_tolerance_hours", "0.1"), "reconcile.usage_tolerance_hours")
+
+    smc = raw.get("systematic_min_customers", 3)
+    if isinstance(smc, bool) or not isinstance(smc, int) or smc < 1:
+        raise ConfigError(f"systematic_min_customers: expected a whole number of at least 1, got {smc!r}")
+
+    remind = parse_duration(raw.get("remind_every", "4h"), "remind_every")
+    if remind <= timedelta(0):
+        raise ConfigError("remind_every: must be longer than zero")
+
+    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", schema):
+        raise ConfigError(f"BILLING_BOT_SCHEMA: not a plain schema name: {schema!r}")
+
+    return Config(
+        levels=_levels(raw.get("levels")),
+        four_eyes=_bool(raw.get("four_eyes", False), "four_eyes"),
+        remind_every=remind,
+        channels=channels,
+        rate_card=rate_card,
+        throttle_defaults=Throttle(**thr),
+        systematic_min_customers=smc,
+        kubernetes=kube,
+        polar=polar,
+        usage_tolerance_hours=tolerance,
+        bot_schema=schema,
+    )

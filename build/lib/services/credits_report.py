@@ -1,0 +1,121 @@
+"""The weekly review of credits issued (runbook: 'Weekly review of credits issued'), for Slack and finance.
+
+Credits come from billing_corrections (every credit, whoever issued it); levels, refusals and
+rejections from the bot's own cases and audit events.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+
+from handlers.timeline import fmt_money
+
+
+@dataclass
+class CreditsReport:
+    since: date
+    total_cents: int
+    count: int
+    by_kind: list[tuple[str, int, int]]       # kind, count, cents
+    by_approver: list[tuple[str, int, int]]
+    by_level: list[tuple[int, int, int]]
+    top_customers: list[tuple[str, int, int]]
+    refusals: int
+    rejections: list[tuple[int, str, str, str]]  # case, instance, by, reason
+    rows: list[dict]
+
+    def as_text(self) -> str:
+        lines = [f"Credits issued since {self.since.isoformat()}: {self.count} for {fmt_money(self.total_cents)}"]
+        for title, items in (("By kind", self.by_kind), ("By approver", self.by_approver),
+                             ("By level", [(f"level {lv}", n, c) for lv, n, c in self.by_level]),
+                             ("Largest customers", self.top_customers)):
+            lines.append(f"{title}:")
+            lines += [f"  {name}: {n} credit(s), {fmt_money(c)}" for name, n, c in items] or ["  none"]
+        lines.append(f"Refused approval attempts: {self.refusals}")
+        lines.append(f"Rejected cases: {len(self.rejections)}")
+        lines += [f"  #{cid} {inst} by {by}: {reason}" for cid, inst, by, reason in self.rejections[:20]]
+        return "\n".join(lines)
+
+    def as_csv(self) -> str:
+        out = io.StringIO()
+        w = csv.writer(out)
+        w.writerow(["id", "resolved_at", "customer_id", "ticket_id", "issue_type", "credit_amount", "resolved_by", "notes"])
+        for r in self.rows:
+            w.writerow([r["id"], r["resolved_at"].isoformat(), r["customer_id"], r["ticket_id"] or "", r["issue_type"],
+                        f"{r['credit_amount']:.2f}", r["resolved_by"], r["notes"] or ""])
+        return out.getvalue()
+
+
+def parse_since(text: str) -> date:
+    from services.investigation import InputError
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text or ""):
+        raise InputError(f"malformed date {text!r}: expected YYYY-MM-DD")
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise InputError(f"malformed date {text!r}: no such day") from None
+
+
+def since_for(span: str, today: date) -> date:
+    return today - timedelta(days=30 if span == "month" else 7)
+
+
+def _cents(amount: Decimal) -> int:
+    return int((amount * 100).to_integral_value())
+
+
+async def credits_report(db, since: date) -> CreditsReport:
+    lo = datetime.combine(since, time(0), timezone.utc)
+    s = db.schema
+    async with db.snapshot() as conn:
+        cur = await conn.execute(
+            "SELECT id, customer_id, ticket_id, issue_type, credit_amount, resolved_by, resolved_at, notes"
+            " FROM billing_corrections WHERE resolved_at >= %s ORDER BY resolved_at, id", (lo,))
+        rows = await cur.fetchall()
+        has_cases = (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                               (f"{s}.cases",))).fetchone())["ok"]
+        by_level, refusals, rejections = [], 0, []
+        if has_cases:
+            cur = await conn.execute(
+                f"SELECT required_level, count(*) AS n, coalesce(sum(issued_cents), 0) AS cents FROM {s}.cases"
+                " WHERE state = 'issued' AND issued_at >= %s GROUP BY required_level ORDER BY required_level", (lo,))
+            by_level = [(r["required_level"], r["n"], int(r["cents"])) for r in await cur.fetchall()]
+            cur = await conn.execute(f"SELECT count(*) AS n FROM {s}.case_events WHERE action = 'refused' AND at >= %s",
+                                     (lo,))
+            refusals = (await cur.fetchone())["n"]
+            cur = await conn.execute(
+                f"SELECT id, instance_id, decided_by, reason FROM {s}.cases WHERE state = 'rejected'"
+                " AND decided_at >= %s ORDER BY id", (lo,))
+            rejections = [(r["id"], r["instance_id"], r["decided_by"], r["reason"] or "") for r in await cur.fetchall()]
+
+    def group(key):
+        acc: dict[str, list[int]] = {}
+        for r in rows:
+            a = acc.setdefault(r[key], [0, 0])
+            a[0] += 1
+            a[1] += _cents(r["credit_amount"])
+        return sorted(((k, n, c) for k, (n, c) in acc.items()), key=lambda x: (-x[2], x[0]))
+
+    return CreditsReport(
+        since=since, total_cents=sum(_cents(r["credit_amount"]) for r in rows), count=len(rows),
+        by_kind=group("issue_type"), by_approver=group("resolved_by"), by_level=by_level,
+        top_customers=group("customer_id")[:5], refusals=refusals, rejections=rejections, rows=rows)
+
+
+async def run_report_cli(env, config, args) -> int:
+    from bot.runtime import database_url
+    from services.db import Database
+
+    since = parse_since(args.since)
+    url, _embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    try:
+        report = await credits_report(db, since)
+    finally:
+        await db.close()
+    print(report.as_csv() if args.csv else report.as_text(), end="" if args.csv else "\n")
+    return 0

@@ -1,0 +1,184 @@
+"""PostgreSQL access: a psycopg 3 async pool, parameterized queries, read-only snapshots for reads.
+
+Every connection runs in UTC with a statement timeout. The control-plane tables are read in one
+REPEATABLE READ, READ ONLY transaction so a case sees one consistent snapshot. The bot writes
+only billing_corrections in the control-plane schema; its own state lives in its own schema.
+"""
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from datetime import datetime, timedelta
+from decimal import Decimal
+from typing import AsyncIterator
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from handlers.model import Instance, OrgInterval, PriorCase, PriorCover, Record
+from handlers.timeline import to_us
+from services.config import Throttle
+
+STATEMENT_TIMEOUT_MS = 15_000
+# A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
+# cheaper than building a datetime per row in Python.
+_US = "(extract(epoch FROM {0}) * 1000000)::bigint"
+
+
+async def _configure(conn: psycopg.AsyncConnection) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'")
+    await conn.execute(f"SET statement_timeout = {STATEMENT_TIMEOUT_MS}")
+    await conn.commit()
+
+
+def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnectionPool:
+    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+                               configure=_configure, kwargs={"row_factory": dict_row})
+
+
+class Database:
+    def __init__(self, pool: AsyncConnectionPool, bot_schema: str = "billing_bot"):
+        self.pool = pool
+        self.schema = bot_schema
+
+    @classmethod
+    async def connect(cls, url: str, bot_schema: str = "billing_bot", **kw) -> "Database":
+        pool = make_pool(url, **kw)
+        await pool.open(wait=True, timeout=15)
+        return cls(pool, bot_schema)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """A read-only, repeatable-read transaction."""
+        async with self.pool.connection() as conn:
+            async with conn.transaction():
+                await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                yield conn
+
+    # --- control-plane reads -------------------------------------------------------------------
+
+    @staticmethod
+    async def instance(conn, instance_id: str) -> Instance | None:
+        cur = await conn.execute(
+            "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
+            " last_heartbeat FROM instances WHERE instance_id = %s", (instance_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Instance(
+            instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
+            tier=row["tier"], status=row["status"],
+            created_at=_us(row["created_at"]), started_at=_us(row["started_at"]),
+            stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"]))
+
+    @staticmethod
+    async def instance_from_records(conn, instance_id: str) -> Instance | None:
+        """An instance with billing records but no instances row: known only from its records."""
+        cur = await conn.execute(
+            "SELECT org_id, customer_id, tier FROM billing_records WHERE instance_id = %s ORDER BY id DESC LIMIT 1",
+            (instance_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        return Instance(instance_id, row["org_id"], row["customer_id"], row["tier"], "unknown",
+                        None, None, None, None)
+
+    @staticmethod
+    async def records(conn, instance_id: str) -> list[Record]:
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        await cur.execute(
+            "SELECT id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge,"
+            f" billing_period, {_US.format('start_time')}, {_US.format('end_time')}"
+            " FROM billing_records WHERE instance_id = %s ORDER BY id",
+            (instance_id,))
+        return [Record(*r) for r in await cur.fetchall()]
+
+    @staticmethod
+    async def throttle(conn, org_id: str, defaults: Throttle) -> tuple[Throttle, bool]:
+        """The org's limits and whether they came from a throttle_settings row."""
+        cur = await conn.execute(
+            "SELECT continuous_limit, daily_limit, idle_timeout FROM throttle_settings WHERE org_id = %s",
+            (org_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return defaults, False
+        return Throttle(row["continuous_limit"], row["daily_limit"], row["idle_timeout"]), True
+
+    @staticmethod
+    async def org_intervals(conn, org_id: str, days: list[datetime], limit: timedelta) -> list[OrgInterval]:
+        """Each instance's billed time on the given UTC days, de-duplicated per instance (SPEC 2.2
+        step 4 applies step 1 per instance), for the days whose raw billed time passes the limit.
+
+        De-duplication only lowers billed time, so a day whose raw sum stays within the limit
+        cannot reach it and needs no detail. range_agg (PostgreSQL 14+) merges each instance's
+        records into disjoint spans, so a busy org day comes back as a few rows per instance.
+        """
+        if not days:
+            return []
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        await cur.execute(
+            """
+            WITH recs AS (
+              SELECT instance_id, start_time, end_time FROM billing_records
+              WHERE org_id = %(org)s AND start_time < %(hi)s AND end_time > %(lo)s AND end_time > start_time
+            ), pieces AS (  -- each record cut at UTC midnights (the session runs in UTC)
+              SELECT r.instance_id, d AS day, greatest(r.start_time, d) AS s,
+                     least(r.end_time, d + interval '1 day') AS e
+              FROM recs r, generate_series(date_trunc('day', greatest(r.start_time, %(lo)s)),
+                                           least(r.end_time, %(hi)s) - interval '1 microsecond',
+                                           interval '1 day') AS d
+              WHERE d = ANY(%(days)s)
+            ), over_limit AS (
+              SELECT day FROM pieces GROUP BY day HAVING sum(e - s) > %(limit)s
+            ), merged AS (
+              SELECT instance_id, range_agg(tstzrange(s, e)) AS spans
+              FROM pieces WHERE day IN (SELECT day FROM over_limit)
+              GROUP BY instance_id, day
+            )
+            SELECT instance_id, """ + _US.format("lower(span)") + ", " + _US.format("upper(span)") + """
+            FROM merged, unnest(spans) AS span
+            """,
+            {"org": org_id, "days": days, "lo": min(days), "hi": max(days) + timedelta(days=1), "limit": limit})
+        return [OrgInterval(r[0], 0, r[1], r[2]) for r in await cur.fetchall()]
+
+    # --- the bot's own schema (read side used by checks) ------------------------------------------
+
+    async def _has_table(self, conn, table: str) -> bool:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.schema}.{table}",))
+        return (await cur.fetchone())["ok"]
+
+    async def prior_credits(self, conn, instance_id: str) -> tuple[list[PriorCover], list[PriorCase]]:
+        """Pieces of this instance's records that issued cases already credited (SPEC 2.2)."""
+        if not await self._has_table(conn, "case_pieces"):
+            return [], []
+        s = self.schema
+        cur = await conn.execute(
+            f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+            f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
+            f" WHERE c.instance_id = %s AND c.state = 'issued'", (instance_id,))
+        covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
+                  for r in await cur.fetchall()]
+        cur = await conn.execute(
+            f"SELECT c.id, c.issued_cents, c.kinds, c.issued_at FROM {s}.cases c"
+            f" WHERE c.instance_id = %s AND c.state = 'issued' ORDER BY c.id", (instance_id,))
+        cases = [PriorCase(r["id"], r["issued_cents"], tuple(r["kinds"] or ()), _us(r["issued_at"]))
+                 for r in await cur.fetchall()]
+        return covers, cases
+
+    async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
+        """Finding kind -> customers the latest reconciliation saw it for, if that run's day is in
+        the checked periods (SPEC 2.4)."""
+        if not await self._has_table(conn, "reconcile_kind_customers"):
+            return {}
+        s = self.schema
+        cur = await conn.execute(
+            f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
+            f" WHERE run_id = (SELECT max(id) FROM {s}.reconcile_runs) AND period = ANY(%s)", (periods,))
+        return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
+
+
+def _us(value) -> int | None:
+    return None if value is None else to_us(value)

@@ -1,0 +1,227 @@
+"""Polar API client (https://api.polar.sh), Polar-Version pinned.
+
+Reads and event ingests retry on 429 (honouring Retry-After), 5xx and timeouts. A refund POST is
+never retried here: refunds have no idempotency key, so the issuing service looks the refund up
+before it would ever send another (SPEC 4).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from datetime import datetime, timezone
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+
+from handlers.model import UsageEvent
+from handlers.timeline import to_us
+
+log = logging.getLogger(__name__)
+
+PAGE_LIMIT = 100
+MAX_RETRY_AFTER_S = 30.0
+PAGE_CONCURRENCY = 8
+
+
+class PolarError(Exception):
+    def __init__(self, status: int, error: str, detail: Any):
+        self.status, self.error, self.detail = status, error, detail
+        super().__init__(f"Polar {status} {error}: {detail}")
+
+
+class PolarNotFound(PolarError):
+    pass
+
+
+class _Retryable(Exception):
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return min(max(float(value), 0.0), MAX_RETRY_AFTER_S)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value)
+            return min(max((when - datetime.now(timezone.utc)).total_seconds(), 0.0), MAX_RETRY_AFTER_S)
+        except (TypeError, ValueError):
+            return None
+
+
+def _error(response: httpx.Response) -> PolarError:
+    try:
+        body = response.json()
+        error, detail = body.get("error", response.reason_phrase), body.get("detail")
+    except ValueError:
+        error, detail = response.reason_phrase, response.text[:200]
+    cls = PolarNotFound if response.status_code == 404 else PolarError
+    return cls(response.status_code, str(error), detail)
+
+
+class _Wait:
+    """Exponential backoff with jitter, except that a 429's Retry-After is honoured exactly."""
+
+    def __init__(self, base: float):
+        self.backoff = wait_exponential_jitter(initial=base, max=8, jitter=base)
+
+    def __call__(self, state) -> float:
+        exc = state.outcome.exception()
+        if isinstance(exc, _Retryable) and exc.retry_after is not None:
+            return exc.retry_after
+        return self.backoff(state)
+
+
+@dataclass
+class Customer:
+    id: str
+    external_id: str | None
+    email: str | None
+    name: str | None
+
+
+class PolarClient:
+    def __init__(self, base_url: str, token: str, *, api_version: str = "2026-04", timeout: float = 10.0,
+                 attempts: int = 4, backoff: float = 0.25, transport: httpx.AsyncBaseTransport | None = None):
+        self._http = httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+            headers={"Authorization": f"Bearer {token}", "Polar-Version": api_version,
+                     "Accept": "application/json", "User-Agent": "billing-bot"})
+        self.attempts = attempts
+        self.backoff = backoff
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def _send_once(self, method: str, path: str, **kw) -> httpx.Response:
+        try:
+            response = await self._http.request(method, path, **kw)
+        except httpx.TimeoutException as exc:
+            raise _Retryable(f"timeout: {type(exc).__name__}") from exc
+        except httpx.TransportError as exc:
+            raise _Retryable(f"connection: {type(exc).__name__}") from exc
+        if response.status_code == 429:
+            raise _Retryable("429 Too Many Requests", _retry_after(response))
+        if response.status_code >= 500:
+            raise _Retryable(f"{response.status_code} {response.reason_phrase}", _retry_after(response))
+        return response
+
+    async def request(self, method: str, path: str, *, retry: bool = True, **kw) -> Any:
+        """One call; retried (429/5xx/timeouts) when retry is true. Returns the JSON body."""
+        attempts = self.attempts if retry else 1
+        try:
+            async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), wait=_Wait(self.backoff),
+                                               retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+                                               reraise=True):
+                with attempt:
+                    response = await self._send_once(method, path, **kw)
+        except _Retryable as exc:
+            raise PolarUnavailable(str(exc), exc.retry_after) from exc
+        if response.status_code >= 400:
+            raise _error(response)
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def customer_by_external_id(self, external_id: str) -> Customer:
+        body = await self.request("GET", f"/v1/customers/external/{_quote(external_id)}")
+        return Customer(body["id"], body.get("external_id"), body.get("email"), body.get("name"))
+
+    async def list_all(self, path: str, params: dict[str, Any]) -> list[dict]:
+        """Every item of a paginated list: page 1 first, then the remaining pages concurrently."""
+        params = {**params, "limit": PAGE_LIMIT}
+        first = await self.request("GET", path, params={**params, "page": 1})
+        items = list(first.get("items", []))
+        pagination = first.get("pagination") or {}
+        if "max_page" in pagination:
+            pages = range(2, int(pagination["max_page"]) + 1)
+            gate = asyncio.Semaphore(PAGE_CONCURRENCY)
+
+            async def page(n: int) -> list[dict]:
+                async with gate:
+                    return (await self.request("GET", path, params={**params, "page": n})).get("items", [])
+
+            for chunk in await asyncio.gather(*(page(n) for n in pages)):
+                items.extend(chunk)
+        else:  # cursor pagination: walk while the server says there is more
+            n = 1
+            while pagination.get("has_next_page"):
+                n += 1
+                body = await self.request("GET", path, params={**params, "page": n})
+                items.extend(body.get("items", []))
+                pagination = body.get("pagination") or {}
+        return items
+
+    async def usage_events(self, external_customer_id: str, name: str, instance_id: str) -> list[UsageEvent]:
+        """The metering events of one instance. The metadata filter narrows the listing; the
+        instance is checked again here, so a server that ignores the filter is still read right."""
+        raw = await self.list_all("/v1/events/", {
+            "external_customer_id": external_customer_id, "name": name,
+            f"metadata[instance_id]": instance_id})
+        return parse_usage_events(raw, name, instance_id)
+
+    async def orders(self, external_customer_id: str) -> list[dict]:
+        return await self.list_all("/v1/orders/", {"external_customer_id": external_customer_id,
+                                                   "sorting": "created_at"})
+
+    async def refunds_for_order(self, order_id: str) -> list[dict]:
+        return await self.list_all("/v1/refunds/", {"order_id": order_id})
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def create_refund(self, body: dict) -> dict:
+        """POST /v1/refunds/ exactly once: no retry, whatever happens (the caller looks it up)."""
+        return await self.request("POST", "/v1/refunds/", json=body, retry=False)
+
+    async def ingest_events(self, events: list[dict]) -> dict:
+        """Events are deduplicated on external_id, so retrying an ingest is harmless."""
+        return await self.request("POST", "/v1/events/ingest", json={"events": events})
+
+
+class PolarUnavailable(Exception):
+    """Polar did not answer usefully after the retries (timeouts, 429s, 5xx). The request may or
+    may not have taken effect."""
+
+    def __init__(self, reason: str, retry_after: float | None = None):
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+def _quote(value: str) -> str:
+    return httpx.URL("/" + value).raw_path.decode()[1:].replace("/", "%2F")
+
+
+def parse_usage_events(raw: list[dict], name: str, instance_id: str) -> list[UsageEvent]:
+    out = []
+    for ev in raw:
+        md = ev.get("metadata") or {}
+        if ev.get("name") != name or md.get("instance_id") != instance_id:
+            continue
+        try:
+            start, end = _iso(md["start_time"]), _iso(md["end_time"])
+        except (KeyError, ValueError, TypeError):
+            log.warning("Polar event %s has no readable start_time/end_time; skipped", ev.get("id"))
+            continue
+        rid = md.get("record_id")
+        try:
+            rid = int(rid) if rid is not None else None
+        except (TypeError, ValueError):
+            rid = None
+        out.append(UsageEvent(str(ev.get("id")), instance_id, start, end, rid))
+    return out
+
+
+def _iso(value: str) -> int:
+    dt = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=timezone.utc)
+    return to_us(dt)

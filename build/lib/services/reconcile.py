@@ -1,0 +1,154 @@
+"""Daily reconciliation (SPEC 5.2): set-based SQL over the control-plane database for one UTC day.
+
+The statement in sql/reconcile.sql finds every anomaly kind at once; this module runs it, rounds
+each anomaly's overcharge to cents, totals by kind, and records which finding kinds were seen for
+how many customers (the systematic rule of SPEC 2.4 reads that, so it is never computed twice).
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+from psycopg.rows import tuple_row
+
+from handlers.timeline import fmt_money, to_cents
+from services.config import Config
+
+SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
+RECONCILE_TIMEOUT_MS = 600_000
+
+KIND_ORDER = ["daily_limit", "continuous_limit", "rate_mismatch", "charge_mismatch", "duplicate", "overlap",
+              "billed_after_stop", "billed_while_idle", "usage_mismatch"]
+
+# Which check finding each anomaly kind would become (SPEC 2.2); None: no finding of its own.
+FINDING_KIND = {
+    "duplicate": "duplicate_charge", "overlap": "duplicate_charge",
+    "billed_after_stop": "stuck_instance", "billed_while_idle": "stuck_instance",
+    "continuous_limit": "throttle_continuous", "daily_limit": "throttle_daily",
+    "rate_mismatch": "wrong_tier", "charge_mismatch": None, "usage_mismatch": None,
+}
+
+
+@dataclass
+class Anomaly:
+    kind: str
+    instance_id: str | None
+    org_id: str
+    customer_id: str | None
+    record_ids: list[int]
+    overcharge_cents: int
+    detail: str
+
+    def as_json(self) -> dict:
+        return {"kind": self.kind, "instance_id": self.instance_id, "org_id": self.org_id,
+                "customer_id": self.customer_id, "record_ids": self.record_ids,
+                "overcharge_cents": self.overcharge_cents, "detail": self.detail}
+
+
+@dataclass
+class Reconciliation:
+    day: date
+    anomalies: list[Anomaly]
+
+    def totals(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        for a in self.anomalies:
+            t = out.setdefault(a.kind, {"count": 0, "overcharge_cents": 0})
+            t["count"] += 1
+            t["overcharge_cents"] += a.overcharge_cents
+        return {k: out[k] for k in KIND_ORDER if k in out}
+
+    def as_json(self) -> dict:
+        return {"date": self.day.isoformat(), "anomalies": [a.as_json() for a in self.anomalies],
+                "totals": self.totals()}
+
+    def customers_by_finding_kind(self) -> dict[str, set[str]]:
+        seen: dict[str, set[str]] = {}
+        for a in self.anomalies:
+            fk = FINDING_KIND.get(a.kind)
+            if fk and a.customer_id and a.overcharge_cents > 0:
+                seen.setdefault(fk, set()).add(a.customer_id)
+        return seen
+
+
+def parse_day(text: str | None, now: datetime | None = None) -> date:
+    if text is None:
+        now = now or datetime.now(timezone.utc)
+        return now.date() - timedelta(days=1)
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
+        from services.investigation import InputError
+        raise InputError(f"malformed date {text!r}: expected YYYY-MM-DD, like 2026-10-05")
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        from services.investigation import InputError
+        raise InputError(f"malformed date {text!r}: no such day") from None
+
+
+def _params(day: date, config: Config) -> dict:
+    lo = datetime.combine(day, time(0), timezone.utc)
+    thr = config.throttle_defaults
+    return {
+        "lo": lo, "hi": lo + timedelta(days=1), "day": day,
+        "tiers": list(config.rate_card), "rates": [config.rate_card[t] for t in config.rate_card],
+        "def_cont": thr.continuous_limit, "def_daily": thr.daily_limit, "def_idle": thr.idle_timeout,
+        "tolerance": config.usage_tolerance_hours,
+    }
+
+
+async def reconcile_day(conn, day: date, config: Config) -> Reconciliation:
+    """Run the reconciliation on an open connection (session in UTC)."""
+    cur = conn.cursor(row_factory=tuple_row)
+    # a batch job over a whole day: a longer limit than the interactive reads get
+    await cur.execute(f"SET LOCAL statement_timeout = {RECONCILE_TIMEOUT_MS}")
+    await cur.execute(SQL, _params(day, config), prepare=False)
+    anomalies = []
+    for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():
+        anomalies.append(Anomaly(kind, instance_id, org_id, customer_id, sorted(record_ids or []),
+                                 to_cents(Decimal(overcharge or 0)) if overcharge and overcharge > 0 else 0,
+                                 detail or ""))
+    anomalies.sort(key=lambda a: (KIND_ORDER.index(a.kind), -a.overcharge_cents, a.org_id, a.instance_id or ""))
+    return Reconciliation(day, anomalies)
+
+
+def render_text(rec: Reconciliation) -> str:
+    lines = [f"Reconciliation for {rec.day.isoformat()}: {len(rec.anomalies)} anomalies"]
+    for kind, t in rec.totals().items():
+        lines.append(f"  {kind:<18} {t['count']:>5}  {fmt_money(t['overcharge_cents']):>12}")
+    for a in rec.anomalies[:50]:
+        who = a.instance_id or f"org {a.org_id}"
+        lines.append(f"- {a.kind}: {who} ({a.customer_id}) {fmt_money(a.overcharge_cents)}: {a.detail}; "
+                     f"records {', '.join(map(str, a.record_ids[:10]))}{' …' if len(a.record_ids) > 10 else ''}")
+    if len(rec.anomalies) > 50:
+        lines.append(f"…and {len(rec.anomalies) - 50} more (use --json)")
+    return "\n".join(lines)
+
+
+async def run_reconcile_cli(env, config: Config, args) -> int:
+    from bot.runtime import database_url
+    from services.db import Database
+    from services.store import Store
+
+    day = parse_day(args.date)
+    url, _embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    try:
+        async with db.snapshot() as conn:
+            rec = await reconcile_day(conn, day, config)
+        try:  # feeds the systematic rule; a read-only database must not stop the report
+            await Store(db).record_reconciliation(rec)
+        except Exception as exc:
+            import sys
+            print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
+                  f"{type(exc).__name__}", file=sys.stderr)
+        if args.post:
+            from bot.reconcile_post import post_reconciliation
+            await post_reconciliation(env, config, rec, db)
+    finally:
+        await db.close()
+    print(json.dumps(rec.as_json(), indent=2) if args.json else render_text(rec))
+    return 0
