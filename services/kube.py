@@ -21,6 +21,7 @@ from services.controlplane_log import parse_lines
 
 REQUEST_TIMEOUT = (3.05, 10)  # connect, read (seconds)
 LOG_THREADS = 8
+POD_CACHE_S = 60.0
 
 
 class KubeNotConfigured(Exception):
@@ -56,6 +57,7 @@ class KubeSource:
         self.apps = client.AppsV1Api(api)
         self.s = settings
         self._pool = ThreadPoolExecutor(max_workers=LOG_THREADS, thread_name_prefix="kube")
+        self._cp_pods: tuple[float, list] | None = None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -70,8 +72,12 @@ class KubeSource:
                                _request_timeout=REQUEST_TIMEOUT)
         return [pod_from(p, self.s.label_tier) for p in pods.items]
 
-    async def control_plane_events(self, since_us: int | None) -> tuple[list[LogEvent], list[str]]:
-        """Parsed lines from every pod of the deployment, since the given time; plus the pods read."""
+    async def _control_plane_pods(self) -> list:
+        """The Deployment's pods, found through its selector; cached briefly, because a running bot
+        checks often and the control plane's pods change rarely (one round trip saved per check)."""
+        now = time.monotonic()
+        if self._cp_pods is not None and now - self._cp_pods[0] < POD_CACHE_S:
+            return self._cp_pods[1]
         ns = self.s.system_namespace
         dep, pods = await asyncio.gather(
             self._run(self.apps.read_namespaced_deployment, self.s.control_plane_deployment, ns,
@@ -80,6 +86,13 @@ class KubeSource:
         selector = (dep.spec.selector.match_labels or {}) if dep.spec and dep.spec.selector else {}
         mine = [p for p in pods.items
                 if selector and all((p.metadata.labels or {}).get(k) == v for k, v in selector.items())]
+        self._cp_pods = (now, mine)
+        return mine
+
+    async def control_plane_events(self, since_us: int | None) -> tuple[list[LogEvent], list[str]]:
+        """Parsed lines from every pod of the deployment, since the given time; plus the pods read."""
+        ns = self.s.system_namespace
+        mine = await self._control_plane_pods()
         since_seconds = None
         if since_us is not None:
             since_seconds = max(int(time.time() - since_us / 1_000_000) + 60, 1)
@@ -96,7 +109,12 @@ class KubeSource:
                 events.extend(parse_lines((text or "").splitlines(), pod.metadata.name))
             return events
 
-        results = await asyncio.gather(*(read(p) for p in mine))
+        try:
+            results = await asyncio.gather(*(read(p) for p in mine))
+        except ApiException as exc:
+            if exc.status == 404:  # a pod went away: forget the cached list, read it afresh next time
+                self._cp_pods = None
+            raise
         events = [e for chunk in results for e in chunk]
         if since_us is not None:
             events = [e for e in events if e.at >= since_us]
