@@ -40,9 +40,7 @@ def enforce_limits(payload: dict) -> dict:
 
 
 def level_text(config, level: int) -> str:
-    if level == 0:
-        return "no approval (nothing to credit)"
-    return f"level {level} ({config.levels[level].name})"
+    return "no approval (nothing to credit)" if level == 0 else f"level {config.level_label(level)}"
 
 
 def status_line(case: dict) -> str:

@@ -17,13 +17,6 @@ from services.investigation import InputError, validate_instance_id, validate_pe
 log = logging.getLogger("billing_bot")
 
 
-def level_text(config: Config, level: int) -> str:
-    if level == 0:
-        return "none (nothing to credit)"
-    lv = config.levels[level]
-    return f"{level} ({lv.name})"
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="billing-bot", description="Investigate and correct Orzbob Cloud billing.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,7 +95,7 @@ async def _check(env: Env, config: Config, args) -> int:
     if args.json:
         print(json.dumps(report.as_json(), indent=2))
     else:
-        print(render("report.txt.j2", report=report, level_text=level_text(config, report.result.required_level)),
+        print(render("report.txt.j2", report=report, level_text=config.level_label(report.result.required_level)),
               end="")
     return 0
 

@@ -1,7 +1,6 @@
 """`billing-bot demo`: the cases of the demo instances, on the embedded database."""
 from __future__ import annotations
 
-from bot.cli import level_text
 from bot.runtime import open_runtime
 from services.config import Config, Env
 from services.demo_data import DEMO_INSTANCES
@@ -19,5 +18,5 @@ async def run_demo(env: Env, config: Config) -> int:
             print(f"{instance_id}: {story}")
             print("=" * 100)
             report = await rt.investigator.check(instance_id)
-            print(render("report.txt.j2", report=report, level_text=level_text(config, report.result.required_level)))
+            print(render("report.txt.j2", report=report, level_text=config.level_label(report.result.required_level)))
     return 0

@@ -122,6 +122,12 @@ class Config:
         money = [lv for lv in self.levels.values() if lv.money]
         return sorted(money, key=lambda lv: (lv.limit is None, lv.limit or 0, lv.number))
 
+    def level_label(self, level: int) -> str:
+        """'1 (Support agent)', or what level 0 means."""
+        if level == 0:
+            return "none (nothing to credit)"
+        return f"{level} ({self.levels[level].name})"
+
     def required_level(self, credit_cents: int) -> int:
         """The smallest level whose limit covers the credit (SPEC 3); 0 when nothing is credited."""
         if credit_cents <= 0:

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 from handlers.timeline import fmt_money
+from services.investigation import validate_day
 
 
 @dataclass
@@ -48,16 +48,6 @@ class CreditsReport:
             w.writerow([r["id"], r["resolved_at"].isoformat(), r["customer_id"], r["ticket_id"] or "", r["issue_type"],
                         f"{r['credit_amount']:.2f}", r["resolved_by"], r["notes"] or ""])
         return out.getvalue()
-
-
-def parse_since(text: str) -> date:
-    from services.investigation import InputError
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text or ""):
-        raise InputError(f"malformed date {text!r}: expected YYYY-MM-DD")
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        raise InputError(f"malformed date {text!r}: no such day") from None
 
 
 def since_for(span: str, today: date) -> date:
@@ -110,7 +100,7 @@ async def run_report_cli(env, config, args) -> int:
     from bot.runtime import database_url
     from services.db import Database
 
-    since = parse_since(args.since)
+    since = validate_day(args.since)
     url, _embedded = database_url(env)
     db = await Database.connect(url, config.bot_schema)
     try:

@@ -48,6 +48,16 @@ def validate_period(value: str) -> str:
     return value.strip()
 
 
+def validate_day(value: str) -> date:
+    """A UTC day as YYYY-MM-DD (reconcile --date, report --since)."""
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value or ""):
+        raise InputError(f"malformed date {value!r}: expected YYYY-MM-DD, like 2026-10-05")
+    try:
+        return date.fromisoformat(value)
+    except ValueError:
+        raise InputError(f"malformed date {value!r}: no such day") from None
+
+
 def default_periods(now: datetime) -> list[str]:
     """The current and the previous billing period (UTC months)."""
     y, m = now.year, now.month

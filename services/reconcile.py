@@ -7,7 +7,6 @@ how many customers (the systematic rule of SPEC 2.4 reads that, so it is never c
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -17,6 +16,7 @@ from psycopg.rows import tuple_row
 
 from handlers.timeline import fmt_money, to_cents
 from services.config import Config
+from services.investigation import validate_day
 
 SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
 RECONCILE_TIMEOUT_MS = 600_000
@@ -76,17 +76,10 @@ class Reconciliation:
 
 
 def parse_day(text: str | None, now: datetime | None = None) -> date:
+    """The --date argument, or yesterday (UTC)."""
     if text is None:
-        now = now or datetime.now(timezone.utc)
-        return now.date() - timedelta(days=1)
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", text):
-        from services.investigation import InputError
-        raise InputError(f"malformed date {text!r}: expected YYYY-MM-DD, like 2026-10-05")
-    try:
-        return date.fromisoformat(text)
-    except ValueError:
-        from services.investigation import InputError
-        raise InputError(f"malformed date {text!r}: no such day") from None
+        return (now or datetime.now(timezone.utc)).date() - timedelta(days=1)
+    return validate_day(text)
 
 
 def _params(day: date, config: Config) -> dict:

@@ -120,3 +120,20 @@ class FakeServer:
     def stop(self):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class FakeApi:
+    """Base of our fake APIs: a FakeServer in `self.server`, started and stopped with the fake."""
+
+    server: FakeServer
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def start(self):
+        self.server.start()
+        return self
+
+    def stop(self):
+        self.server.stop()

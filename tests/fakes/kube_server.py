@@ -6,7 +6,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .http import FakeServer, Request, Response
+from .http import FakeApi, FakeServer, Request, Response
 
 TOKEN = "kube-test-token"
 
@@ -20,7 +20,7 @@ def iso(dt: datetime) -> str:
     return dt.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-class FakeKube:
+class FakeKube(FakeApi):
     def __init__(self, latency_s: float = 0.0):
         self.pods: dict[str, list[dict]] = {}  # namespace -> pods
         self.deployments: dict[tuple[str, str], dict] = {}
@@ -28,16 +28,6 @@ class FakeKube:
         self.fail_paths: dict[str, int] = {}  # path regex -> status code
         self.server = FakeServer(self.handle, latency_s)
 
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def start(self):
-        self.server.start()
-        return self
-
-    def stop(self):
-        self.server.stop()
 
     def kubeconfig(self, folder: Path) -> Path:
         path = Path(folder) / "kubeconfig"

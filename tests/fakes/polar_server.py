@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from . import openapi
-from .http import DropConnection, FakeServer, Request, Response
+from .http import FakeApi, DropConnection, FakeServer, Request, Response
 
 ORG_ID = "1dbfc517-0bbf-4301-9ba8-555ca42b9737"
 TOKEN = "polar_oat_test_token"
@@ -45,7 +45,7 @@ class Fault:
     times: int = 1
 
 
-class FakePolar:
+class FakePolar(FakeApi):
     def __init__(self, latency_s: float = 0.0):
         self.lock = threading.RLock()
         self.customers: dict[str, dict] = {}
@@ -59,16 +59,6 @@ class FakePolar:
 
     # --- setup helpers --------------------------------------------------------------------------
 
-    @property
-    def url(self) -> str:
-        return self.server.url
-
-    def start(self):
-        self.server.start()
-        return self
-
-    def stop(self):
-        self.server.stop()
 
     def add_customer(self, external_id: str, email: str = "ada@example.com", name: str | None = "Ada Lovelace") -> dict:
         c = {

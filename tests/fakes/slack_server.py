@@ -7,12 +7,12 @@ import json
 import threading
 from urllib.parse import parse_qs
 
-from .http import FakeServer, Request, Response
+from .http import FakeApi, FakeServer, Request, Response
 
 BOT_TOKEN = "xoxb-test-token"
 
 
-class FakeSlack:
+class FakeSlack(FakeApi):
     def __init__(self, groups: dict[str, list[str]] | None = None, latency_s: float = 0.0):
         self.groups = groups or {}
         self.calls: list[tuple[str, dict]] = []
@@ -23,13 +23,6 @@ class FakeSlack:
     @property
     def api_url(self) -> str:
         return self.server.url + "/api/"
-
-    def start(self):
-        self.server.start()
-        return self
-
-    def stop(self):
-        self.server.stop()
 
     def of(self, method: str) -> list[dict]:
         with self.lock:
