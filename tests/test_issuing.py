@@ -256,3 +256,20 @@ def test_invoicing_order_rule():
     assert invoicing_order(orders_, "2026-10")["id"] == "2026-11-02T00:00:00Z"
     assert invoicing_order(orders_, "2026-11") is None
     assert invoicing_order([o("2027-01-01T00:00:00Z")], "2026-12")["id"] == "2027-01-01T00:00:00Z"
+
+
+def test_a_later_check_does_not_credit_what_an_issued_case_covered(db, db_url, polar):
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            await w.issuer.issue(case["id"])
+            again = await Investigator(CONFIG, w.db).check("i-7f3a", ["2026-10"])
+            return case, again
+    case, again = run(go())
+    assert again.result.credit_cents == 0 and again.result.findings == []
+    assert again.result.credited_before == [{"case_id": case["id"], "credit_cents": 1028,
+                                             "kinds": ["duplicate_charge", "stuck_instance", "wrong_tier"],
+                                             "text": f"credited before: $10.28 in case {case['id']}"}]
