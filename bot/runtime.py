@@ -50,7 +50,7 @@ async def open_runtime(env: Env, config: Config) -> AsyncIterator[Runtime]:
         kube_problem = f"failed: cannot load kube config: {describe_error(exc)}"
     polar = None
     polar_problem = None
-    if env.polar_api_key:
+    if env.polar_api_key or env.polar_api_url_set:
         polar = PolarClient(env.polar_api_url, env.polar_api_key, api_version=config.polar.api_version)
     else:
         polar_problem = "not configured (no POLAR_API_KEY)"

@@ -65,6 +65,7 @@ class Env:
     in_cluster: bool = False
     polar_api_url: str = "https://api.polar.sh"
     polar_api_key: str | None = field(default=None, repr=False)
+    polar_api_url_set: bool = False  # POLAR_API_URL named explicitly (a sandbox, a proxy, a test server)
     slack_bot_token: str | None = field(default=None, repr=False)
     slack_signing_secret: str | None = field(default=None, repr=False)
     slack_app_token: str | None = field(default=None, repr=False)
@@ -84,6 +85,7 @@ class Env:
             in_cluster=bool(e.get("KUBERNETES_SERVICE_HOST")),
             polar_api_url=(e.get("POLAR_API_URL") or "https://api.polar.sh").rstrip("/"),
             polar_api_key=e.get("POLAR_API_KEY") or None,
+            polar_api_url_set=bool(e.get("POLAR_API_URL")),
             slack_bot_token=e.get("SLACK_BOT_TOKEN") or None,
             slack_signing_secret=e.get("SLACK_SIGNING_SECRET") or None,
             slack_app_token=e.get("SLACK_APP_TOKEN") or None,

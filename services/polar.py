@@ -88,12 +88,13 @@ class Customer:
 
 
 class PolarClient:
-    def __init__(self, base_url: str, token: str, *, api_version: str = "2026-04", timeout: float = 10.0,
+    def __init__(self, base_url: str, token: str | None, *, api_version: str = "2026-04", timeout: float = 10.0,
                  attempts: int = 4, backoff: float = 0.25, transport: httpx.AsyncBaseTransport | None = None):
-        self._http = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
-            headers={"Authorization": f"Bearer {token}", "Polar-Version": api_version,
-                     "Accept": "application/json", "User-Agent": "billing-bot"})
+        headers = {"Polar-Version": api_version, "Accept": "application/json", "User-Agent": "billing-bot"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
+                                       headers=headers)
         self.attempts = attempts
         self.backoff = backoff
 

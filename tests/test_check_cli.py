@@ -100,3 +100,13 @@ def test_no_secret_reaches_the_output(db, kube, polar, bot_env):
     proc = check(dict(bot_env, POLAR_API_URL="http://127.0.0.1:9"), "i-7f3a", "--json")
     assert "polar_oat_test_token" not in proc.stdout + proc.stderr
     assert "kube-test-token" not in proc.stdout + proc.stderr
+
+
+def test_polar_url_without_key_is_used_and_polar_answers_unauthorized(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    env = {k: v for k, v in bot_env.items() if k != "POLAR_API_KEY"}
+    out = json.loads(check(env, "i-7f3a", "--period", "2026-10", "--json").stdout)
+    assert out["sources"]["polar"].startswith("failed: usage events:") and "401" in out["sources"]["polar"]
+    env.pop("POLAR_API_URL")
+    out = json.loads(check(env, "i-7f3a", "--period", "2026-10", "--json").stdout)
+    assert out["sources"]["polar"] == "not configured (no POLAR_API_KEY)" and out["credit_cents"] == 1028
