@@ -17,7 +17,7 @@ def report(n_findings=3, evidence_len=50, n_evidence=3):
 
 
 def case(state="pending", **kw):
-    c = {"id": 42, "state": state, "report": report(**kw), "credit_cents": 600, "proposed_cents": 600,
+    c = {"id": 42, "state": state, "method": "refund", "report": report(**kw), "credit_cents": 600, "proposed_cents": 600,
          "required_level": 1, "systematic": False, "ticket_id": "T-9", "requested_by": "U1", "decided_by": "U2",
          "reason": None, "issued_cents": None}
     return c
@@ -26,9 +26,11 @@ def case(state="pending", **kw):
 def test_pending_case_has_buttons_carrying_only_the_case_id():
     msg = case_message(case(), CONFIG)
     actions = [b for b in msg["blocks"] if b["type"] == "actions"][0]
-    assert [e["action_id"] for e in actions["elements"]] == ["case_approve", "case_adjust", "case_reject"]
+    assert [e["action_id"] for e in actions["elements"]] == ["case_approve", "case_approve_other_method",
+                                                             "case_adjust", "case_reject"]
     assert {e["value"] for e in actions["elements"]} == {"42"}
-    assert actions["elements"][0]["text"]["text"] == "Approve $6.00"
+    assert actions["elements"][0]["text"]["text"] == "Approve $6.00 (refund)"
+    assert actions["elements"][1]["text"]["text"] == "Approve as invoice credit"
     text = str(msg)
     assert "failed: timed out" in text and "level 1 (Support agent)" in text and "ticket T-9" in text
 

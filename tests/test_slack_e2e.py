@@ -73,7 +73,7 @@ def test_command_to_case_message(bot, slack):
     assert first["text"] == ":mag: Investigating i-7f3a…" and first["channel"] == "C_SUPPORT"
     upd = wait_for(lambda: slack.of("chat.update"), what="case message")[0]
     text = json.dumps(upd["blocks"])
-    assert "Approve $10.28" in text and "duplicate_charge" in text and "ticket T-42" in text
+    assert "Approve $10.28 (refund)" in text and "duplicate_charge" in text and "ticket T-42" in text
     assert "level 1 (Support agent)" in text
     case_ts = "1700000000.000001"  # the 'Investigating' message became the case; evidence is its thread
     thread = wait_for(lambda: [m for m in slack.of("chat.postMessage") if m.get("thread_ts") == case_ts],
@@ -314,6 +314,23 @@ def test_no_email_when_polar_fails_and_the_case_says_why(db, db_url, slack, pola
         # switch to invoice credit from the button: issued, and the letter says 'next invoice'
         bot.action("case_invoice_credit", case_id, "U_AGENT")
         wait_for(lambda: case_row(db_url, case_id)[0] == "issued", what="issued as invoice credit")
+        wait_for(lambda: smtp.messages, what="email")
+        assert "This credit will appear on your next invoice." in smtp.messages[0][1]
+    finally:
+        bot.stop()
+
+
+def test_the_approver_switches_to_invoice_credit_when_approving(db, db_url, slack, polar, smtp, tmp_path):
+    from .fakes.polar_server import TOKEN
+    seed_cases(db)
+    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
+    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
+                                                   "SMTP_URL": smtp.url})
+    try:
+        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
+        bot.action("case_approve_other_method", case_id, "U_AGENT")
+        wait_for(lambda: case_row(db_url, case_id)[0] == "issued", what="issued as invoice credit")
+        assert polar.refunds == [] and len(polar.events) > 0
         wait_for(lambda: smtp.messages, what="email")
         assert "This credit will appear on your next invoice." in smtp.messages[0][1]
     finally:

@@ -25,8 +25,20 @@ def register(app, ctx: BotContext) -> None:
         case_id = int(body["actions"][0]["value"])
         ctx.spawn(approve_case(ctx, case_id, user, channel))
 
+    @app.action("case_approve_other_method")
+    async def approve_other_method(ack, body):
+        """The approver switches the method: refund <-> invoice credit (SPEC 4)."""
+        await ack()
+        user = body["user"]["id"]
+        channel = (body.get("channel") or {}).get("id")
+        case_id = int(body["actions"][0]["value"])
+        case = await ctx.cases.get(case_id)
+        other = "invoice_credit" if case and case["method"] == "refund" else "refund"
+        ctx.spawn(approve_case(ctx, case_id, user, channel, method=other))
 
-async def approve_case(ctx: BotContext, case_id: int, user: str, channel: str | None) -> dict | None:
+
+async def approve_case(ctx: BotContext, case_id: int, user: str, channel: str | None,
+                       method: str | None = None) -> dict | None:
     case = await ctx.cases.get(case_id)
     if case is None:
         await slack_io.ephemeral(ctx, channel, user, f"Case #{case_id} does not exist.")
@@ -47,14 +59,17 @@ async def approve_case(ctx: BotContext, case_id: int, user: str, channel: str | 
             f"({h['name']}): {mention_text(h)}. They have been pinged."))
         await slack_io.ping_level(ctx, case, f"<@{user}> tried to approve it and was refused.")
         return None
+    method = method or case["method"]
     row = await ctx.cases.transition(case_id, ("pending",), "approved", user, "approved",
-                                     {"credit_cents": case["credit_cents"]}, decided_by=user)
+                                     {"credit_cents": case["credit_cents"], "method": method},
+                                     decided_by=user, method=method)
     if row is None:  # a concurrent click or another approver won the transition
         await slack_io.ephemeral(ctx, channel, user, already_decided(await ctx.cases.get(case_id)))
         return None
     ctx.metrics.decisions.labels("approved").inc()
     await slack_io.refresh_case_message(ctx, row)
-    await slack_io.post_thread(ctx, row, f"Approved by <@{user}> for {fmt_money(row['credit_cents'])}.")
+    await slack_io.post_thread(ctx, row, f"Approved by <@{user}> for {fmt_money(row['credit_cents'])} "
+                                         f"({row['method'].replace('_', ' ')}).")
     if ctx.issuer is not None:
         await ctx.issuer.submit(case_id)
     else:
