@@ -11,7 +11,11 @@ from services.embedded import controlplane_ddl
 def fresh_database(folder: str | None = None):
     """(server, url): a pgserver with the control-plane schema, in a temp folder (deleted at exit)
     or in the given folder (kept, so a large data set is generated once)."""
-    import pgserver
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here
+        warnings.simplefilter("ignore")
+        import pgserver
 
     keep = folder is not None
     folder = folder or tempfile.mkdtemp(prefix="billing-bench-")

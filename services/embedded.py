@@ -25,7 +25,11 @@ def controlplane_ddl() -> str:
 
 
 def start_embedded(data_dir: str | None = None, seed: bool = True) -> Embedded:
-    import pgserver
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here
+        warnings.simplefilter("ignore")
+        import pgserver
 
     folder = Path(data_dir or os.environ.get("BILLING_BOT_DATA") or ".billing-bot/pgdata").resolve()
     folder.mkdir(parents=True, exist_ok=True)

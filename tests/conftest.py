@@ -16,7 +16,11 @@ from .fakes.polar_server import TOKEN as POLAR_TOKEN, FakePolar
 
 @pytest.fixture(scope="session")
 def pg_server(tmp_path_factory):
-    import pgserver
+    import warnings
+
+    with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset; harmless here
+        warnings.simplefilter("ignore")
+        import pgserver
 
     folder = tmp_path_factory.mktemp("pgdata")
     server = pgserver.get_server(str(folder), cleanup_mode="stop")
