@@ -95,7 +95,9 @@ class KubeSource:
         mine = await self._control_plane_pods()
         since_seconds = None
         if since_us is not None:
-            since_seconds = max(int(time.time() - since_us / 1_000_000) + 60, 1)
+            age = int(time.time() - since_us / 1_000_000) + 60
+            # a window starting in the future (clock skew, test data) must not shrink the read to nothing
+            since_seconds = age if age > 120 else None
 
         async def read(pod) -> list[LogEvent]:
             containers = [c.name for c in (pod.spec.containers or [])] if pod.spec else []
