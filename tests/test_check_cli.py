@@ -110,3 +110,22 @@ def test_polar_url_without_key_is_used_and_polar_answers_unauthorized(db, kube, 
     env.pop("POLAR_API_URL")
     out = json.loads(check(env, "i-7f3a", "--period", "2026-10", "--json").stdout)
     assert out["sources"]["polar"] == "not configured (no POLAR_API_KEY)" and out["credit_cents"] == 1028
+
+
+def test_stop_windows_from_the_cluster(db, kube, polar, bot_env):
+    from datetime import datetime, timezone
+    instance(db, "i-k8s", tier="gpu", heartbeat="2026-10-09 00:00")
+    for h in range(8, 16):  # 08:00-16:00 hourly, gpu at the gpu rate
+        record(db, h, "i-k8s", f"2026-10-08 {h:02d}:00", f"2026-10-08 {h + 1:02d}:00", "2.08")
+    kube.add_pod("orzbob-instances", "i-k8s-0", {"instance-id": "i-k8s", "org-id": "o-acme", "tier": "gpu"},
+                 terminated_at=datetime(2026, 10, 8, 15, 30, tzinfo=timezone.utc))
+    kube.add_control_plane({
+        "cp-a": ["2026/10/08 09:00:00 Stopping instance i-k8s (requested by alice)"],
+        "cp-b": ["2026/10/08 10:30:00 Resuming instance i-k8s"],
+    })
+    polar.add_customer("c-acme")
+    out = json.loads(check(bot_env, "i-k8s", "--period", "2026-10", "--json").stdout)
+    # stuck: 09:00-10:30 (stop until resume, lines from two pods) and 15:30-16:00 (pod terminated): 2 h of gpu
+    assert [(f["kind"], f["credit_cents"], f["hours"]) for f in out["findings"]] == [("stuck_instance", 416, "2.0000")]
+    evidence = " ".join(out["findings"][0]["evidence"])
+    assert "stop requested by alice" in evidence and "pod i-k8s-0 terminated 2026-10-08 15:30 UTC" in evidence
