@@ -25,14 +25,31 @@ lim AS (
          CASE WHEN t.org_id IS NULL THEN %(def_idle)s::interval ELSE t.idle_timeout END AS idle
   FROM (SELECT DISTINCT org_id FROM day_recs) o LEFT JOIN throttle_settings t ON t.org_id = o.org_id
 ),
--- the in-day part of each record that no lower-id record of the instance billed first (step 1)
-own AS (
-  SELECT a.id,
-         tstzmultirange(a.inday)
-           - coalesce(range_agg(a.inday * b.span) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS own
-  FROM day_recs a
-  LEFT JOIN day_recs b ON b.instance_id = a.instance_id AND b.id < a.id AND b.span && a.inday
-  GROUP BY a.id, a.inday
+-- records sharing no time with another record of their instance in the day (most of them): found
+-- with one window pass; only the others need a self-join to find what lower ids billed first
+ordered AS (
+  SELECT d.*,
+         (coalesce(max(d.end_time) OVER w_before <= d.start_time, true)
+          AND coalesce(lead(d.start_time) OVER w >= d.end_time, true)) AS isolated
+  FROM day_recs d
+  WINDOW w AS (PARTITION BY d.instance_id ORDER BY d.start_time, d.id),
+         w_before AS (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+),
+-- the in-day parts of each record that no lower-id record of the instance billed first (step 1),
+-- as plain pieces (s, e): disjoint within an instance, their union is the instance's billed time
+own_pieces AS (
+  SELECT id, instance_id, org_id, customer_id, total_charge, secs, lower(inday) AS s, upper(inday) AS e
+  FROM ordered WHERE isolated
+  UNION ALL
+  SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.total_charge, x.secs, lower(p), upper(p)
+  FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs,
+               tstzmultirange(a.inday)
+                 - coalesce(range_agg(a.inday * b.span) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS m
+        FROM ordered a
+        LEFT JOIN day_recs b ON b.instance_id = a.instance_id AND b.id < a.id AND b.span && a.inday
+        WHERE NOT a.isolated
+        GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs, a.inday) x,
+       unnest(x.m) AS p
 ),
 
 -- rate off the card for the record's own tier: overcharge = charge above hours x card rate
@@ -73,9 +90,10 @@ k_dup AS (
 overlap_parts AS (
   SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs,
          range_agg(a.inday * b.span) AS covered, array_agg(DISTINCT b.id) AS with_ids
-  FROM day_recs a
+  FROM ordered a
   JOIN day_recs b ON b.instance_id = a.instance_id AND b.id < a.id AND b.span && a.inday
                   AND NOT (b.start_time = a.start_time AND b.end_time = a.end_time)
+  WHERE NOT a.isolated
   GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs
 ),
 overlap_ids AS (
@@ -127,81 +145,75 @@ k_usage AS (
   LEFT JOIN instances i ON i.instance_id = coalesce(b.instance_id, u.instance_id)
   WHERE abs(coalesce(b.hours, 0) - coalesce(u.hours_used, 0)) > %(tolerance)s
 ),
--- continuous runs: each instance's billed time (once per second) since limit + 60 s before the day
+-- continuous runs: the instance's billed time (own pieces in the day, plus records in the look-back
+-- of limit + 60 s before it); a piece starting more than 60 s after everything before it ended
+-- starts a new run
 look AS (
-  SELECT r.id, r.instance_id, r.org_id, l.cont,
-         tstzrange(greatest(r.start_time, %(lo)s - l.cont - interval '60 seconds'), least(r.end_time, %(hi)s)) AS span
+  SELECT r.instance_id, r.org_id, NULL::bigint AS id, NULL::text AS customer_id, NULL::numeric AS total_charge,
+         NULL::numeric AS secs, greatest(r.start_time, %(lo)s - l.cont - interval '60 seconds') AS s,
+         least(r.end_time, %(lo)s) AS e
   FROM billing_records r JOIN lim l ON l.org_id = r.org_id
   WHERE tstzrange(r.start_time, r.end_time)
-          && tstzrange(%(lo)s - (SELECT max(cont) FROM lim) - interval '60 seconds', %(hi)s)
+          && tstzrange(%(lo)s - (SELECT max(cont) FROM lim) - interval '60 seconds', %(lo)s)
         AND l.cont IS NOT NULL AND r.end_time > %(lo)s - l.cont - interval '60 seconds'
-        AND r.end_time > r.start_time
+        AND r.start_time < %(lo)s AND r.end_time > r.start_time
         AND r.instance_id IN (SELECT instance_id FROM day_recs)
 ),
-spans AS (
-  SELECT instance_id, org_id, cont, lower(s) AS s, upper(s) AS e
-  FROM (SELECT instance_id, org_id, cont, range_agg(span) AS m FROM look GROUP BY instance_id, org_id, cont) x,
-       unnest(m) AS s
+run_pieces AS (
+  SELECT o.instance_id, o.org_id, o.id, o.customer_id, o.total_charge, o.secs, o.s, o.e
+  FROM own_pieces o JOIN lim l ON l.org_id = o.org_id WHERE l.cont IS NOT NULL
+  UNION ALL SELECT * FROM look
 ),
-islands AS (
-  SELECT *, sum(CASE WHEN s - prev_e > interval '60 seconds' OR prev_e IS NULL THEN 1 ELSE 0 END)
-              OVER (PARTITION BY instance_id ORDER BY s) AS island
-  FROM (SELECT *, lag(e) OVER (PARTITION BY instance_id ORDER BY s) AS prev_e FROM spans) y
+starts AS (
+  SELECT *, sum(CASE WHEN before_end IS NULL OR s - before_end > interval '60 seconds' THEN 1 ELSE 0 END)
+              OVER (PARTITION BY instance_id ORDER BY s, e ROWS UNBOUNDED PRECEDING) AS run
+  FROM (SELECT *, max(e) OVER (PARTITION BY instance_id ORDER BY s, e
+                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before_end
+        FROM run_pieces) y
 ),
 runs AS (
-  SELECT instance_id, org_id, cont, island, min(s) AS run_start, range_agg(tstzrange(s, e)) AS billed
-  FROM islands GROUP BY instance_id, org_id, cont, island
-),
-cont_excess AS (
-  SELECT instance_id, org_id, cont, min(run_start) AS run_start,
-         range_agg(r.billed * tstzmultirange(tstzrange(greatest(run_start + cont, %(lo)s), %(hi)s))) AS excess
-  FROM runs r WHERE run_start + cont < %(hi)s
-  GROUP BY instance_id, org_id, cont
+  SELECT st.*, min(st.s) OVER (PARTITION BY st.instance_id, st.run) + l.cont AS cutoff,
+         min(st.s) OVER (PARTITION BY st.instance_id, st.run) AS run_start, l.cont
+  FROM starts st JOIN lim l ON l.org_id = st.org_id
 ),
 k_cont AS (
-  SELECT 'continuous_limit'::text, d.instance_id, d.org_id, min(d.customer_id), array_agg(d.id ORDER BY d.id),
-         sum(d.total_charge * (SELECT coalesce(sum(extract(epoch FROM upper(x) - lower(x))), 0)
-                               FROM unnest(o.own * c.excess) x) / d.secs),
-         format('run since %%s passed the %%s continuous limit', to_char(min(c.run_start), 'YYYY-MM-DD HH24:MI'), min(c.cont))
-  FROM cont_excess c JOIN day_recs d ON d.instance_id = c.instance_id JOIN own o ON o.id = d.id
-  WHERE NOT isempty(c.excess) AND o.own && c.excess
-  GROUP BY d.instance_id, d.org_id
+  SELECT 'continuous_limit'::text, instance_id, org_id, min(customer_id), array_agg(DISTINCT id ORDER BY id),
+         sum(total_charge * extract(epoch FROM e - greatest(s, cutoff)) / secs),
+         format('run since %%s passed the %%s continuous limit', to_char(min(run_start), 'YYYY-MM-DD HH24:MI'), min(cont))
+  FROM runs WHERE id IS NOT NULL AND e > cutoff
+  GROUP BY instance_id, org_id
 ),
 -- the org's daily limit: T is when the org's billed hours (each instance once per second) reach it
-inst_day AS (
-  SELECT d.org_id, lower(s) AS s, upper(s) AS e
-  FROM (SELECT org_id, instance_id, range_agg(inday) AS m FROM day_recs GROUP BY org_id, instance_id) d, unnest(m) AS s
-),
 marks AS (
   SELECT org_id, t, sum(delta) AS delta FROM (
-    SELECT org_id, s AS t, 1 AS delta FROM inst_day UNION ALL SELECT org_id, e, -1 FROM inst_day) z
+    SELECT org_id, s AS t, 1 AS delta FROM own_pieces UNION ALL SELECT org_id, e, -1 FROM own_pieces) z
+  WHERE org_id IN (SELECT org_id FROM lim WHERE daily IS NOT NULL)
   GROUP BY org_id, t
 ),
 slopes AS (
   SELECT org_id, t, sum(delta) OVER w AS running, lead(t) OVER w AS t_next
-  FROM marks WINDOW w AS (PARTITION BY org_id ORDER BY t)
+  FROM marks WINDOW w AS (PARTITION BY org_id ORDER BY t ROWS UNBOUNDED PRECEDING)
 ),
 accrued AS (
   SELECT s.*, coalesce(sum(running * extract(epoch FROM t_next - t))
                          OVER (PARTITION BY org_id ORDER BY t ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
   FROM slopes s
 ),
+-- accrued time only grows, so exactly one segment per org crosses the limit: no sort needed
 reached AS (
-  SELECT DISTINCT ON (a.org_id) a.org_id, l.daily,
+  SELECT a.org_id, l.daily,
          a.t + ((extract(epoch FROM l.daily) - a.before) / a.running) * interval '1 second' AS at
   FROM accrued a JOIN lim l ON l.org_id = a.org_id
-  WHERE l.daily IS NOT NULL AND a.running > 0 AND t_next IS NOT NULL
+  WHERE l.daily IS NOT NULL AND a.running > 0 AND a.t_next IS NOT NULL
+        AND a.before <= extract(epoch FROM l.daily)
         AND a.before + a.running * extract(epoch FROM a.t_next - a.t) > extract(epoch FROM l.daily)
-  ORDER BY a.org_id, a.t
 ),
 k_daily AS (
-  SELECT 'daily_limit'::text, NULL::text, d.org_id, min(d.customer_id), array_agg(d.id ORDER BY d.id),
-         sum(d.total_charge * (SELECT coalesce(sum(extract(epoch FROM upper(x) - lower(x))), 0)
-                               FROM unnest(o.own * tstzmultirange(tstzrange(r.at, %(hi)s))) x) / d.secs),
+  SELECT 'daily_limit'::text, NULL::text, o.org_id, min(o.customer_id), array_agg(DISTINCT o.id ORDER BY o.id),
+         sum(o.total_charge * extract(epoch FROM o.e - greatest(o.s, r.at)) / o.secs),
          format('org reached its %%s daily limit at %%s', min(r.daily), to_char(min(r.at), 'YYYY-MM-DD HH24:MI:SS'))
-  FROM reached r JOIN day_recs d ON d.org_id = r.org_id JOIN own o ON o.id = d.id
-  WHERE d.end_time > r.at AND o.own && tstzmultirange(tstzrange(r.at, %(hi)s))
-  GROUP BY d.org_id
+  FROM reached r JOIN own_pieces o ON o.org_id = r.org_id AND o.e > r.at
+  GROUP BY o.org_id
 )
 SELECT kind, instance_id, org_id, customer_id, record_ids, overcharge, detail
 FROM (SELECT * FROM k_daily
