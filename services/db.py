@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
-from decimal import Decimal
 from typing import AsyncIterator
 
 import psycopg

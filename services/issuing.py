@@ -15,10 +15,9 @@ The case ends issued (a billing_corrections row in the same transaction) or fail
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from dataclasses import dataclass, field
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Protocol
 

@@ -167,7 +167,7 @@ class PolarClient:
         instance is checked again here, so a server that ignores the filter is still read right."""
         raw = await self.list_all("/v1/events/", {
             "external_customer_id": external_customer_id, "name": name,
-            f"metadata[instance_id]": instance_id})
+            "metadata[instance_id]": instance_id})
         return parse_usage_events(raw, name, instance_id)
 
     async def orders(self, external_customer_id: str) -> list[dict]:

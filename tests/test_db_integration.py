@@ -1,6 +1,6 @@
 """The investigation's database reads on real PostgreSQL."""
 import asyncio
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import pytest
 

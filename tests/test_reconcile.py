@@ -5,7 +5,6 @@ import subprocess
 import sys
 from datetime import date
 
-import pytest
 
 from services.config import parse_config
 from services.db import Database

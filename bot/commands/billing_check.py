@@ -1,7 +1,6 @@
 """/billing-check <instance-id> [YYYY-MM] [ticket]: ack at once, then investigate."""
 from __future__ import annotations
 
-import asyncio
 
 from bot.cases_flow import open_case, parse_check_text
 from bot.context import BotContext
