@@ -8,7 +8,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.installed-$(sha1sum pyproject.toml | cut -c1-12)
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null
+  .venv/bin/python -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true  # optional: an old pip works too
   .venv/bin/python -m pip install --quiet -e '.[test]' >.venv/pip-install.log 2>&1 || { cat .venv/pip-install.log; exit 1; }
   rm -f .venv/.installed-* && touch "$stamp"
 fi
