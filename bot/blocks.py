@@ -51,7 +51,7 @@ def status_line(case: dict) -> str:
     if state == "issuing":
         return f":hourglass: Approved by {who}: issuing {fmt_money(case['credit_cents'])} in Polar…"
     if state == "issued":
-        ref = (case.get("report") or {}).get("polar_reference") or case.get("polar_reference") or ""
+        ref = case.get("polar_reference") or ""
         return (f":white_check_mark: Approved by {who}; {fmt_money(case.get('issued_cents') or case['credit_cents'])} "
                 f"issued in Polar{(' (' + ref + ')') if ref else ''}")
     if state == "rejected":

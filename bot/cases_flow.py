@@ -55,8 +55,7 @@ async def open_case(ctx: BotContext, *, channel: str, user: str, instance_id: st
         report=data, covered=report.result.covered, requested_by=user, ticket_id=ticket, channel_id=channel,
         approvers=approvers, method=ctx.config.polar.credit_method,
         remind_after_s=ctx.config.remind_every.total_seconds() if needs_others else None)
-    await ctx.cases.set_message(case["id"], channel, ts)
-    case = await ctx.cases.get(case["id"])
+    case = await ctx.cases.set_message(case["id"], channel, ts)
     await slack_io.refresh_case_message(ctx, case)
     try:
         await slack_io.post_evidence(ctx, case)

@@ -100,7 +100,7 @@ def finish(walk: Walk, org_intervals) -> CaseResult:
 
     # 4. throttle_daily
     daily_limit = td_us(thr.daily_limit) if thr.daily_limit is not None else None
-    pieces, excess_d, _reached = throttle.daily_excess(pieces, org_intervals, daily_limit)
+    pieces, excess_d = throttle.daily_excess(pieces, org_intervals, daily_limit)
     for piece, t in excess_d:
         claims["throttle_daily"].append(Claim(
             piece, piece.charge,

@@ -78,21 +78,18 @@ def limit_reached_at(unions: dict[str, list[tuple[int, int]]], day: int, limit_u
 
 
 def daily_excess(pieces: Sequence[Piece], org_intervals: Sequence[OrgInterval] | None,
-                 limit_us: int | None) -> tuple[list[Piece], list[tuple[Piece, Time]], dict[int, Time]]:
-    """The instance's remaining time after T on each day; also returns T per day reached."""
+                 limit_us: int | None) -> tuple[list[Piece], list[tuple[Piece, Time]]]:
+    """The instance's remaining time after T on each day, each excess piece with its day's T."""
     if limit_us is None or org_intervals is None:
-        return list(pieces), [], {}
+        return list(pieces), []
     unions = instance_unions_by_day(org_intervals)
     remaining: list[Piece] = []
     excess: list[tuple[Piece, Time]] = []
-    reached: dict[int, Time] = {}
     cache: dict[int, Time | None] = {}
     for p in split_at_midnights(pieces):
         day = day_start(p.start)
         if day not in cache:
             cache[day] = limit_reached_at(unions[day], day, limit_us) if day in unions else None
-            if cache[day] is not None:
-                reached[day] = cache[day]
         t = cache[day]
         if t is None or p.end <= t:
             remaining.append(p)
@@ -101,4 +98,4 @@ def daily_excess(pieces: Sequence[Piece], org_intervals: Sequence[OrgInterval] |
         else:
             remaining.append(Piece(p.record, p.start, t))
             excess.append((Piece(p.record, t, p.end), t))
-    return remaining, excess, reached
+    return remaining, excess

@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from typing import Awaitable, Callable
 
@@ -70,12 +69,7 @@ class CaseReport:
     result: CaseResult
     sources: dict[str, str]
     customer: Customer | None
-    throttle_from_row: bool
     throttle_text: str
-    pods: list[Pod] = field(default_factory=list)
-    log_events: list[LogEvent] = field(default_factory=list)
-    polar_events: int | None = None
-    elapsed_s: float = 0.0
 
     def as_json(self) -> dict:
         r = self.result
@@ -114,7 +108,6 @@ class Investigator:
         self.now = now or (lambda: datetime.now(timezone.utc))
 
     async def check(self, instance_id: str, periods: list[str] | None = None) -> CaseReport:
-        started = time.perf_counter()
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
         sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
@@ -154,10 +147,7 @@ class Investigator:
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
                     f"idle {fmt_duration(throttle.idle_timeout)}" + ("" if from_row else " (defaults: no throttle_settings row)"))
-        return CaseReport(result=result, sources=sources, customer=customer, throttle_from_row=from_row,
-                          throttle_text=thr_text, pods=pods, log_events=events,
-                          polar_events=None if usage is None else len(usage),
-                          elapsed_s=time.perf_counter() - started)
+        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text)
 
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str]:
         if self.kube is None:

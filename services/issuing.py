@@ -64,10 +64,6 @@ class Issuer:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def drain(self) -> None:
-        while self._tasks:
-            await asyncio.gather(*list(self._tasks), return_exceptions=True)
-
     async def resume_unfinished(self, older_than_s: float = 0) -> list[int]:
         """Cases a crash or restart left approved or issuing, and issued cases not yet announced."""
         async with self.cases.db.pool.connection() as conn:
@@ -181,12 +177,12 @@ class Issuer:
                 "comment": f"billing-bot case {case['id']}: {', '.join(case['kinds'])}", "revoke_benefits": False}
         last = ""
         for attempt in range(REFUND_POST_ATTEMPTS):
-            await self.outbox.attempt(intent["id"], None)
+            await self.outbox.attempt(intent["id"])
             try:
                 refund = await self.polar.create_refund(body)
             except PolarUnavailable as exc:
                 last = str(exc)
-                await self.outbox.attempt(intent["id"], last)
+                await self.outbox.note_error(intent["id"], last)
                 # the refund may have been made: read it back before any new POST
                 await asyncio.sleep(max(exc.retry_after or 0, self.lookup_delay_s))
                 found = await self._find_refund(order["id"], case["id"])

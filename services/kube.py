@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 
 from kubernetes import client, config as kube_config
 from kubernetes.client.rest import ApiException
@@ -129,12 +128,9 @@ def pod_from(p, tier_label: str) -> Pod:
     for cs in (p.status.container_statuses or []) if p.status else []:
         term = cs.state.terminated if cs.state else None
         if term is not None and term.finished_at is not None:
-            finished.append(_us(term.finished_at))
+            finished.append(to_us(term.finished_at))
     return Pod(name=p.metadata.name, tier=labels.get(tier_label),
                terminated_at=min(finished) if finished else None,
-               deleted_at=_us(p.metadata.deletion_timestamp) if p.metadata.deletion_timestamp else None,
+               deleted_at=to_us(p.metadata.deletion_timestamp) if p.metadata.deletion_timestamp else None,
                phase=p.status.phase if p.status else None)
 
-
-def _us(value: datetime) -> int:
-    return to_us(value)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
@@ -198,7 +199,7 @@ class PolarUnavailable(Exception):
 
 
 def _quote(value: str) -> str:
-    return httpx.URL("/" + value).raw_path.decode()[1:].replace("/", "%2F")
+    return quote(value, safe="")
 
 
 def parse_usage_events(raw: list[dict], name: str, instance_id: str) -> list[UsageEvent]:

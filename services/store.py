@@ -70,13 +70,13 @@ class CaseStore(Store):
                           credit_cents, required_level, systematic, kinds, report, approvers, requested_by,
                           channel_id, method, next_remind_at, state)
                         VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,
-                                CASE WHEN %s::float8 IS NULL THEN NULL ELSE now() + %s::float8 * interval '1 second' END,
+                                now() + %s::float8 * interval '1 second',  -- NULL when no reminders
                                 %s)
                         RETURNING *""",
                     (report["instance_id"], report["org_id"], report["customer_id"], ticket_id, report["periods"],
                      report["credit_cents"], report["credit_cents"], report["required_level"], report["systematic"],
                      [f["kind"] for f in report["findings"]], json.dumps(report), json.dumps(approvers), requested_by,
-                     channel_id, method, remind_after_s, remind_after_s,
+                     channel_id, method, remind_after_s,
                      "pending" if report["credit_cents"] > 0 else "expired"))
                 case = await cur.fetchone()
                 if covered:
@@ -95,10 +95,11 @@ class CaseStore(Store):
             cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE id = %s", (case_id,))
             return await cur.fetchone()
 
-    async def set_message(self, case_id: int, channel_id: str, ts: str) -> None:
+    async def set_message(self, case_id: int, channel_id: str, ts: str) -> dict:
         async with self.db.pool.connection() as conn:
-            await conn.execute(f"UPDATE {self.s}.cases SET channel_id = %s, message_ts = %s, updated_at = now()"
-                               " WHERE id = %s", (channel_id, ts, case_id))
+            cur = await conn.execute(f"UPDATE {self.s}.cases SET channel_id = %s, message_ts = %s, updated_at = now()"
+                                     " WHERE id = %s RETURNING *", (channel_id, ts, case_id))
+            return await cur.fetchone()
 
     async def transition(self, case_id: int, from_states: tuple[str, ...], to_state: str, actor: str,
                          action: str, detail: dict | None = None, **fields) -> dict | None:
@@ -207,10 +208,16 @@ class Outbox:
             cur = await conn.execute(f"SELECT * FROM {self.s}.issuances WHERE case_id = %s ORDER BY id", (case_id,))
             return await cur.fetchall()
 
-    async def attempt(self, issuance_id: int, error: str | None = None) -> None:
+    async def attempt(self, issuance_id: int) -> None:
+        """Counted before each POST, so a crash mid-call still shows the attempt."""
         async with self.db.pool.connection() as conn:
-            await conn.execute(f"UPDATE {self.s}.issuances SET attempts = attempts + 1, last_error = %s,"
-                               " updated_at = now() WHERE id = %s", (error, issuance_id))
+            await conn.execute(f"UPDATE {self.s}.issuances SET attempts = attempts + 1, updated_at = now()"
+                               " WHERE id = %s", (issuance_id,))
+
+    async def note_error(self, issuance_id: int, error: str) -> None:
+        async with self.db.pool.connection() as conn:
+            await conn.execute(f"UPDATE {self.s}.issuances SET last_error = %s, updated_at = now() WHERE id = %s",
+                               (error, issuance_id))
 
     async def confirm(self, issuance_id: int, polar_ref: str) -> None:
         async with self.db.pool.connection() as conn:
