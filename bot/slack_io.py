@@ -23,6 +23,21 @@ async def ephemeral(ctx: BotContext, channel: str | None, user: str, text: str) 
         log.warning("could not tell %s: %s", user, exc.response.get("error"))
 
 
+def button_ids(body: dict) -> tuple[str, str | None, int]:
+    """(user, channel, case id) from a block_actions payload whose button carries the case id."""
+    return body["user"]["id"], (body.get("channel") or {}).get("id"), int(body["actions"][0]["value"])
+
+
+async def open_modal_for_pending(ctx: BotContext, body: dict, build_view, refusal) -> None:
+    """Open a decision modal, unless the case has left pending meanwhile (then say why)."""
+    user, channel, case_id = button_ids(body)
+    case = await ctx.cases.get(case_id)
+    if case is None or case["state"] != "pending":
+        await ephemeral(ctx, channel, user, refusal(case))
+        return
+    await ctx.client.views_open(trigger_id=body["trigger_id"], view=build_view(case))
+
+
 async def refresh_case_message(ctx: BotContext, case: dict) -> None:
     if not case.get("channel_id") or not case.get("message_ts"):
         return

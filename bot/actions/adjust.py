@@ -39,17 +39,10 @@ def parse_amount(text: str, current_cents: int) -> tuple[int | None, str | None]
 
 def register(app, ctx: BotContext) -> None:
     @app.action("case_adjust")
-    async def adjust(ack, body, client):
+    async def adjust(ack, body):
         await ack()
-
-        async def open_modal():
-            case = await ctx.cases.get(int(body["actions"][0]["value"]))
-            user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
-            if case is None or case["state"] != "pending":
-                await slack_io.ephemeral(ctx, channel, user, "This case is no longer waiting for a decision.")
-                return
-            await client.views_open(trigger_id=body["trigger_id"], view=adjust_modal(case))
-        ctx.spawn(open_modal())
+        ctx.spawn(slack_io.open_modal_for_pending(
+            ctx, body, adjust_modal, lambda case: "This case is no longer waiting for a decision."))
 
     @app.view(CALLBACK)
     async def submitted(ack, body, view):

@@ -20,18 +20,14 @@ def register(app, ctx: BotContext) -> None:
     @app.action("case_approve")
     async def approve(ack, body):
         await ack()
-        user = body["user"]["id"]
-        channel = (body.get("channel") or {}).get("id")
-        case_id = int(body["actions"][0]["value"])
+        user, channel, case_id = slack_io.button_ids(body)
         ctx.spawn(approve_case(ctx, case_id, user, channel))
 
     @app.action("case_approve_other_method")
     async def approve_other_method(ack, body):
         """The approver switches the method: refund <-> invoice credit (SPEC 4)."""
         await ack()
-        user = body["user"]["id"]
-        channel = (body.get("channel") or {}).get("id")
-        case_id = int(body["actions"][0]["value"])
+        user, channel, case_id = slack_io.button_ids(body)
         case = await ctx.cases.get(case_id)
         other = "invoice_credit" if case and case["method"] == "refund" else "refund"
         ctx.spawn(approve_case(ctx, case_id, user, channel, method=other))

@@ -20,17 +20,10 @@ def reject_modal(case: dict) -> dict:
 
 def register(app, ctx: BotContext) -> None:
     @app.action("case_reject")
-    async def reject(ack, body, client):
+    async def reject(ack, body):
         await ack()
-
-        async def open_modal():
-            case = await ctx.cases.get(int(body["actions"][0]["value"]))
-            user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
-            if case is None or case["state"] != "pending":
-                await slack_io.ephemeral(ctx, channel, user, already_decided(case) if case else "No such case.")
-                return
-            await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(case))
-        ctx.spawn(open_modal())
+        ctx.spawn(slack_io.open_modal_for_pending(
+            ctx, body, reject_modal, lambda case: already_decided(case) if case else "No such case."))
 
     @app.view(CALLBACK)
     async def submitted(ack, body, view):

@@ -8,8 +8,7 @@ from services.approvals import authority_of
 
 def register(app, ctx: BotContext) -> None:
     async def retry(body, method: str | None):
-        user, channel = body["user"]["id"], (body.get("channel") or {}).get("id")
-        case_id = int(body["actions"][0]["value"])
+        user, channel, case_id = slack_io.button_ids(body)
         case = await ctx.cases.get(case_id)
         if case is None or case["state"] != "failed":
             await slack_io.ephemeral(ctx, channel, user, "This case is not waiting for a retry.")
