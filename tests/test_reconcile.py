@@ -146,3 +146,15 @@ def test_reconcile_cli_json_and_bad_date(db, db_url, bot_env):
     bad = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-02-30"], env=bot_env,
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "malformed date '2026-02-30'" in bad.stderr
+
+
+def test_a_run_that_began_just_before_the_look_back(db, db_url):
+    """The look-back reaches the continuous limit plus the 60 s gap before the day: a record ending
+    exactly 8 h before midnight still joins the run of one starting 60 s later."""
+    instance(db, "i-long", heartbeat=FRESH)
+    record(db, 1, "i-long", "2026-10-04 10:00", "2026-10-04 16:00", "12.48")
+    record(db, 2, "i-long", "2026-10-04 16:01", "2026-10-05 01:00", "18.6853")  # 8 h 59 min of gpu
+    fill_usage(db, "2026-10-05")
+    rec = run(db_url, date(2026, 10, 5))
+    # the run began at 10:00 the day before, so all of 00:00-01:00 is past the limit: 18.6853 x 60/539
+    assert [(a.kind, a.instance_id, a.overcharge_cents) for a in rec.anomalies] == [("continuous_limit", "i-long", 208)]

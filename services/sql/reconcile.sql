@@ -1,139 +1,165 @@
 -- Daily reconciliation (SPEC 5.2): every anomaly of one UTC day in one set-based statement.
 -- Read-only and temp-table free, so it runs on a read replica. Session time zone must be UTC.
--- Parameters: lo, hi (the day), tiers/rates (the rate card), def_cont/def_daily/def_idle
+-- Parameters: lo, hi (the day), day, tiers/rates (the rate card), def_cont/def_daily/def_idle
 -- (throttle defaults, NULL = off), tolerance (usage hours).
 -- Amounts count only the part of each record inside the day. Each kind follows SPEC 2's
 -- arithmetic for that kind alone; continuous and daily limits count each billed second once
 -- (step 1's union), charged to the record that billed it first.
+--
+-- Shape, for speed (docs/architecture.md, "Reconciliation"): one index scan and ONE sort of the
+-- records by instance; two window passes over that order find overlaps and continuous runs; the
+-- result (recs) is materialised narrow, with times as microseconds from the day's start. Only the
+-- records that share time with another record of their instance (odd, usually none) take the
+-- slow path through multiranges. The daily limit is one sort of start/end events per org.
 WITH
 card AS (
   SELECT * FROM unnest(%(tiers)s::text[], %(rates)s::numeric[]) AS c(tier, rate)
 ),
-day_recs AS (
-  SELECT r.id, r.instance_id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used, r.total_charge,
-         r.start_time, r.end_time,
-         tstzrange(r.start_time, r.end_time) AS span,
-         tstzrange(greatest(r.start_time, %(lo)s), least(r.end_time, %(hi)s)) AS inday,
-         extract(epoch FROM r.end_time - r.start_time) AS secs
-  FROM billing_records r
-  WHERE tstzrange(r.start_time, r.end_time) && tstzrange(%(lo)s, %(hi)s) AND r.end_time > r.start_time
-),
-lim AS (
-  SELECT o.org_id,
+-- the day's records and, before the day, those a continuous run may have started from (the
+-- longest continuous limit + 60 s back), sorted once by instance
+scan AS (
+  SELECT r.id, r.instance_id, r.org_id, r.customer_id, r.tier, r.rate_per_hour AS rate, r.hours_used AS hours,
+         r.total_charge AS charge, r.start_time AS s0, r.end_time AS e0,
          CASE WHEN t.org_id IS NULL THEN %(def_cont)s::interval ELSE t.continuous_limit END AS cont,
          CASE WHEN t.org_id IS NULL THEN %(def_daily)s::interval ELSE t.daily_limit END AS daily,
-         CASE WHEN t.org_id IS NULL THEN %(def_idle)s::interval ELSE t.idle_timeout END AS idle
-  FROM (SELECT DISTINCT org_id FROM day_recs) o LEFT JOIN throttle_settings t ON t.org_id = o.org_id
+         CASE WHEN t.org_id IS NULL THEN %(def_idle)s::interval ELSE t.idle_timeout END AS idle,
+         max(r.end_time) OVER w AS prev_end, lead(r.start_time) OVER w AS next_start
+  FROM billing_records r LEFT JOIN throttle_settings t ON t.org_id = r.org_id
+  WHERE tstzrange(r.start_time, r.end_time)
+          && tstzrange(%(lo)s - coalesce(greatest(%(def_cont)s::interval,
+                                                   (SELECT max(continuous_limit) FROM throttle_settings))
+                                         + interval '60 seconds', interval '0'), %(hi)s)
+    AND r.end_time > r.start_time
+  WINDOW w AS (PARTITION BY r.instance_id COLLATE "C" ORDER BY r.start_time, r.end_time, r.id
+               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ),
--- records sharing no time with another record of their instance in the day (most of them): found
--- with one window pass; only the others need a self-join to find what lower ids billed first
-ordered AS (
-  SELECT d.*,
-         (coalesce(max(d.end_time) OVER w_before <= d.start_time, true)
-          AND coalesce(lead(d.start_time) OVER w >= d.end_time, true)) AS isolated
-  FROM day_recs d
-  WINDOW w AS (PARTITION BY d.instance_id ORDER BY d.start_time, d.id),
-         w_before AS (w ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
+-- a run restarts after a gap of more than 60 s; its start is the latest such start so far
+runs AS (
+  SELECT x.*,
+         max(CASE WHEN x.prev_end IS NULL OR x.s0 - x.prev_end > interval '60 seconds' THEN x.s0 END)
+           OVER (PARTITION BY x.instance_id COLLATE "C" ORDER BY x.s0, x.e0, x.id ROWS UNBOUNDED PRECEDING) AS run_start
+  FROM scan x
 ),
--- the in-day parts of each record that no lower-id record of the instance billed first (step 1),
--- as plain pieces (s, e): disjoint within an instance, their union is the instance's billed time
-own_pieces AS (
-  SELECT id, instance_id, org_id, customer_id, total_charge, secs, lower(inday) AS s, upper(inday) AS e
-  FROM ordered WHERE isolated
-  UNION ALL
-  SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.total_charge, x.secs, lower(p), upper(p)
-  FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs,
-               tstzmultirange(a.inday)
-                 - coalesce(range_agg(a.inday * b.span) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS m
-        FROM ordered a
-        LEFT JOIN day_recs b ON b.instance_id = a.instance_id AND b.id < a.id AND b.span && a.inday
-        WHERE NOT a.isolated
-        GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs, a.inday) x,
+-- the day's records, narrow: times in microseconds from lo (s, e: the part in the day; len: the
+-- whole record; cutoff: run start + continuous limit); isolated = shares no time in the day with
+-- another record of its instance (the window saw every earlier end and the next start)
+recs AS MATERIALIZED (
+  SELECT y.id, y.instance_id, y.org_id, y.customer_id, y.charge, y.s0, y.e0, y.idle, y.cont, y.run_start,
+         (date_part('epoch', greatest(y.s0, %(lo)s) - %(lo)s) * 1000000)::bigint AS s,
+         (date_part('epoch', least(y.e0, %(hi)s) - %(lo)s) * 1000000)::bigint AS e,
+         (date_part('epoch', y.e0 - y.s0) * 1000000)::bigint AS len,
+         (date_part('epoch', y.run_start + y.cont - %(lo)s) * 1000000)::bigint AS cutoff,
+         (date_part('epoch', y.daily) * 1000000)::bigint AS daily,
+         coalesce(y.prev_end <= greatest(y.s0, %(lo)s), true) AND coalesce(y.next_start >= y.e0, true) AS isolated,
+         CASE WHEN c.rate IS NULL OR y.rate <> c.rate
+              THEN format('%%s billed at %%s/h, card %%s', y.tier, trim_scale(y.rate), coalesce(c.rate::text, 'has no such tier')) END AS rate_note,
+         coalesce(c.rate, y.rate) AS card_rate,
+         abs(y.hours * 3600000000 - (date_part('epoch', y.e0 - y.s0) * 1000000)::bigint) > 180000
+           OR abs(y.charge - y.rate * y.hours) > 0.005 AS charge_bad
+  FROM runs y LEFT JOIN card c ON c.tier = y.tier
+  WHERE y.e0 > %(lo)s
+),
+-- the records that do share time: duplicates, overlaps, and the own pieces of step 1
+odd AS MATERIALIZED (
+  SELECT * FROM recs WHERE NOT isolated
+),
+odd_pieces AS (
+  SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.charge, x.len, x.cutoff, x.run_start, x.cont, x.daily,
+         (date_part('epoch', lower(p) - %(lo)s) * 1000000)::bigint AS s, (date_part('epoch', upper(p) - %(lo)s) * 1000000)::bigint AS e
+  FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily,
+               tstzmultirange(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)))
+                 - coalesce(range_agg(tstzrange(b.s0, b.e0)) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS m
+        FROM odd a
+        LEFT JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
+        GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily, a.s0, a.e0) x,
        unnest(x.m) AS p
 ),
-
+-- each billed second of an instance once: the isolated records' in-day parts and the odd ones' own pieces
+pieces AS (
+  SELECT id, instance_id, org_id, customer_id, charge, len, cutoff, run_start, cont, daily, s, e FROM recs WHERE isolated
+  UNION ALL SELECT * FROM odd_pieces
+),
 -- rate off the card for the record's own tier: overcharge = charge above hours x card rate
 k_rate AS (
-  SELECT 'rate_mismatch'::text AS kind, d.instance_id, d.org_id, min(d.customer_id) AS customer_id,
-         array_agg(d.id ORDER BY d.id) AS record_ids,
-         sum(greatest(d.total_charge * extract(epoch FROM upper(d.inday) - lower(d.inday)) / d.secs
-                      - coalesce(c.rate, d.rate_per_hour) * extract(epoch FROM upper(d.inday) - lower(d.inday)) / 3600, 0))
-           AS overcharge,
-         string_agg(DISTINCT format('%%s billed at %%s/h, card %%s', d.tier, trim_scale(d.rate_per_hour),
-                                    coalesce(c.rate::text, 'has no such tier')), '; ') AS detail
-  FROM day_recs d LEFT JOIN card c ON c.tier = d.tier
-  WHERE c.rate IS NULL OR d.rate_per_hour <> c.rate
-  GROUP BY d.instance_id, d.org_id
+  SELECT 'rate_mismatch'::text AS kind, instance_id, org_id, min(customer_id) AS customer_id, array_agg(id) AS record_ids,
+         sum(greatest(charge * (e - s) / len - card_rate * (e - s) / 3600000000, 0)) AS overcharge,
+         string_agg(DISTINCT rate_note, '; ') AS detail
+  FROM recs WHERE rate_note IS NOT NULL
+  GROUP BY instance_id, org_id
 ),
--- hours_used off the interval, or total_charge off rate x hours by more than half a cent
+-- hours_used off the interval (by more than 0.00005 h), or total_charge off rate x hours by more than half a cent
 k_charge AS (
-  SELECT 'charge_mismatch'::text, d.instance_id, d.org_id, min(d.customer_id), array_agg(d.id ORDER BY d.id), 0::numeric,
+  SELECT 'charge_mismatch'::text, instance_id, org_id, min(customer_id), array_agg(id), 0::numeric,
          format('%%s record(s): hours_used off the interval or total_charge off rate x hours', count(*))
-  FROM day_recs d
-  WHERE abs(d.hours_used - d.secs / 3600) > 0.00005 OR abs(d.total_charge - d.rate_per_hour * d.hours_used) > 0.005
-  GROUP BY d.instance_id, d.org_id
+  FROM recs WHERE charge_bad
+  GROUP BY instance_id, org_id
 ),
--- exact duplicates: every copy after the lowest id is wholly duplicate
+-- exact duplicates: every copy after the lowest id is wholly duplicate; one anomaly per instance
 dup_groups AS (
-  SELECT d.*, min(d.id) OVER (PARTITION BY d.instance_id, d.start_time, d.end_time) AS first_id,
-         count(*) OVER (PARTITION BY d.instance_id, d.start_time, d.end_time) AS copies
-  FROM day_recs d
+  SELECT instance_id, org_id, min(customer_id) AS customer_id, array_agg(id) AS ids,
+         sum(charge * (e - s) / len) - (array_agg(charge * (e - s) / len ORDER BY id))[1] AS extra,
+         format('%%s copies of %%s–%%s', count(*), to_char(s0, 'YYYY-MM-DD HH24:MI'), to_char(e0, 'HH24:MI')) AS note
+  FROM odd
+  GROUP BY instance_id, org_id, s0, e0 HAVING count(*) > 1
 ),
 k_dup AS (
-  SELECT 'duplicate'::text, instance_id, org_id, min(customer_id), array_agg(id ORDER BY id),
-         sum(CASE WHEN id <> first_id THEN total_charge * extract(epoch FROM upper(inday) - lower(inday)) / secs ELSE 0 END),
-         format('%%s copies of %%s–%%s', max(copies), to_char(start_time, 'YYYY-MM-DD HH24:MI'), to_char(end_time, 'HH24:MI'))
-  FROM dup_groups WHERE copies > 1
-  GROUP BY instance_id, org_id, start_time, end_time
+  SELECT 'duplicate'::text, instance_id, org_id, min(customer_id),
+         string_to_array(string_agg(array_to_string(ids, ','), ','), ',')::bigint[], sum(extra),
+         string_agg(note, '; ' ORDER BY note)
+  FROM dup_groups
+  GROUP BY instance_id, org_id
 ),
 -- partial overlaps: the part of a record covered by lower-id records that are not exact copies
 overlap_parts AS (
-  SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs,
-         range_agg(a.inday * b.span) AS covered, array_agg(DISTINCT b.id) AS with_ids
-  FROM ordered a
-  JOIN day_recs b ON b.instance_id = a.instance_id AND b.id < a.id AND b.span && a.inday
-                  AND NOT (b.start_time = a.start_time AND b.end_time = a.end_time)
-  WHERE NOT a.isolated
-  GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.total_charge, a.secs
-),
-overlap_ids AS (
-  SELECT instance_id, array_agg(DISTINCT x ORDER BY x) AS ids
-  FROM (SELECT instance_id, id AS x FROM overlap_parts
-        UNION SELECT instance_id, unnest(with_ids) FROM overlap_parts) z
-  GROUP BY instance_id
+  SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len,
+         range_agg(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)) * tstzrange(b.s0, b.e0)) AS covered,
+         array_agg(b.id) AS with_ids
+  FROM odd a
+  JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
+             AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)
+  GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.s0, a.e0
 ),
 k_overlap AS (
-  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id), min(i.ids),
-         sum(o.total_charge * (SELECT sum(extract(epoch FROM upper(x) - lower(x))) FROM unnest(o.covered) x) / o.secs),
+  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id),
+         (SELECT array_agg(DISTINCT x) FROM (SELECT o2.id AS x FROM overlap_parts o2 WHERE o2.instance_id = o.instance_id
+                                             UNION ALL SELECT unnest(o2.with_ids) FROM overlap_parts o2
+                                             WHERE o2.instance_id = o.instance_id) z),
+         sum(o.charge * (SELECT sum(date_part('epoch', upper(x) - lower(x)) * 1000000) FROM unnest(o.covered) x)::numeric / o.len),
          format('%%s record(s) partly cover time already billed', count(*))
-  FROM overlap_parts o JOIN overlap_ids i ON i.instance_id = o.instance_id
+  FROM overlap_parts o
   GROUP BY o.instance_id, o.org_id
 ),
--- billed after stopped_at of an instance that is not running
-k_stop AS (
-  SELECT 'billed_after_stop'::text, d.instance_id, d.org_id, min(d.customer_id), array_agg(d.id ORDER BY d.id),
-         sum(d.total_charge * extract(epoch FROM least(d.end_time, %(hi)s) - greatest(d.start_time, %(lo)s, i.stopped_at)) / d.secs),
-         format('instance %%s since %%s', min(i.status), to_char(min(i.stopped_at), 'YYYY-MM-DD HH24:MI'))
-  FROM day_recs d JOIN instances i ON i.instance_id = d.instance_id
-  WHERE i.status <> 'running' AND i.stopped_at IS NOT NULL AND d.end_time > i.stopped_at AND i.stopped_at < %(hi)s
-  GROUP BY d.instance_id, d.org_id
+-- billed after stopped_at of an instance that is not running, or after last_heartbeat + idle_timeout
+stop_idle AS (
+  SELECT d.instance_id, d.org_id, d.customer_id, d.id, d.charge, d.len, d.s, d.e, i.status, i.stopped_at,
+         i.last_heartbeat, d.idle,
+         CASE WHEN i.status <> 'running' AND i.stopped_at < %(hi)s AND d.e0 > i.stopped_at
+              THEN (date_part('epoch', i.stopped_at - %(lo)s) * 1000000)::bigint END AS stop_from,
+         CASE WHEN i.last_heartbeat + d.idle < %(hi)s AND d.e0 > i.last_heartbeat + d.idle
+              THEN (date_part('epoch', i.last_heartbeat + d.idle - %(lo)s) * 1000000)::bigint END AS idle_from
+  FROM recs d JOIN instances i ON i.instance_id = d.instance_id
+  WHERE (i.status <> 'running' AND i.stopped_at < %(hi)s AND d.e0 > i.stopped_at)
+     OR (i.last_heartbeat + d.idle < %(hi)s AND d.e0 > i.last_heartbeat + d.idle)
 ),
--- billed after last_heartbeat + idle_timeout
+k_stop AS (
+  SELECT 'billed_after_stop'::text, instance_id, org_id, min(customer_id), array_agg(id),
+         sum(charge * (e - greatest(s, stop_from)) / len),
+         format('instance %%s since %%s', min(status), to_char(min(stopped_at), 'YYYY-MM-DD HH24:MI'))
+  FROM stop_idle WHERE stop_from IS NOT NULL
+  GROUP BY instance_id, org_id
+),
 k_idle AS (
-  SELECT 'billed_while_idle'::text, d.instance_id, d.org_id, min(d.customer_id), array_agg(d.id ORDER BY d.id),
-         sum(d.total_charge * extract(epoch FROM least(d.end_time, %(hi)s)
-                                     - greatest(d.start_time, %(lo)s, i.last_heartbeat + l.idle)) / d.secs),
-         format('last heartbeat %%s, idle timeout %%s', to_char(min(i.last_heartbeat), 'YYYY-MM-DD HH24:MI'), min(l.idle))
-  FROM day_recs d JOIN instances i ON i.instance_id = d.instance_id JOIN lim l ON l.org_id = d.org_id
-  WHERE l.idle IS NOT NULL AND i.last_heartbeat IS NOT NULL AND d.end_time > i.last_heartbeat + l.idle
-        AND i.last_heartbeat + l.idle < %(hi)s
-  GROUP BY d.instance_id, d.org_id
+  SELECT 'billed_while_idle'::text, instance_id, org_id, min(customer_id), array_agg(id),
+         sum(charge * (e - greatest(s, idle_from)) / len),
+         format('last heartbeat %%s, idle timeout %%s', to_char(min(last_heartbeat), 'YYYY-MM-DD HH24:MI'), min(idle))
+  FROM stop_idle WHERE idle_from IS NOT NULL
+  GROUP BY instance_id, org_id
 ),
 -- instance_usage runtime against billed hours, per instance and day
 billed_hours AS (
-  SELECT instance_id, org_id, min(customer_id) AS customer_id, array_agg(id ORDER BY id) AS ids,
-         sum(extract(epoch FROM upper(inday) - lower(inday))) / 3600 AS hours
-  FROM day_recs GROUP BY instance_id, org_id
+  SELECT instance_id, org_id, min(customer_id) AS customer_id, array_agg(id) AS ids,
+         sum(e - s) / 3600000000.0 AS hours
+  FROM recs GROUP BY instance_id, org_id
 ),
 k_usage AS (
   SELECT 'usage_mismatch'::text, coalesce(b.instance_id, u.instance_id), coalesce(b.org_id, u.org_id),
@@ -145,74 +171,37 @@ k_usage AS (
   LEFT JOIN instances i ON i.instance_id = coalesce(b.instance_id, u.instance_id)
   WHERE abs(coalesce(b.hours, 0) - coalesce(u.hours_used, 0)) > %(tolerance)s
 ),
--- continuous runs: the instance's billed time (own pieces in the day, plus records in the look-back
--- of limit + 60 s before it); a piece starting more than 60 s after everything before it ended
--- starts a new run
-look AS (
-  SELECT r.instance_id, r.org_id, NULL::bigint AS id, NULL::text AS customer_id, NULL::numeric AS total_charge,
-         NULL::numeric AS secs, greatest(r.start_time, %(lo)s - l.cont - interval '60 seconds') AS s,
-         least(r.end_time, %(lo)s) AS e
-  FROM billing_records r JOIN lim l ON l.org_id = r.org_id
-  WHERE tstzrange(r.start_time, r.end_time)
-          && tstzrange(%(lo)s - (SELECT max(cont) FROM lim) - interval '60 seconds', %(lo)s)
-        AND l.cont IS NOT NULL AND r.end_time > %(lo)s - l.cont - interval '60 seconds'
-        AND r.start_time < %(lo)s AND r.end_time > r.start_time
-        AND r.instance_id IN (SELECT instance_id FROM day_recs)
-),
-run_pieces AS (
-  SELECT o.instance_id, o.org_id, o.id, o.customer_id, o.total_charge, o.secs, o.s, o.e
-  FROM own_pieces o JOIN lim l ON l.org_id = o.org_id WHERE l.cont IS NOT NULL
-  UNION ALL SELECT * FROM look
-),
-starts AS (
-  SELECT *, sum(CASE WHEN before_end IS NULL OR s - before_end > interval '60 seconds' THEN 1 ELSE 0 END)
-              OVER (PARTITION BY instance_id ORDER BY s, e ROWS UNBOUNDED PRECEDING) AS run
-  FROM (SELECT *, max(e) OVER (PARTITION BY instance_id ORDER BY s, e
-                               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS before_end
-        FROM run_pieces) y
-),
-runs AS (
-  SELECT st.*, min(st.s) OVER (PARTITION BY st.instance_id, st.run) + l.cont AS cutoff,
-         min(st.s) OVER (PARTITION BY st.instance_id, st.run) AS run_start, l.cont
-  FROM starts st JOIN lim l ON l.org_id = st.org_id
-),
+-- continuous: the part of each piece after its run's start + the limit
 k_cont AS (
-  SELECT 'continuous_limit'::text, instance_id, org_id, min(customer_id), array_agg(DISTINCT id ORDER BY id),
-         sum(total_charge * extract(epoch FROM e - greatest(s, cutoff)) / secs),
-         format('run since %%s passed the %%s continuous limit', to_char(min(run_start), 'YYYY-MM-DD HH24:MI'), min(cont))
-  FROM runs WHERE id IS NOT NULL AND e > cutoff
-  GROUP BY instance_id, org_id
+  SELECT 'continuous_limit'::text, p.instance_id, p.org_id, min(p.customer_id), array_agg(p.id),
+         sum(p.charge * (p.e - greatest(p.s, p.cutoff)) / p.len),
+         format('run since %%s passed the %%s continuous limit', to_char(min(p.run_start), 'YYYY-MM-DD HH24:MI'), min(p.cont))
+  FROM pieces p
+  WHERE p.e > p.cutoff
+  GROUP BY p.instance_id, p.org_id
 ),
--- the org's daily limit: T is when the org's billed hours (each instance once per second) reach it
-marks AS (
-  SELECT org_id, t, sum(delta) AS delta FROM (
-    SELECT org_id, s AS t, 1 AS delta FROM own_pieces UNION ALL SELECT org_id, e, -1 FROM own_pieces) z
-  WHERE org_id IN (SELECT org_id FROM lim WHERE daily IS NOT NULL)
-  GROUP BY org_id, t
+-- daily: events +1 at each piece's start and -1 at its end, in time order per org; on the segment
+-- after event k the org has billed A(t) = t * D_k - S_k seconds (D: open pieces, S: sum of d * t)
+events AS (
+  SELECT org_id, daily, s AS t, 1 AS d FROM pieces WHERE daily IS NOT NULL
+  UNION ALL SELECT org_id, daily, e, -1 FROM pieces WHERE daily IS NOT NULL
 ),
-slopes AS (
-  SELECT org_id, t, sum(delta) OVER w AS running, lead(t) OVER w AS t_next
-  FROM marks WINDOW w AS (PARTITION BY org_id ORDER BY t ROWS UNBOUNDED PRECEDING)
+sweep AS (
+  SELECT org_id, daily, t, sum(d) OVER w AS dn, sum(d * t) OVER w AS st, lead(t) OVER w AS t_next
+  FROM events WINDOW w AS (PARTITION BY org_id COLLATE "C" ORDER BY t ROWS UNBOUNDED PRECEDING)
 ),
-accrued AS (
-  SELECT s.*, coalesce(sum(running * extract(epoch FROM t_next - t))
-                         OVER (PARTITION BY org_id ORDER BY t ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-  FROM slopes s
-),
--- accrued time only grows, so exactly one segment per org crosses the limit: no sort needed
+-- A only grows, so exactly one segment per org passes the limit: T = (limit + S) / D there
 reached AS (
-  SELECT a.org_id, l.daily,
-         a.t + ((extract(epoch FROM l.daily) - a.before) / a.running) * interval '1 second' AS at
-  FROM accrued a JOIN lim l ON l.org_id = a.org_id
-  WHERE l.daily IS NOT NULL AND a.running > 0 AND a.t_next IS NOT NULL
-        AND a.before <= extract(epoch FROM l.daily)
-        AND a.before + a.running * extract(epoch FROM a.t_next - a.t) > extract(epoch FROM l.daily)
+  SELECT org_id, daily, (daily + st) / dn AS at
+  FROM sweep
+  WHERE dn > 0 AND t_next IS NOT NULL AND t * dn - st <= daily AND t_next * dn - st > daily
 ),
 k_daily AS (
-  SELECT 'daily_limit'::text, NULL::text, o.org_id, min(o.customer_id), array_agg(DISTINCT o.id ORDER BY o.id),
-         sum(o.total_charge * extract(epoch FROM o.e - greatest(o.s, r.at)) / o.secs),
-         format('org reached its %%s daily limit at %%s', min(r.daily), to_char(min(r.at), 'YYYY-MM-DD HH24:MI:SS'))
-  FROM reached r JOIN own_pieces o ON o.org_id = r.org_id AND o.e > r.at
+  SELECT 'daily_limit'::text, NULL::text, o.org_id, min(o.customer_id), array_agg(o.id),
+         sum(o.charge * (o.e - greatest(o.s, r.at)) / o.len),
+         format('org reached its %%s h daily limit at %%s', trim_scale(min(r.daily) / 3600000000.0),
+                to_char(%(lo)s + min(r.at) * interval '1 microsecond', 'YYYY-MM-DD HH24:MI:SS'))
+  FROM reached r JOIN pieces o ON o.org_id = r.org_id AND o.e > r.at
   GROUP BY o.org_id
 )
 SELECT kind, instance_id, org_id, customer_id, record_ids, overcharge, detail
