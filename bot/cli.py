@@ -12,7 +12,7 @@ import logging
 import sys
 
 from services.config import Config, ConfigError, Env, load_config
-from services.investigation import InputError, validate_instance_id, validate_period
+from services.inputs import InputError, validate_instance_id, validate_period
 
 log = logging.getLogger("billing_bot")
 

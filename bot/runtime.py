@@ -4,13 +4,15 @@ from __future__ import annotations
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import AsyncIterator
+from typing import TYPE_CHECKING, AsyncIterator
 
 from services.config import Config, Env
 from services.db import Database
-from services.investigation import Investigator
-from services.kube import KubeNotConfigured, KubeSource, api_client, describe_error
-from services.polar import PolarClient
+
+if TYPE_CHECKING:  # loaded in open_runtime: `reconcile` and `report` never need these clients
+    from services.investigation import Investigator
+    from services.kube import KubeSource
+    from services.polar import PolarClient
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,10 @@ def database_url(env: Env) -> tuple[str, object | None]:
 
 @asynccontextmanager
 async def open_runtime(env: Env, config: Config) -> AsyncIterator[Runtime]:
+    from services.investigation import Investigator
+    from services.kube import KubeNotConfigured, KubeSource, api_client, describe_error
+    from services.polar import PolarClient
+
     url, embedded = database_url(env)
     db = await Database.connect(url, config.bot_schema)
     kube = None

@@ -12,7 +12,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 from handlers.timeline import fmt_money
-from services.investigation import validate_day
+from services.inputs import validate_day
 
 
 @dataclass

@@ -6,9 +6,8 @@ evidence: when one fails or times out, `sources` says why and the case goes on w
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 from handlers.model import CaseInput, CaseResult, LogEvent, Pod, UsageEvent
@@ -17,44 +16,11 @@ from handlers.timeline import HOUR_US, fmt_duration, from_us
 from services.config import Config
 from services.db import Database
 from services.kube import KubeSource, describe_error
+from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  # noqa: F401  (re-exported)
+                             validate_day, validate_instance_id, validate_period)
 from services.polar import Customer, PolarClient, PolarNotFound
 
-INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
 SOURCE_TIMEOUT_S = 20.0
-
-
-class InputError(ValueError):
-    """Bad input from a person: a clear, specific message; nothing was read or changed."""
-
-
-class UnknownInstance(InputError):
-    pass
-
-
-def validate_instance_id(value: str) -> str:
-    value = (value or "").strip()
-    if not INSTANCE_ID.fullmatch(value):
-        raise InputError(
-            f"invalid instance id {value!r}: expected 2-63 characters of lowercase letters, digits and '-', "
-            "starting with a letter or digit (like i-7f3a)")
-    return value
-
-
-def validate_period(value: str) -> str:
-    if not PERIOD.fullmatch((value or "").strip()):
-        raise InputError(f"malformed period {value!r}: expected YYYY-MM, like 2026-10")
-    return value.strip()
-
-
-def validate_day(value: str) -> date:
-    """A UTC day as YYYY-MM-DD (reconcile --date, report --since)."""
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value or ""):
-        raise InputError(f"malformed date {value!r}: expected YYYY-MM-DD, like 2026-10-05")
-    try:
-        return date.fromisoformat(value)
-    except ValueError:
-        raise InputError(f"malformed date {value!r}: no such day") from None
 
 
 def default_periods(now: datetime) -> list[str]:

@@ -16,7 +16,7 @@ from psycopg.rows import tuple_row
 
 from handlers.timeline import fmt_money, to_cents
 from services.config import Config
-from services.investigation import validate_day
+from services.inputs import validate_day
 
 SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
 RECONCILE_TIMEOUT_MS = 600_000
