@@ -86,6 +86,15 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def approve_and_issue_october(db_url, polar):
+    """(issued case row, recorder): a case on October alone, approved, then issued once."""
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            return await w.issuer.issue(case["id"]), w.rec
+    return run(go())
+
+
 def test_refund_across_two_periods(db, db_url, polar):
     seed(db)
     orders(polar)
@@ -116,12 +125,7 @@ def test_refund_across_two_periods(db, db_url, polar):
 def test_refund_is_capped_at_the_refundable_amount_and_the_rest_stays_on_the_case(db, db_url, polar):
     seed(db)
     orders(polar, oct_=1500, oct_refunded=1000)  # 500 cents left to refund on October's order
-
-    async def go():
-        async with World(db_url, polar) as w:
-            case = await w.approved_case(periods=("2026-10",))
-            return await w.issuer.issue(case["id"]), w.rec
-    done, rec = run(go())
+    done, rec = approve_and_issue_october(db_url, polar)
     assert [r["amount"] for r in polar.refunds] == [500]
     assert done["issued_cents"] == 500 and done["remainder_cents"] == 528
     assert rec.issued_calls[0][2] == 528
@@ -131,12 +135,7 @@ def test_refund_is_capped_at_the_refundable_amount_and_the_rest_stays_on_the_cas
 def test_a_period_not_invoiced_yet_fails_and_offers_invoice_credit(db, db_url, polar):
     seed(db)
     orders(polar, oct_=None)
-
-    async def go():
-        async with World(db_url, polar) as w:
-            case = await w.approved_case(periods=("2026-10",))
-            return await w.issuer.issue(case["id"]), w.rec
-    done, rec = run(go())
+    done, rec = approve_and_issue_october(db_url, polar)
     assert done["state"] == "failed" and "2026-10 not invoiced yet" in done["reason"]
     assert rec.failed_calls[0][2] is True and polar.refunds == []
     assert corrections(db_url) == []
@@ -184,12 +183,7 @@ def test_500_then_success_gives_one_refund(db, db_url, polar):
     seed(db)
     orders(polar)
     polar.fail("POST", "/v1/refunds/", status=500)
-
-    async def go():
-        async with World(db_url, polar) as w:
-            case = await w.approved_case(periods=("2026-10",))
-            return await w.issuer.issue(case["id"])
-    done = run(go())
+    done, _ = approve_and_issue_october(db_url, polar)
     assert done["state"] == "issued" and len(polar.refunds) == 1
     posts = [r for r in polar.server.requests if r.method == "POST" and r.path == "/v1/refunds/"]
     gets = [r for r in polar.server.requests if r.method == "GET" and r.path == "/v1/refunds/"]
@@ -200,12 +194,7 @@ def test_refund_committed_but_response_lost_is_not_sent_again(db, db_url, polar)
     seed(db)
     orders(polar)
     polar.fail("POST", "/v1/refunds/", kind="drop_after")
-
-    async def go():
-        async with World(db_url, polar) as w:
-            case = await w.approved_case(periods=("2026-10",))
-            return await w.issuer.issue(case["id"])
-    done = run(go())
+    done, _ = approve_and_issue_october(db_url, polar)
     assert done["state"] == "issued" and len(polar.refunds) == 1
     posts = [r for r in polar.server.requests if r.method == "POST" and r.path == "/v1/refunds/"]
     assert len(posts) == 1

@@ -259,15 +259,20 @@ def smtp():
     controller.stop()
 
 
+def issuing_bot(db_url, slack, polar, smtp, tmp_path):
+    """The served bot connected to our Polar server and SMTP server, as production issues credits."""
+    from .fakes.polar_server import TOKEN
+    return Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
+                                                   "SMTP_URL": smtp.url})
+
+
 def test_approve_issues_a_refund_logs_it_and_emails_the_customer(db, db_url, slack, polar, smtp, tmp_path):
     from datetime import datetime, timezone
 
-    from .fakes.polar_server import TOKEN
     seed_cases(db)
     polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
     polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
-    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
-                                                   "SMTP_URL": smtp.url})
+    bot = issuing_bot(db_url, slack, polar, smtp, tmp_path)
     try:
         case_id, _ = open_case(bot, slack, "i-7f3a 2026-10 T-77")
         assert smtp.messages == []
@@ -295,11 +300,9 @@ def test_approve_issues_a_refund_logs_it_and_emails_the_customer(db, db_url, sla
 
 
 def test_no_email_when_polar_fails_and_the_case_says_why(db, db_url, slack, polar, smtp, tmp_path):
-    from .fakes.polar_server import TOKEN
     seed_cases(db)
     polar.add_customer("c-acme")  # no order invoices October yet
-    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
-                                                   "SMTP_URL": smtp.url})
+    bot = issuing_bot(db_url, slack, polar, smtp, tmp_path)
     try:
         case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
         bot.action("case_approve", case_id, "U_AGENT")
@@ -321,11 +324,9 @@ def test_no_email_when_polar_fails_and_the_case_says_why(db, db_url, slack, pola
 
 
 def test_the_approver_switches_to_invoice_credit_when_approving(db, db_url, slack, polar, smtp, tmp_path):
-    from .fakes.polar_server import TOKEN
     seed_cases(db)
     polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
-    bot = Bot(db_url, slack, tmp_path, extra_env={"POLAR_API_URL": polar.url, "POLAR_API_KEY": TOKEN,
-                                                   "SMTP_URL": smtp.url})
+    bot = issuing_bot(db_url, slack, polar, smtp, tmp_path)
     try:
         case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
         bot.action("case_approve_other_method", case_id, "U_AGENT")
