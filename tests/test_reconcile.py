@@ -158,3 +158,33 @@ def test_a_run_that_began_just_before_the_look_back(db, db_url):
     rec = run(db_url, date(2026, 10, 5))
     # the run began at 10:00 the day before, so all of 00:00-01:00 is past the limit: 18.6853 x 60/539
     assert [(a.kind, a.instance_id, a.overcharge_cents) for a in rec.anomalies] == [("continuous_limit", "i-long", 208)]
+
+
+def test_the_daily_limit_reached_on_and_between_hour_boundaries(db, db_url):
+    """The statement sums the org's events per hour, then sweeps event by event only inside the hour
+    that passes the limit, or solves the straight stretch after it. Each org here pins one case; the
+    detail names the moment to the second."""
+    orgs = {  # org: (daily limit, [(start, end, charge)]) on 2026-10-05, gpu at $2.08/h
+        "o-a": ("2 hours", [("00:00", "01:00", "2.08"), ("00:30", "03:00", "5.20")]),    # an end exactly at 01:00
+        "o-b": ("1 hour", [("00:00", "05:00", "10.40")]),                                # reached exactly at 01:00
+        "o-c": ("1 hour", [("00:00", "01:00", "2.08"), ("02:00", "04:00", "4.16")]),     # flat from 01:00 to 02:00
+        "o-e": ("1 hour", [("00:00", "00:40", "1.3867"), ("00:30", "00:50", "0.6933"),
+                           ("00:45", "01:30", "1.56")]),                                 # inside hour 0, mid-event
+    }
+    rid = 1
+    for org, (limit, spans) in orgs.items():
+        throttle(db, org, None, limit, None)
+        for k, (s, e, charge) in enumerate(spans):
+            instance(db, f"i-{org}-{k}", org=org, customer=f"c-{org}", heartbeat=FRESH)
+            record(db, rid, f"i-{org}-{k}", f"2026-10-05 {s}", f"2026-10-05 {e}", charge, org=org, customer=f"c-{org}")
+            rid += 1
+    fill_usage(db, "2026-10-05")
+    rec = run(db_url, date(2026, 10, 5))
+    got = {a.org_id: (a.overcharge_cents, a.record_ids, a.detail.rsplit(" at ", 1)[1]) for a in rec.anomalies}
+    assert {a.kind for a in rec.anomalies} == {"daily_limit"}
+    assert got == {
+        "o-a": (312, [2], "2026-10-05 01:30:00"),           # 5.20 x 1.5 h / 2.5 h
+        "o-b": (832, [3], "2026-10-05 01:00:00"),           # 10.40 x 4 h / 5 h
+        "o-c": (416, [5], "2026-10-05 02:00:00"),           # the whole second record
+        "o-e": (156, [7, 8], "2026-10-05 00:47:30"),        # 0.6933 x 2.5/20 + 1.56 x 42.5/45
+    }

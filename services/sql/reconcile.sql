@@ -10,7 +10,9 @@
 -- records by instance; two window passes over that order find overlaps and continuous runs; the
 -- result (recs) is materialised narrow, with times as microseconds from the day's start. Only the
 -- records that share time with another record of their instance (odd, usually none) take the
--- slow path through multiranges. The daily limit is one sort of start/end events per org.
+-- slow path through multiranges. The per-record kinds read one small filtered set (few). The daily
+-- limit sums start/end events per org and hour with a hash, and sweeps event by event only inside
+-- the one hour per org that passes the limit.
 WITH
 card AS (
   SELECT * FROM unnest(%(tiers)s::text[], %(rates)s::numeric[]) AS c(tier, rate)
@@ -63,7 +65,7 @@ recs AS MATERIALIZED (
 odd AS MATERIALIZED (
   SELECT * FROM recs WHERE NOT isolated
 ),
-odd_pieces AS (
+odd_pieces AS MATERIALIZED (
   SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.charge, x.len, x.cutoff, x.run_start, x.cont, x.daily,
          (date_part('epoch', lower(p) - %(lo)s) * 1000000)::bigint AS s, (date_part('epoch', upper(p) - %(lo)s) * 1000000)::bigint AS e
   FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily,
@@ -74,24 +76,37 @@ odd_pieces AS (
         GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily, a.s0, a.e0) x,
        unnest(x.m) AS p
 ),
--- each billed second of an instance once: the isolated records' in-day parts and the odd ones' own pieces
-pieces AS (
+-- each billed second of an instance once: the isolated records' in-day parts and the odd ones' own
+-- pieces (not materialised: each use is one pass over recs)
+pieces AS NOT MATERIALIZED (
   SELECT id, instance_id, org_id, customer_id, charge, len, cutoff, run_start, cont, daily, s, e FROM recs WHERE isolated
   UNION ALL SELECT * FROM odd_pieces
+),
+-- instances that were stopped, or whose heartbeat ended, before the day's end
+quiet AS (
+  SELECT instance_id, status, stopped_at, last_heartbeat FROM instances
+  WHERE (status <> 'running' AND stopped_at < %(hi)s) OR last_heartbeat < %(hi)s
+),
+-- the few records any per-record kind can concern, in one pass over recs
+few AS MATERIALIZED (
+  SELECT d.id, d.instance_id, d.org_id, d.customer_id, d.charge, d.len, d.s, d.e, d.e0, d.idle, d.cont, d.run_start,
+         d.cutoff, d.isolated, d.rate_note, d.card_rate, d.charge_bad, q.status, q.stopped_at, q.last_heartbeat
+  FROM recs d LEFT JOIN quiet q ON q.instance_id = d.instance_id
+  WHERE d.rate_note IS NOT NULL OR d.charge_bad OR (d.isolated AND d.e > d.cutoff) OR q.instance_id IS NOT NULL
 ),
 -- rate off the card for the record's own tier: overcharge = charge above hours x card rate
 k_rate AS (
   SELECT 'rate_mismatch'::text AS kind, instance_id, org_id, min(customer_id) AS customer_id, array_agg(id) AS record_ids,
          sum(greatest(charge * (e - s) / len - card_rate * (e - s) / 3600000000, 0)) AS overcharge,
          string_agg(DISTINCT rate_note, '; ') AS detail
-  FROM recs WHERE rate_note IS NOT NULL
+  FROM few WHERE rate_note IS NOT NULL
   GROUP BY instance_id, org_id
 ),
 -- hours_used off the interval (by more than 0.00005 h), or total_charge off rate x hours by more than half a cent
 k_charge AS (
   SELECT 'charge_mismatch'::text, instance_id, org_id, min(customer_id), array_agg(id), 0::numeric,
          format('%%s record(s): hours_used off the interval or total_charge off rate x hours', count(*))
-  FROM recs WHERE charge_bad
+  FROM few WHERE charge_bad
   GROUP BY instance_id, org_id
 ),
 -- exact duplicates: every copy after the lowest id is wholly duplicate; one anomaly per instance
@@ -131,15 +146,15 @@ k_overlap AS (
 ),
 -- billed after stopped_at of an instance that is not running, or after last_heartbeat + idle_timeout
 stop_idle AS (
-  SELECT d.instance_id, d.org_id, d.customer_id, d.id, d.charge, d.len, d.s, d.e, i.status, i.stopped_at,
-         i.last_heartbeat, d.idle,
-         CASE WHEN i.status <> 'running' AND i.stopped_at < %(hi)s AND d.e0 > i.stopped_at
-              THEN (date_part('epoch', i.stopped_at - %(lo)s) * 1000000)::bigint END AS stop_from,
-         CASE WHEN i.last_heartbeat + d.idle < %(hi)s AND d.e0 > i.last_heartbeat + d.idle
-              THEN (date_part('epoch', i.last_heartbeat + d.idle - %(lo)s) * 1000000)::bigint END AS idle_from
-  FROM recs d JOIN instances i ON i.instance_id = d.instance_id
-  WHERE (i.status <> 'running' AND i.stopped_at < %(hi)s AND d.e0 > i.stopped_at)
-     OR (i.last_heartbeat + d.idle < %(hi)s AND d.e0 > i.last_heartbeat + d.idle)
+  SELECT d.instance_id, d.org_id, d.customer_id, d.id, d.charge, d.len, d.s, d.e, d.status, d.stopped_at,
+         d.last_heartbeat, d.idle,
+         CASE WHEN d.status <> 'running' AND d.stopped_at < %(hi)s AND d.e0 > d.stopped_at
+              THEN (date_part('epoch', d.stopped_at - %(lo)s) * 1000000)::bigint END AS stop_from,
+         CASE WHEN d.last_heartbeat + d.idle < %(hi)s AND d.e0 > d.last_heartbeat + d.idle
+              THEN (date_part('epoch', d.last_heartbeat + d.idle - %(lo)s) * 1000000)::bigint END AS idle_from
+  FROM few d
+  WHERE (d.status <> 'running' AND d.stopped_at < %(hi)s AND d.e0 > d.stopped_at)
+     OR (d.last_heartbeat + d.idle < %(hi)s AND d.e0 > d.last_heartbeat + d.idle)
 ),
 k_stop AS (
   SELECT 'billed_after_stop'::text, instance_id, org_id, min(customer_id), array_agg(id),
@@ -176,25 +191,59 @@ k_cont AS (
   SELECT 'continuous_limit'::text, p.instance_id, p.org_id, min(p.customer_id), array_agg(p.id),
          sum(p.charge * (p.e - greatest(p.s, p.cutoff)) / p.len),
          format('run since %%s passed the %%s continuous limit', to_char(min(p.run_start), 'YYYY-MM-DD HH24:MI'), min(p.cont))
-  FROM pieces p
-  WHERE p.e > p.cutoff
+  FROM (SELECT instance_id, org_id, customer_id, id, charge, e, s, cutoff, len, run_start, cont FROM few WHERE isolated AND e > cutoff
+        UNION ALL
+        SELECT instance_id, org_id, customer_id, id, charge, e, s, cutoff, len, run_start, cont FROM odd_pieces WHERE e > cutoff) p
   GROUP BY p.instance_id, p.org_id
 ),
--- daily: events +1 at each piece's start and -1 at its end, in time order per org; on the segment
--- after event k the org has billed A(t) = t * D_k - S_k seconds (D: open pieces, S: sum of d * t)
-events AS (
+-- daily: the org has billed A(t) = t * D - S seconds by time t, where D is the number of open pieces and
+-- S the sum of their starts minus the ends of the closed ones (+1/-1 events). A only grows, so
+-- the limit is passed at one T. First per hour: the events summed per org and hour (a hash, not a
+-- sort of every event); then the event by event sweep only inside the hour that passes the limit.
+events AS NOT MATERIALIZED (
   SELECT org_id, daily, s AS t, 1 AS d FROM pieces WHERE daily IS NOT NULL
   UNION ALL SELECT org_id, daily, e, -1 FROM pieces WHERE daily IS NOT NULL
 ),
-sweep AS (
-  SELECT org_id, daily, t, sum(d) OVER w AS dn, sum(d * t) OVER w AS st, lead(t) OVER w AS t_next
-  FROM events WINDOW w AS (PARTITION BY org_id COLLATE "C" ORDER BY t ROWS UNBOUNDED PRECEDING)
+-- per org and hour b: the events' net count and sum of d * t
+hours AS (
+  SELECT org_id, daily, t / 3600000000 AS b, sum(d) AS dn, sum(d * t) AS st
+  FROM events GROUP BY org_id, daily, t / 3600000000
 ),
--- A only grows, so exactly one segment per org passes the limit: T = (limit + S) / D there
+-- dc, sc: D and S after hour b's events; nb: the next hour with events (25: none). From the last
+-- event of hour b to the start of hour nb, A grows straight: A(t) = t * dc - sc
+hour_sums AS (
+  SELECT org_id, daily, b, dn, st, sum(dn) OVER w AS dc, sum(st) OVER w AS sc,
+         coalesce(lead(b) OVER w, 25) AS nb
+  FROM hours WINDOW w AS (PARTITION BY org_id COLLATE "C" ORDER BY b ROWS UNBOUNDED PRECEDING)
+),
+-- the one stretch per org, from the start of hour b to the start of hour nb, with
+-- A(start) <= limit < A(end); inside: the limit is passed within hour b's events, else after them
+passing AS (
+  SELECT org_id, daily, b, dc - dn AS d0, sc - st AS s0, dc, sc,
+         (b + 1) * 3600000000 * dc - sc > daily AS inside
+  FROM hour_sums
+  WHERE b * 3600000000 * (dc - dn) - (sc - st) <= daily AND nb * 3600000000 * dc - sc > daily
+),
+-- inside hour b only: its events in time order after a start marker (d = 0) carrying D and S so far
+sweep AS (
+  SELECT org_id, daily, t, d0 + sum(d) OVER w AS dn, s0 + sum(d * t) OVER w AS st,
+         coalesce(lead(t) OVER w, (b + 1) * 3600000000) AS t_next
+  FROM (SELECT p.org_id, p.daily, p.b, p.d0, p.s0, p.b * 3600000000 AS t, 0 AS d FROM passing p WHERE p.inside
+        UNION ALL
+        SELECT p.org_id, p.daily, p.b, p.d0, p.s0, ev.t, ev.d
+        FROM pieces x JOIN passing p ON p.org_id = x.org_id AND p.inside
+                                     AND (x.s / 3600000000 = p.b OR x.e / 3600000000 = p.b),
+             LATERAL (VALUES (x.s, 1), (x.e, -1)) AS ev(t, d)
+        WHERE ev.t / 3600000000 = p.b) z
+  WINDOW w AS (PARTITION BY org_id COLLATE "C" ORDER BY t, d ROWS UNBOUNDED PRECEDING)
+),
+-- T, the moment the org passes its limit: on the segment where A crosses it, T = (limit + S) / D
 reached AS (
   SELECT org_id, daily, (daily + st) / dn AS at
   FROM sweep
-  WHERE dn > 0 AND t_next IS NOT NULL AND t * dn - st <= daily AND t_next * dn - st > daily
+  WHERE dn > 0 AND t * dn - st <= daily AND t_next * dn - st > daily
+  UNION ALL
+  SELECT org_id, daily, (daily + sc) / dc FROM passing WHERE NOT inside
 ),
 k_daily AS (
   SELECT 'daily_limit'::text, NULL::text, o.org_id, min(o.customer_id), array_agg(o.id),
