@@ -6,7 +6,8 @@ Generates 5,000,000 billing records over 60 days for 20,000 instances (COPY), ad
 the bot asks the platform team for, then reconciles one day in the middle of the range. In one
 run and on one connection it times, alternately, a bare `SELECT count(*), sum(total_charge)` over
 the day's rows and the reconciliation itself (`services.reconcile.reconcile_day`: the statement,
-fetching and rounding); the ratio of the best of each is the figure the goal speaks of. It then
+fetching and rounding); the ratio of the best of each is the figure the goal speaks of. Beside
+them it times two floors: the day sorted by instance with one window pass, and with two. It then
 runs the real CLI process three times for the wall time and peak RSS a cron job sees.
 Goals: under 20 s, under 200 MB peak RSS, at most 3 x the bare query.
 The synthetic orgs bill about 80 h a day against the default 24 h daily limit, so every org

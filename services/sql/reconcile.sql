@@ -200,7 +200,7 @@ k_cont AS (
 -- S the sum of their starts minus the ends of the closed ones (+1/-1 events). A only grows, so
 -- the limit is passed at one T. First per hour: the events summed per org and hour (a hash, not a
 -- sort of every event); then the event by event sweep only inside the hour that passes the limit.
-events AS NOT MATERIALIZED (
+events AS (
   SELECT org_id, daily, s AS t, 1 AS d FROM pieces WHERE daily IS NOT NULL
   UNION ALL SELECT org_id, daily, e, -1 FROM pieces WHERE daily IS NOT NULL
 ),
