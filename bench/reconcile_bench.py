@@ -137,10 +137,7 @@ def main() -> None:
     print(f"bare count/sum (GiST &&): {', '.join(f'{x:.3f}' for x in bare + bare2)} s")
     print(f"reconcile_day on the same connection, alternating with the bare query: {', '.join(f'{x:.3f}' for x in rec)} s;"
           f" ratio best/best {min(rec) / min(bare2):.1f}x (goal 3x)")
-    for name, what in (("hash", "for scale, the day's rows summed per instance with a hash (no order)"),
-                       ("sort", "floor, scan + sort by instance"),
-                       ("floor1", "floor, scan + sort by instance + one window"),
-                       ("floor2", "floor, the same + a second window (run starts)")):
+    for name, _sql, what in YARDSTICKS[1:]:
         print(f"{what}: {', '.join(f'{x:.3f}' for x in inproc[name])} s; best/best {min(inproc[name]) / min(bare2):.1f}x")
     print(f"reconcile CLI process (start-up, connect, statement, output): {', '.join(f'{x:.2f}' for x in runs)} s;"
           f" peak RSS {rss_mb:.0f} MB")
@@ -148,8 +145,8 @@ def main() -> None:
 
 
 def cluster_by_time(url: str) -> None:
-    """Rewrite the table in start_time order. generate() writes instance by instance, so a day's rows
-    sit on some 20,000 pages; billing records appended as they are billed sit on about 1,700."""
+    """Rewrite the table in start_time order. generate() writes instance by instance, so the measured
+    day's rows sit on 20,000 pages; rewritten, as records appended when billed would, on 1,429."""
     t0 = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SET maintenance_work_mem = '1GB'")
@@ -218,6 +215,15 @@ SELECT count(*), count(run_start) FROM (
         WINDOW w AS (PARTITION BY instance_id COLLATE "C" ORDER BY start_time, end_time, id
                      ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)) x) y"""
 
+# timed in turn with the reconciliation: (name, statement, how the figures are labelled)
+YARDSTICKS = (
+    ("bare", BARE_SQL, "bare count/sum"),
+    ("hash", HASH_BY_INSTANCE, "for scale, the day's rows summed per instance with a hash (no order)"),
+    ("sort", FLOOR_SORT, "floor, scan + sort by instance"),
+    ("floor1", FLOOR_ONE_WINDOW, "floor, scan + sort by instance + one window"),
+    ("floor2", FLOOR_TWO_WINDOWS, "floor, the same + a second window (run starts)"),
+)
+
 
 async def time_in_process(url: str, day) -> dict[str, list[float]]:
     """Best-of-four timings, taken in turn on one connection: the bare query, the hash yardstick, the
@@ -228,12 +234,11 @@ async def time_in_process(url: str, day) -> dict[str, list[float]]:
     lo = datetime.combine(day, datetime.min.time(), timezone.utc)
     config = parse_config({})
     p = {"lo": lo, "hi": lo + timedelta(days=1), "back": config.throttle_defaults.continuous_limit + timedelta(seconds=60)}
-    times: dict[str, list[float]] = {"bare": [], "hash": [], "sort": [], "floor1": [], "floor2": [], "reconcile": []}
+    times: dict[str, list[float]] = {name: [] for name, _sql, _what in YARDSTICKS} | {"reconcile": []}
     async with await psycopg.AsyncConnection.connect(url) as conn:
         await conn.execute("SET TIME ZONE 'UTC'")
         for _ in range(4):
-            for name, sql in (("bare", BARE_SQL), ("hash", HASH_BY_INSTANCE), ("sort", FLOOR_SORT),
-                              ("floor1", FLOOR_ONE_WINDOW), ("floor2", FLOOR_TWO_WINDOWS)):
+            for name, sql, _what in YARDSTICKS:
                 async with conn.transaction():
                     await conn.execute(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'")
                     t0 = time.perf_counter()
