@@ -26,10 +26,14 @@ def fresh_database(folder: str | None = None):
     return server, url
 
 
+# the COPY of billing records; created_at is the end of the billed hour
+COPY_RECORDS = ("COPY billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour, hours_used,"
+                " total_charge, billing_period, start_time, end_time, created_at) FROM STDIN")
+
+
 def copy_records(conn, rows):
     """rows: (id, customer, org, instance, tier, rate, hours, total, period, start, end)."""
     with conn.cursor() as cur:
-        with cur.copy("COPY billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour, hours_used,"
-                      " total_charge, billing_period, start_time, end_time, created_at) FROM STDIN") as copy:
+        with cur.copy(COPY_RECORDS) as copy:
             for r in rows:
                 copy.write_row((*r, r[-1]))
