@@ -22,7 +22,8 @@ from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
 from bot.views import check_modal
-from services.approvals import GroupMembers
+from services.approvals import GroupMembers, authority_of, holders
+from services.cases import CaseService
 from services.config import Config, ConfigError, Env
 from services.issuing import Issuer
 from services.store import CaseStore
@@ -34,9 +35,34 @@ LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject
 def build_app(ctx: BotContext) -> AsyncApp:
     app = AsyncApp(client=ctx.client, signing_secret=ctx.env.slack_signing_secret,
                    process_before_response=True)
+
+    @app.middleware
+    async def with_context(context, next):  # listeners read the bot's context as context["bot"]
+        context["bot"] = ctx
+        await next()
+
     for module in LISTENERS:
-        module.register(app, ctx)
+        module.register(app)
     return app
+
+
+def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotContext:
+    """The composition root: the store, the case service, the issuer and the listeners' context."""
+    store = CaseStore(rt.db)
+
+    async def group_users(group_id: str) -> list[str]:
+        r = await client.usergroups_users_list(usergroup=group_id)
+        return list(r.get("users") or [])
+    groups = GroupMembers(group_users)
+    service = CaseService(store, rt.investigator, config, lambda user: authority_of(config, groups, user),
+                          lambda level: holders(config, groups, level))
+    ctx = BotContext(env=env, config=config, client=client, groups=groups, cases=service)
+    if rt.polar is not None:
+        async def customer(external_id: str) -> dict:
+            c = await rt.polar.customer_by_external_id(external_id)
+            return {"name": c.name, "email": c.email}
+        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer))
+    return ctx
 
 
 def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
@@ -45,7 +71,7 @@ def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
 
     async def healthz(_request: web.Request) -> web.Response:
         try:
-            async with ctx.db.pool.connection(timeout=2) as conn:
+            async with ctx.cases.store.db.pool.connection(timeout=2) as conn:
                 await conn.execute("SELECT 1")
         except Exception as exc:
             return web.json_response({"ok": False, "database": type(exc).__name__}, status=503)
@@ -62,34 +88,32 @@ def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
 
 
 def slack_client(env: Env) -> AsyncWebClient:
+    from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRetryHandler,
+                                                             AsyncRateLimitErrorRetryHandler,
+                                                             AsyncServerErrorRetryHandler)
     base = env.slack_api_url if env.slack_api_url.endswith("/") else env.slack_api_url + "/"
-    return AsyncWebClient(token=env.slack_bot_token, base_url=base)
+    # Slack's own blips (429 with Retry-After, 5xx, dropped connections) are retried by the client;
+    # what still fails is logged with its case and never undoes a decision (bot/slack_io.py).
+    return AsyncWebClient(token=env.slack_bot_token, base_url=base, retry_handlers=[
+        AsyncConnectionErrorRetryHandler(max_retry_count=2), AsyncRateLimitErrorRetryHandler(max_retry_count=2),
+        AsyncServerErrorRetryHandler(max_retry_count=2)])
 
 
 async def _serve(env: Env, config: Config) -> None:
     if not env.slack_bot_token or not (env.slack_signing_secret or env.slack_app_token):
         raise ConfigError("SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN) are needed to serve")
     async with open_runtime(env, config) as rt:
-        cases = CaseStore(rt.db)
-        await cases.migrate()
+        await CaseStore(rt.db).migrate()
         client = slack_client(env)
-
-        async def group_users(group_id: str) -> list[str]:
-            r = await client.usergroups_users_list(usergroup=group_id)
-            return list(r.get("users") or [])
-
-        ctx = BotContext(env=env, config=config, db=rt.db, cases=cases, investigator=rt.investigator,
-                         client=client, groups=GroupMembers(group_users))
-        if rt.polar is not None:
-            async def customer(external_id: str) -> dict:
-                c = await rt.polar.customer_by_external_id(external_id)
-                return {"name": c.name, "email": c.email}
-            ctx.issuer = Issuer(cases, rt.polar, config, SlackNotifier(ctx, customer))
+        ctx = build_context(env, config, rt, client)
         app = build_app(ctx)
         tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
-        reminders = asyncio.create_task(scheduler.run_forever(ctx, tick))
-        if ctx.issuer is not None:  # a restart resumes whatever was left approved or issuing
-            asyncio.create_task(ctx.issuer.resume_unfinished())
+        loops = [asyncio.create_task(scheduler.run_forever(ctx, tick))]
+        issuer = ctx.cases.issuer
+        if issuer is not None:  # every replica sweeps what a crash or an outage left unfinished
+            sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
+            sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
+            loops.append(asyncio.create_task(issuer.run_sweeper(sweep_every, sweep_age)))
         runner = web.AppRunner(web_app(ctx, app))
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", env.port).start()
@@ -101,7 +125,8 @@ async def _serve(env: Env, config: Config) -> None:
             else:
                 await asyncio.Event().wait()
         finally:
-            reminders.cancel()
+            for loop in loops:
+                loop.cancel()
             await runner.cleanup()
 
 
