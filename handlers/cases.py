@@ -61,10 +61,11 @@ def can(action: Action, state: str) -> bool:
 
 
 def diagram() -> str:
-    """The lifecycle as text, generated from TRANSITIONS (docs/architecture.md embeds it)."""
-    lines = []
+    """The lifecycle as a Markdown table, generated from TRANSITIONS (docs/architecture.md embeds
+    it between markers, and a test holds the two equal)."""
+    lines = ["| action | from | to | by | what it means |", "|---|---|---|---|---|"]
     for action, m in TRANSITIONS.items():
-        lines.append(f"{' | '.join(m.sources):<18} --{action}--> {m.target:<9} ({m.by}: {m.means})")
+        lines.append(f"| `{action}` | {', '.join(m.sources)} | {m.target} | {m.by} | {m.means} |")
     return "\n".join(lines)
 
 
