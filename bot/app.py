@@ -22,7 +22,7 @@ from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
 from bot.views import check_modal
-from services.approvals import GroupMembers, authority_of, holders
+from services.approvals import GROUP_CACHE_S, STALE_LIMIT_S, GroupMembers, authority_of, holders
 from services.cases import CaseService
 from services.config import Config, ConfigError, Env
 from services.issuing import Issuer
@@ -53,7 +53,10 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
     async def group_users(group_id: str) -> list[str]:
         r = await client.usergroups_users_list(usergroup=group_id)
         return list(r.get("users") or [])
-    groups = GroupMembers(group_users)
+    # The cache and the 5-minute outage limit of SPEC 3; the environment can shorten them (tests).
+    groups = GroupMembers(group_users, ttl_s=float(os.environ.get("BILLING_BOT_GROUP_CACHE_S", GROUP_CACHE_S)),
+                          stale_limit_s=min(float(os.environ.get("BILLING_BOT_GROUP_STALE_S", STALE_LIMIT_S)),
+                                            STALE_LIMIT_S))
     service = CaseService(store, rt.investigator, config, lambda user: authority_of(config, groups, user),
                           lambda level: holders(config, groups, level))
     ctx = BotContext(env=env, config=config, client=client, groups=groups, cases=service)

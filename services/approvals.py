@@ -47,22 +47,34 @@ class GroupMembers:
         return users
 
 
-async def levels_of(config: Config, groups: GroupMembers, user: str) -> tuple[int, ...]:
-    out = []
+async def levels_of(config: Config, groups: GroupMembers, user: str) -> tuple[tuple[int, ...], list[MembershipUnknown]]:
+    """The user's levels, and the groups that could not be read (each may or may not hold the user)."""
+    out, unknown = [], []
     for lv in config.levels.values():
         if user in lv.users:
             out.append(lv.number)
             continue
         for g in lv.groups:
-            if user in await groups.members(g):
-                out.append(lv.number)
-                break
-    return tuple(out)
+            try:
+                if user in await groups.members(g):
+                    out.append(lv.number)
+                    break
+            except MembershipUnknown as exc:
+                unknown.append((lv.number, exc))
+    return tuple(out), unknown
 
 
 async def authority_of(config: Config, groups: GroupMembers, user: str) -> Authority:
-    """The highest money limit among the user's levels (SPEC 3). Raises MembershipUnknown."""
-    return authority_from_levels(config, user, await levels_of(config, groups, user))
+    """The highest money limit among the user's levels (SPEC 3). A group that cannot be read only
+    matters when it could give more than the user is known to have: then MembershipUnknown."""
+    levels, unknown = await levels_of(config, groups, user)
+    known = authority_from_levels(config, user, levels)
+    for number, exc in sorted(unknown, key=lambda u: -u[0]):  # name the group that matters most
+        maybe = authority_from_levels(config, user, levels + (number,))
+        if maybe.has_money and (not known.has_money or (known.limit is not None
+                                                        and (maybe.limit is None or maybe.limit > known.limit))):
+            raise exc
+    return known
 
 
 async def holders(config: Config, groups: GroupMembers, level: int) -> dict:
