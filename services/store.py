@@ -64,7 +64,11 @@ class Store:
                 yield conn
             finally:
                 _bound.reset(token)
-                await conn.set_autocommit(False)
+                try:  # a session lock must never go back to the pool with the connection
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                    await conn.set_autocommit(False)
+                except BaseException:
+                    await conn.close()  # the server releases its locks; the pool drops it
 
     async def migrate(self) -> list[str]:
         applied = []
