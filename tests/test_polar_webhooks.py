@@ -428,3 +428,19 @@ def test_fake_polar_delivers_queued_webhooks_by_itself(polar):
     asyncio.run(main())
     assert [(ev.event_type, ev.status) for _, ev in sink.events] == [("refund.created", "pending"),
                                                                     ("refund.updated", "failed")]
+
+
+def test_a_whsec_prefixed_secret_is_still_the_hmac_key_whole(polar):
+    """Polar shows secrets like `whsec_...`. Its SDK hands base64 of the whole string to the
+    signer, so the key is every byte of it, prefix included; Webhook(secret) used directly would
+    strip `whsec_` and base64-decode the rest: another key, which must not verify."""
+    secret = "whsec_ovyN6cPrTv56AApvzCaJno08SSmGJmgbWilb33N2JuK"
+    msg, _, _ = _refund_message(polar)
+    stamp = str(int(NOW.timestamp()))
+    mac = hmac.new(secret.encode(), f"{msg.id}.{stamp}.{msg.body}".encode(), hashlib.sha256).digest()
+    headers = {"webhook-id": msg.id, "webhook-timestamp": stamp, "webhook-signature": "v1," + base64.b64encode(mac).decode()}
+    assert pw.verify(secret, headers, msg.body, NOW)["type"] == "refund.created"
+    assert _headers(msg, secret=secret)["webhook-signature"] == headers["webhook-signature"]  # our Polar signs so
+    stripped = {**headers, "webhook-signature": Webhook(secret).sign(msg.id, NOW, msg.body)}
+    with pytest.raises(pw.Rejected, match="no matching signature"):
+        pw.verify(secret, stripped, msg.body, NOW)
