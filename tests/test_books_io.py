@@ -64,10 +64,10 @@ def test_the_days_books_against_polar(db_url, polar):
     polar.add_customer("c-acme")
     nov = polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 50_000)
     dec = polar.add_order("c-acme", datetime(2026, 12, 1, 0, 5, tzinfo=timezone.utc), 50_000)
-    ok = polar._make_refund(nov, 1028, "service_disruption", {"case_id": "1"}, "succeeded")
-    pending = polar._make_refund(dec, 500, "service_disruption", {"case_id": "2"}, "pending")
-    polar._make_refund(nov, 700, "duplicate", {"case_id": "5"}, "succeeded")  # case 5 failed: money unaccounted
-    polar._make_refund(nov, 300, "duplicate", {"case_id": "6"}, "succeeded")  # case 6 issued yesterday: fine
+    ok = polar.add_refund(nov, 1028, "succeeded", {"case_id": "1"}, "service_disruption")
+    pending = polar.add_refund(dec, 500, "pending", {"case_id": "2"}, "service_disruption")
+    polar.add_refund(nov, 700, "succeeded", {"case_id": "5"}, "duplicate")  # case 5 failed: money unaccounted
+    polar.add_refund(nov, 300, "succeeded", {"case_id": "6"}, "duplicate")  # case 6 issued yesterday: fine
     polar.refund_outside(nov["id"], 100)  # Polar's own: not the bot's credit
     polar.add_usage_event("c-acme", "compute_hours", {"case_id": "3", "hours": -1.5, "tier": "gpu"})
     with psycopg.connect(db_url, autocommit=True) as conn:
@@ -108,7 +108,7 @@ def test_a_case_polar_could_not_answer_for_is_said_unchecked(db_url, polar):
     _migrate(db_url)
     polar.add_customer("c-acme")
     nov = polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 50_000)
-    ok = polar._make_refund(nov, 1028, "service_disruption", {"case_id": "1"}, "succeeded")
+    ok = polar.add_refund(nov, 1028, "succeeded", {"case_id": "1"}, "service_disruption")
     with psycopg.connect(db_url, autocommit=True) as conn:
         _case(conn, 1)
         _issuance(conn, 1, "refund", nov["id"], 1028, ref=ok["id"])

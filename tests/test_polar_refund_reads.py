@@ -34,8 +34,8 @@ def run(coro_fn, polar):
 
 def test_refunds_for_order_reads_every_page(polar):
     order, other = _order(polar), _order(polar)
-    made = [polar._make_refund(order, 10, "duplicate", {"case_id": str(i)}, "succeeded")["id"] for i in range(250)]
-    polar._make_refund(other, 10, "duplicate", {}, "succeeded")
+    made = [polar.add_refund(order, 10, "succeeded", {"case_id": str(i)}, "duplicate")["id"] for i in range(250)]
+    polar.add_refund(other, 10, "succeeded", {}, "duplicate")
     got = run(lambda c: c.refunds_for_order(order["id"]), polar)
     assert sorted(r["id"] for r in got) == sorted(made)
     pages = sorted(r.q("page") for r in polar.server.requests if r.path == "/v1/refunds/")
@@ -45,8 +45,8 @@ def test_refunds_for_order_reads_every_page(polar):
 
 def test_refund_by_id_and_not_found(polar):
     order = _order(polar)
-    a = polar._make_refund(order, 100, "duplicate", {"case_id": "1"}, "pending")
-    polar._make_refund(order, 200, "duplicate", {"case_id": "2"}, "pending")
+    a = polar.add_refund(order, 100, "pending", {"case_id": "1"}, "duplicate")
+    polar.add_refund(order, 200, "pending", {"case_id": "2"}, "duplicate")
     polar.settle_refund(a["id"], "failed")
     got = run(lambda c: c.refund(a["id"]), polar)
     assert (got["id"], got["status"], got["amount"]) == (a["id"], "failed", 100)

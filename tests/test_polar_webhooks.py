@@ -31,7 +31,7 @@ def _order(polar, amount=5000):
 
 def _refund_message(polar, status="pending", case_id="42"):
     order = _order(polar)
-    refund = polar._make_refund(order, 1028, "service_disruption", {"case_id": case_id, "period": "2026-10"}, status)
+    refund = polar.add_refund(order, 1028, status, {"case_id": case_id, "period": "2026-10"})
     return polar.messages("refund.created")[-1], refund, order
 
 
@@ -416,7 +416,7 @@ def test_fake_polar_delivers_queued_webhooks_by_itself(polar):
         runner, url = await _serve(pw.make_handler(WEBHOOK_SECRET, sink.on_event, sink.seen, sink.forget))
         polar.webhook_endpoint(url, WEBHOOK_SECRET, auto_deliver=True)
         try:
-            refund = await asyncio.to_thread(polar._make_refund, order, 300, "duplicate", {"case_id": "9"}, "pending")
+            refund = await asyncio.to_thread(polar.add_refund, order, 300, "pending", {"case_id": "9"}, "duplicate")
             await asyncio.to_thread(polar.settle_refund, refund["id"], "failed")
             for _ in range(200):
                 if len(polar.deliveries) == 2:

@@ -167,6 +167,12 @@ class FakePolar(FakeApi):
         self.orders.append(o)
         return o
 
+    def add_refund(self, order: dict, amount: int, status: str = "succeeded", metadata: dict | None = None,
+                   reason: str = "service_disruption") -> dict:
+        """A refund made earlier, as if through POST /v1/refunds/ (its webhooks are queued too)."""
+        with self.lock:
+            return self._make_refund(order, amount, reason, metadata or {}, status)
+
     def fail(self, method: str, route: str, kind: str = "status", status: int = 500, retry_after: str | None = None,
              times: int = 1):
         self.faults.append(Fault(method.upper(), route, kind, status, retry_after, times))
@@ -345,7 +351,7 @@ class FakePolar(FakeApi):
             self.emit("refund.updated", refund)
             if status == "succeeded":
                 self.emit("order.refunded", order)
-            return dict(refund)
+            return refund
 
     def refund_outside(self, order_id: str, amount: int | None = None, status: str = "succeeded",
                        reason: str = "dispute_prevention", disputed: bool = True) -> dict:
@@ -362,7 +368,7 @@ class FakePolar(FakeApi):
                     "reason": "fraudulent", "evidence_due_by": None, "past_due": False, "order_id": order_id,
                     "payment_id": str(uuid.uuid4()),
                 }
-            return dict(self._make_refund(order, amount, reason, {}, status, dispute=dispute))
+            return self._make_refund(order, amount, reason, {}, status, dispute=dispute)
 
     # --- webhooks -----------------------------------------------------------------------------------
 
