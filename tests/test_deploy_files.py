@@ -29,3 +29,13 @@ def test_deployment_has_probes_and_secret_refs_and_the_cronjob_runs_reconcile():
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["envFrom"][0]["secretRef"]["name"]
     cron = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["reconcile", "--post"]
+
+
+def test_deployment_takes_the_polar_webhook_secret_from_the_secret_optionally():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "deployment.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["POLAR_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "billing-bot", "key": "POLAR_WEBHOOK_SECRET", "optional": True}
+    assert "value" not in env["POLAR_WEBHOOK_SECRET"]  # never a literal secret in the manifest
+    assert "/polar/webhooks" in (ROOT / "deploy" / "deployment.yaml").read_text()
