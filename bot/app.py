@@ -64,7 +64,9 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
         async def customer(external_id: str) -> dict:
             c = await rt.polar.customer_by_external_id(external_id)
             return {"name": c.name, "email": c.email}
-        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer))
+        # Refund outcomes arrive by webhook; without a secret, or past 10 minutes, they are read back.
+        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer),
+                                poll_pending_after_s=600.0 if env.polar_webhook_secret else 0.0)
     return ctx
 
 
@@ -85,9 +87,24 @@ def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
 
     w = web.Application()
     w.router.add_post("/slack/events", events)
+    w.router.add_post("/polar/webhooks", polar_webhooks(ctx))
     w.router.add_get("/healthz", healthz)
     w.router.add_get("/metrics", metrics)
     return w
+
+
+def polar_webhooks(ctx: BotContext):
+    """POST /polar/webhooks: Polar's refund outcomes (SPEC 4), verified with POLAR_WEBHOOK_SECRET."""
+    from services.polar_webhooks import make_handler
+    from services.store import WebhookDeliveries
+
+    deliveries = WebhookDeliveries(ctx.cases.store.db)
+    issuer = ctx.cases.issuer
+
+    async def on_event(event, webhook_id: str) -> None:
+        if issuer is not None:
+            await issuer.on_polar_event(event, webhook_id)
+    return make_handler(ctx.env.polar_webhook_secret, on_event, deliveries.first_time, deliveries.forget)
 
 
 def slack_client(env: Env) -> AsyncWebClient:

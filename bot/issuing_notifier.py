@@ -17,6 +17,7 @@ from services import email
 from services.cases import Outcome
 
 log = logging.getLogger(__name__)
+ANNOUNCE_TRIES = 10  # sweeps (about a minute apart) before an announcement Slack keeps refusing is given up
 
 
 class SlackNotifier:
@@ -25,22 +26,42 @@ class SlackNotifier:
         self.customer_lookup = customer_lookup  # async external_id -> {"name", "email"} or None
 
     async def issued(self, case: Case, refs: list[str], remainder_cents: int) -> None:
+        """The thread note, the customer's letter, the case message: each step is done once (the
+        audit trail remembers), a failed one does not stop the next, and the announcement raises
+        at the end if anything failed, so the sweeper comes back for the rest."""
         ctx = self.ctx
         store = ctx.cases.store
-        if not await store.has_event(case.id, "customer_emailed") and not await store.has_event(case.id, "email_drafted"):
-            await self._letter(case, refs)
-        await slack_io.refresh_case_message(ctx, case)
+        failed = []
         if not await store.has_event(case.id, "issue_announced"):
-            cause = "\n".join(f"• *{f['kind']}* {fmt_money(f['credit_cents'])}: {f['summary']}"
-                              for f in case.report["findings"])
-            await slack_io.post_thread(ctx, case, (
-                f":white_check_mark: Issued {fmt_money(case.issued_cents)} by {case.method.replace('_', ' ')} "
-                f"(approved by <@{case.decided_by}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
-            if remainder_cents:
+            try:
+                cause = "\n".join(f"• *{f['kind']}* {fmt_money(f['credit_cents'])}: {f['summary']}"
+                                  for f in case.report["findings"])
                 await slack_io.post_thread(ctx, case, (
-                    f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount "
-                    "was reached). It stays on the case: a lead decides whether to credit it on the next invoice."))
-            await store.event(case.id, "billing-bot", "issue_announced", {})
+                    f":white_check_mark: Issued {fmt_money(case.issued_cents)} by {case.method.replace('_', ' ')} "
+                    f"(approved by <@{case.decided_by}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
+                if remainder_cents:
+                    await slack_io.post_thread(ctx, case, (
+                        f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount "
+                        "was reached). It stays on the case: a lead decides whether to credit it on the next invoice."))
+                await store.event(case.id, "billing-bot", "issue_announced", {})
+            except Exception as exc:
+                failed.append(f"thread note: {type(exc).__name__}")
+        if not await store.has_event(case.id, "customer_emailed") and not await store.has_event(case.id, "email_drafted"):
+            try:
+                await self._letter(case, refs)
+            except Exception as exc:
+                failed.append(f"customer letter: {type(exc).__name__}")
+        try:
+            await slack_io.refresh_case_message(ctx, case)
+        except Exception as exc:
+            failed.append(f"case message: {type(exc).__name__}")
+        if failed:
+            await store.event(case.id, "billing-bot", "announce_failed", {"steps": failed})
+            tries = sum(1 for e in await store.events(case.id) if e["action"] == "announce_failed")
+            if tries >= ANNOUNCE_TRIES:  # a deleted message or an archived channel stays so: stop, loudly
+                log.error("case %s issued; gave up announcing after %s tries: %s", case.id, tries, "; ".join(failed))
+                return
+            raise RuntimeError(f"case {case.id} issued, announcement incomplete ({'; '.join(failed)}); retried later")
 
     async def _letter(self, case: Case, refs: list[str]) -> None:
         ctx = self.ctx
@@ -85,3 +106,9 @@ class SlackNotifier:
         await slack_io.refresh_case_message(self.ctx, case)
         await slack_io.post_thread(self.ctx, case, (
             f":hourglass: Refund pending in Polar ({', '.join(refs)}): the customer is told once Polar confirms it."))
+
+    async def outside(self, case: Case, amount_cents: int, reason: str) -> None:
+        await slack_io.post_thread(self.ctx, case, (
+            f":information_source: Polar refunded {fmt_money(amount_cents)} on this order outside the bot "
+            f"(reason: {reason}). It is not part of this case; check the order before crediting more."))
+

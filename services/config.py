@@ -39,6 +39,7 @@ class Env:
     slack_app_token: str | None = field(default=None, repr=False)
     slack_api_url: str = "https://slack.com/api/"
     smtp_url: str | None = field(default=None, repr=False)
+    polar_webhook_secret: str | None = field(default=None, repr=False)
     port: int = 3000
 
     @classmethod
@@ -59,6 +60,7 @@ class Env:
             slack_app_token=e.get("SLACK_APP_TOKEN") or None,
             slack_api_url=e.get("SLACK_API_URL") or "https://slack.com/api/",
             smtp_url=e.get("SMTP_URL") or None,
+            polar_webhook_secret=e.get("POLAR_WEBHOOK_SECRET") or None,
             port=int(port_text),
         )
 

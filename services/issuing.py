@@ -56,6 +56,8 @@ class Notifier(Protocol):
 
     async def pending(self, case: Case, refs: list[str]) -> None: ...
 
+    async def outside(self, case: Case, amount_cents: int, reason: str) -> None: ...
+
 
 @dataclass
 class Progress:
@@ -199,6 +201,31 @@ class Issuer:
         state = SETTLED.get(refund.get("status") or "succeeded", "pending")
         await self.outbox.settle(intent["id"], state, refund["id"], refund.get("status"))
         return state
+
+    async def on_polar_event(self, event, webhook_id: str) -> None:
+        """A verified Polar webhook (services/polar_webhooks.py): a refund the bot made moved on,
+        or Polar refunded an order of ours on its own. Quick: the issuing itself runs in a worker."""
+        from services.polar_webhooks import RefundUpdate
+
+        if not isinstance(event, RefundUpdate):
+            return  # order.refunded repeats what the refund events say
+        case_id = int(event.case_id) if event.case_id and event.case_id.isdigit() else None
+        intent = await self.outbox.by_refund(event.refund_id, case_id, event.order_id) if case_id else None
+        if intent is not None:
+            state = await self.settle_refund(intent, {"id": event.refund_id, "status": event.status})
+            log.info("case %s: Polar reports refund %s %s (webhook %s)", intent["case_id"], event.refund_id,
+                     event.status, webhook_id)
+            if state != "pending":
+                await self.submit(intent["case_id"])  # finish the case, or fail it with Polar's word
+            return
+        for other in await self.store.cases_with_order(event.order_id):
+            if await self.store.event_once(other, "polar", "refund_outside_bot", event.refund_id, {
+                    "refund_id": event.refund_id, "amount_cents": event.amount_cents, "status": event.status,
+                    "reason": event.reason}):
+                log.warning("case %s: Polar refunded %s cents on order %s outside the bot (%s)", other,
+                            event.amount_cents, event.order_id, event.reason)
+                case = await self.store.get(other)
+                await self._tell(self.notifier.outside(case, event.amount_cents, event.reason), case)
 
     # --- refunds -------------------------------------------------------------------------------------
 

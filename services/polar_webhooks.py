@@ -216,7 +216,7 @@ def make_handler(secret: str | None, on_event: OnEvent, seen: Seen, forget: Forg
     """The aiohttp handler of `POST /polar/webhooks`.
 
     seen(webhook_id, event_type) -> bool records the delivery id atomically and returns True the
-    first time, False for a repeat (`services.webhook_store.WebhookDeliveries.first_time`).
+    first time, False for a repeat (`services.store.WebhookDeliveries.first_time`).
     on_event(event, webhook_id) does the work; it must be quick (Polar waits for the answer) and
     idempotent on the refund's state, since Polar can report one state in two deliveries with
     different ids (refund.created already succeeded, then refund.updated succeeded).

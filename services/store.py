@@ -391,6 +391,25 @@ class CaseStore(Store):
             cur = await conn.execute(f"SELECT * FROM {self.s}.case_events WHERE case_id = %s ORDER BY id", (case_id,))
             return await cur.fetchall()
 
+    async def event_once(self, case_id: int, actor: str, action: str, key: str, detail: dict) -> bool:
+        """Record an event unless one with this action and detail.key already exists (a webhook
+        told twice, refund.created then refund.updated). True when recorded now."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""INSERT INTO {self.s}.case_events (case_id, actor, action, detail)
+                    SELECT %s, %s, %s, %s WHERE NOT EXISTS (
+                      SELECT 1 FROM {self.s}.case_events WHERE case_id = %s AND action = %s AND detail->>'key' = %s)
+                    RETURNING id""",
+                (case_id, actor, action, json.dumps({**detail, "key": key}), case_id, action, key))
+            return await cur.fetchone() is not None
+
+    async def cases_with_order(self, order_id: str) -> list[int]:
+        """The cases whose refunds went to this order."""
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT DISTINCT case_id FROM {self.s}.issuances WHERE target = %s"
+                                     " AND method = 'refund' ORDER BY case_id", (order_id,))
+            return [r["case_id"] for r in await cur.fetchall()]
+
     async def has_event(self, case_id: int, action: str) -> bool:
         async with self._conn() as conn:
             cur = await conn.execute(f"SELECT 1 FROM {self.s}.case_events WHERE case_id = %s AND action = %s LIMIT 1",
@@ -558,4 +577,22 @@ class Outbox:
                 f" OR (case_id = %s AND target = %s AND method = 'refund') ORDER BY (polar_ref IS NOT DISTINCT FROM %s) DESC LIMIT 1",
                 (refund_id, case_id, order_id, refund_id))
             return await cur.fetchone()
+
+
+class WebhookDeliveries(Store):
+    """Polar webhook deliveries already handled, by webhook-id (a repeated delivery is a no-op)."""
+
+    async def first_time(self, webhook_id: str, event_type: str | None = None) -> bool:
+        """Record the delivery; True if it was not recorded before. One statement, so two
+        replicas receiving the same delivery at once get one True between them."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"INSERT INTO {self.s}.polar_webhook_deliveries (webhook_id, event_type) VALUES (%s, %s)"
+                " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id", (webhook_id, event_type))
+            return await cur.fetchone() is not None
+
+    async def forget(self, webhook_id: str) -> None:
+        """Undo first_time when handling failed, so Polar's retry is handled, not taken for a repeat."""
+        async with self._conn() as conn:
+            await conn.execute(f"DELETE FROM {self.s}.polar_webhook_deliveries WHERE webhook_id = %s", (webhook_id,))
 

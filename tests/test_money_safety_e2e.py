@@ -116,8 +116,10 @@ def test_slack_failing_right_after_an_approval_does_not_stop_the_money(db, db_ur
                  timeout=20, what="issued note in the thread")
         assert len(smtp.messages) == 1, "the customer is emailed once, however often the announcement is retried"
         assert len(polar.refunds) == 1
-        with psycopg.connect(db_url) as conn:
-            assert conn.execute("SELECT notified FROM billing_bot.cases WHERE id = %s", (case_id,)).fetchone()[0]
+        def notified():
+            with psycopg.connect(db_url) as conn:
+                return conn.execute("SELECT notified FROM billing_bot.cases WHERE id = %s", (case_id,)).fetchone()[0]
+        wait_for(notified, what="the announcement recorded as done")
     finally:
         bot.stop()
 

@@ -17,7 +17,7 @@ from standardwebhooks.webhooks import Webhook
 from services import polar_webhooks as pw
 from services.db import Database
 from services.store import Store
-from services.webhook_store import WebhookDeliveries
+from services.store import WebhookDeliveries
 
 from .fakes.polar_server import WEBHOOK_SECRET, sign
 
