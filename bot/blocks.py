@@ -175,6 +175,16 @@ def failure_message(case: Case, reason: str, offer_other_method: bool) -> dict:
                                                      {"type": "actions", "elements": buttons}]}
 
 
+def remainder_offer(case: Case, remainder_cents: int) -> dict:
+    """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4)."""
+    text = (f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount was "
+            "reached). It stays on the case: a lead decides whether to credit it on the next invoice.")
+    button = {"type": "button", "action_id": "case_remainder", "value": str(case.id),
+              "text": {"type": "plain_text", "text": f"Credit the remaining {fmt_money(remainder_cents)} as invoice credit"}}
+    return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}},
+                                     {"type": "actions", "elements": [button]}]}
+
+
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:
     def line(case: Case) -> dict:
         text = (f"*#{case.id}* {case.instance_id} · {fmt_money(case.credit_cents)} · {case.state}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from bot import slack_io
-from bot.blocks import failure_message
+from bot.blocks import failure_message, remainder_offer
 from bot.context import BotContext
 from handlers.cases import Case
 from handlers.timeline import fmt_money
@@ -40,9 +40,8 @@ class SlackNotifier:
                     f":white_check_mark: Issued {fmt_money(case.issued_cents)} by {case.method.replace('_', ' ')} "
                     f"(approved by <@{case.decided_by}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
                 if remainder_cents:
-                    await slack_io.post_thread(ctx, case, (
-                        f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount "
-                        "was reached). It stays on the case: a lead decides whether to credit it on the next invoice."))
+                    msg = remainder_offer(case, remainder_cents)
+                    await slack_io.post_thread(ctx, case, msg["text"], blocks=msg["blocks"])
                 await store.event(case.id, "billing-bot", "issue_announced", {})
             except Exception as exc:
                 failed.append(f"thread note: {type(exc).__name__}")

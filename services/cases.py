@@ -26,6 +26,14 @@ log = logging.getLogger(__name__)
 RECHECK_ATTEMPTS = 3  # the evidence changing under a check this many times in a row is an outage, not a race
 
 
+class _Undo(Exception):
+    """Raised inside a locked transaction to roll it back and return an outcome."""
+
+    def __init__(self, outcome: "Outcome"):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
 class StaleEvidence(Exception):
     """The evidence kept changing while the case was being claimed."""
 
@@ -213,6 +221,53 @@ class CaseService:
             case = await tx.set_exposure(case.id, exposure, level) or replace(case, exposure_cents=exposure,
                                                                               required_level=level)
         return case
+
+    async def credit_remainder(self, parent_id: int, user: str) -> Outcome:
+        try:
+            return await self._credit_remainder(parent_id, user)
+        except _Undo as undo:  # the child case was never created: the transaction rolled back
+            return undo.outcome
+
+    async def _credit_remainder(self, parent_id: int, user: str) -> Outcome:
+        """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4): a
+        case of its own (its own billing_corrections row and letter), linked to the case it
+        completes, decided by someone whose authority covers it, at most once."""
+        parent = await self.store.get(parent_id)
+        if parent is None:
+            return Outcome("missing", reason=f"Case #{parent_id} does not exist.")
+        if parent.state != "issued" or not parent.remainder_cents:
+            return Outcome("refused", parent, f"Case #{parent_id} has no unpaid remainder to credit.")
+        try:
+            authority = await self.authority(user)
+        except MembershipUnknown as exc:
+            return Outcome("refused", parent, str(exc), parent.required_level)
+        async with self.store.locked(parent.customer_id, parent.instance_id) as tx:
+            existing = await tx.remainder_of(parent_id)
+            if existing is not None:
+                return Outcome("refused", existing, f"The remainder of case #{parent_id} is already case "
+                                                    f"#{existing.id} ({existing.state}).")
+            exposure = await tx.exposure(parent.customer_id, self.config.exposure_window, None)
+            report = {**parent.report, "credit_cents": parent.remainder_cents,
+                      "credit_by_period": {}, "remainder_of": parent_id}
+            level = self.config.required_level(parent.remainder_cents + exposure)
+            draft = Draft(report=report, covered=[], fingerprint=parent.fingerprint or "",
+                          requested_by=parent.requested_by, ticket_id=parent.ticket_id, channel_id=parent.channel_id,
+                          response_url=parent.response_url, method="invoice_credit", approvers={})
+            child = await tx.insert(draft, required_level=level, exposure_cents=exposure, remind_after_s=None,
+                                    parent_case_id=parent_id, credit_cents=parent.remainder_cents)
+            decision = may_approve(child, authority, self.config)
+            if not decision.allowed:
+                if decision.needed_level:
+                    await tx.event(parent_id, user, "refused", {"action": "credit_remainder", "reason": decision.reason})
+                raise _Undo(Outcome("refused", parent, decision.reason, decision.needed_level))
+            child = await tx.set_message(child.id, parent.channel_id, parent.message_ts)
+            moved = await tx.move(child.id, "approve", user, {"credit_cents": child.credit_cents,
+                                                             "method": "invoice_credit", "remainder_of": parent_id},
+                                  decided_by=user, method="invoice_credit")
+        log.info("case %s: remainder of case %s (%s cents) approved by %s as invoice credit", moved.id, parent_id,
+                 moved.credit_cents, user)
+        await self._submit(moved.id)
+        return Outcome("done", moved)
 
     # --- the evidence changed ----------------------------------------------------------------------
 

@@ -260,6 +260,15 @@ class CaseTx:
     async def move(self, case_id: int, action: Action, actor: str, detail: dict | None = None, **fields) -> Case | None:
         return await self.store._move(self.conn, case_id, action, actor, detail, fields)
 
+    async def remainder_of(self, parent_id: int) -> Case | None:
+        cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE parent_case_id = %s", (parent_id,))
+        return _case(await cur.fetchone())
+
+    async def set_message(self, case_id: int, channel_id: str | None, ts: str | None) -> Case:
+        cur = await self.conn.execute(f"UPDATE {self.s}.cases SET channel_id = %s, message_ts = %s WHERE id = %s"
+                                      " RETURNING *", (channel_id, ts, case_id))
+        return _case(await cur.fetchone())
+
     async def set_exposure(self, case_id: int, exposure_cents: int, required_level: int) -> Case | None:
         cur = await self.conn.execute(
             f"UPDATE {self.s}.cases SET exposure_cents = %s, required_level = %s WHERE id = %s RETURNING *",

@@ -278,3 +278,29 @@ def test_a_later_check_does_not_credit_what_an_issued_case_covered(db, db_url, p
                                              "kinds": ["duplicate_charge", "stuck_instance", "wrong_tier"],
                                              "state": "issued",
                                              "text": f"credited before: $10.28 in case {case['id']}"}]
+
+
+def test_the_remainder_a_capped_refund_left_is_credited_once_as_invoice_credit(db, db_url, polar):
+    seed(db)
+    orders(polar, oct_=1500, oct_refunded=1000)  # the order can take 500 of 1,028 cents
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            parent = await w.issuer.issue(case.id)
+            refused = await w.service.credit_remainder(parent.id, "U_NOBODY")
+            out = await w.service.credit_remainder(parent.id, "U1")
+            again = await w.service.credit_remainder(parent.id, "U_LEAD")
+            child = await w.issuer.issue(out.case.id)
+            return parent, refused, out, again, child
+    parent, refused, out, again, child = run(go())
+    assert parent.state == "issued" and parent.remainder_cents == 528
+    assert refused.status == "refused" and refused.needed_level == 1
+    assert out.ok and out.case.parent_case_id == parent.id and out.case.credit_cents == 528
+    assert again.status == "refused" and f"already case #{out.case.id}" in again.reason
+    assert child.state == "issued" and child.issued_cents == 528 and child.method == "invoice_credit"
+    assert [r["amount"] for r in polar.refunds] == [500]
+    rows = corrections(db_url)
+    assert sorted(str(r[3]) for r in rows) == ["5.00", "5.28"]
+    hours = sum(e["metadata"]["hours"] for e in polar.events if e["metadata"].get("case_id") == str(child.id))
+    assert hours < 0  # compensating events on the parent's pieces, scaled to the remainder
