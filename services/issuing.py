@@ -25,11 +25,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Protocol
 
 from handlers.cases import Case
+from handlers.orders import invoicing_order  # noqa: F401  (re-exported for tests)
 from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
 from services.cases import CaseService, Outcome
@@ -445,21 +445,6 @@ def _refusal_reason(exc: PolarError, order: dict, period: str, amount: int) -> s
         return (f"Polar refused the refund of {fmt_money(amount)} on {where}: it exceeds what the order can still "
                 f"refund ({exc.detail}). Issue the rest as invoice credit.")
     return f"Polar refused the refund on {where}: {exc.error}: {exc.detail}"
-
-
-def invoicing_order(orders: list[dict], period: str) -> dict | None:
-    """The customer's earliest subscription_cycle order created on or after the first day of the
-    month after the period (SPEC 4)."""
-    y, m = int(period[:4]), int(period[5:7])
-    first_next = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=timezone.utc)
-    candidates = [o for o in orders if o.get("billing_reason") == "subscription_cycle"
-                  and _parse(o["created_at"]) >= first_next]
-    return min(candidates, key=lambda o: _parse(o["created_at"])) if candidates else None
-
-
-def _parse(text: str) -> datetime:
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
 
 
 def _iso(us: int) -> str:
