@@ -67,7 +67,8 @@ def coverage(ev: Evidence) -> Coverage:
         gaps.append(("stuck_instance", f"pod termination and deletion not seen (kubernetes {ev.pods_problem})"))
     if ev.logs_problem is not None:
         gaps.append(("stuck_instance", f"control-plane Stopping/Reaping/Pausing/Resuming lines not read "
-                                       f"(kubernetes {ev.logs_problem})"))
+                                       f"(kubernetes {ev.logs_problem}); nor the Failed to pause/delete lines "
+                                       "that make a case systematic"))
     if ev.pods_problem is not None:
         gaps.append(("wrong_tier", f"the pod's tier label (the true tier's first source) not read "
                                    f"(kubernetes {ev.pods_problem}); the tier used, {ev.true_tier}, may be wrong"))

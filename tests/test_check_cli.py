@@ -194,7 +194,10 @@ def test_failed_sources_name_the_kinds_that_could_not_be_judged(db, kube, polar,
     assert out["findings"] == []
     lines = lines_of(check(env, "i-clean", "--period", "2026-10"))
     assert lines[0] == "Coverage: PARTIAL: not fully judged: duplicate_charge, stuck_instance, wrong_tier."
-    assert lines[1:5] == [f"  - {w}" for w in cov["why"]]
+    # the same reasons as the JSON (which control-plane pod's log failed first may differ between runs)
+    assert [line.split(" (kubernetes")[0].split(" (polar")[0] for line in lines[1:5]] == [
+        "  - " + w.split(" (kubernetes")[0].split(" (polar")[0] for w in cov["why"]]
+    assert lines[5] == ""
     text = "\n".join(lines)
     assert "checks out" not in text and "not an all-clear" in text
     assert lines[-1] == ("Next: nothing to credit from what could be judged, but do not tell the customer the bill is "
