@@ -108,3 +108,24 @@ def _refunded_where(case: dict, periods: list[str], issued: int) -> str:
     if not case.get("remainder_cents") and sum(split.values()) == issued:
         return _and([f"{fmt_money(split[p])} on your invoice for {month_name(p)} usage" for p in periods])
     return f"{fmt_money(issued)} of the charges on your invoices for {_and([month_name(p) + ' usage' for p in periods])}"
+
+
+def send_smtp(url: str, letter: Letter) -> None:
+    u = urlsplit(url)
+    q = parse_qs(u.query)
+    sender = q.get("from", [DEFAULT_FROM])[0]
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = sender, letter.to, letter.subject
+    msg.set_content(letter.body)
+    port = u.port or (465 if u.scheme == "smtps" else 25)
+    cls = smtplib.SMTP_SSL if u.scheme == "smtps" else smtplib.SMTP
+    with cls(u.hostname, port, timeout=15) as smtp:
+        if q.get("starttls", ["0"])[0] == "1":
+            smtp.starttls()
+        if u.username:
+            smtp.login(unquote(u.username), unquote(u.password or ""))
+        smtp.send_message(msg)
+
+
+async def deliver(url: str, letter: Letter) -> None:
+    await asyncio.to_thread(send_smtp, url, letter)
