@@ -144,9 +144,13 @@ def next_step(cov: dict | Coverage | None, *, credit_cents: int, level_text: str
     from .timeline import fmt_money
 
     c = _cov(cov) or {"state": "unknown", "kinds": []}
-    failed = [name for name, status in sources.items() if status != "ok"]
-    again = (f"check again when {' and '.join(failed)} answer{'s' if len(failed) == 1 else ''}" if failed
-             else "check again")
+    # "when kubernetes is configured and polar answers": a source that is not configured will not
+    # start answering by itself
+    unset = [name for name, status in sources.items() if status.startswith("not configured")]
+    down = [name for name, status in sources.items() if status != "ok" and name not in unset]
+    waits = ([f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} configured"] if unset else []) + \
+        ([f"{' and '.join(down)} answer{'s' if len(down) == 1 else ''}"] if down else [])
+    again = f"check again when {' and '.join(waits)}" if waits else "check again"
     slack = f"/billing-check {instance_id}" + (f" {periods[0]}" if len(periods) == 1 else "")
     if credit_cents > 0:
         who = (f"someone at level {level_text} or higher can approve {fmt_money(credit_cents)} in Slack "

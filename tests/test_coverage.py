@@ -109,5 +109,11 @@ def test_next_step_names_who_approves_or_why_nothing_is_owed():
     nothing = next_step(coverage(ev(pods=PODS, logs=PODS)), credit_cents=0,
                         sources=dict(ok, kubernetes=PODS, polar=POLAR), **kw)
     assert "do not tell the customer the bill is right" in nothing and "when kubernetes and polar answer" in nothing
+    unconfigured = next_step(coverage(ev(polar="not configured (no POLAR_API_KEY)")), credit_cents=0,
+                             sources=dict(ok, polar="not configured (no POLAR_API_KEY)"), **kw)
+    assert unconfigured.endswith("could not be fully judged; check again when polar is configured.")
+    both = next_step(coverage(ev(pods=PODS, logs=PODS, polar="not configured (no POLAR_API_KEY)")), credit_cents=0,
+                     sources=dict(ok, kubernetes=PODS, polar="not configured (no POLAR_API_KEY)"), **kw)
+    assert both.endswith("check again when polar is configured and kubernetes answers.")
     assert next_step(coverage(ev(records=0)), credit_cents=0, sources=ok, **kw).startswith(
         "Next: nothing to credit: i-7f3a has no billing records in 2026-10.")
