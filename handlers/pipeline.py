@@ -95,11 +95,8 @@ def finish(walk: Walk, org_intervals) -> CaseResult:
     # 1b. extra metering events in Polar (they bill a record again; its pieces went on as usual)
     extra_credits = []
     if case.polar_events is not None:
-        for x in duplicates.extra_polar_events(case.records, case.polar_events):
-            extra_credits.append(x)
-            headline["duplicate_charge"].append(
-                f"extra metering: Polar has {x.events} usage events for {_span(x.record.start, x.record.end)} "
-                f"but the database has {_n(x.records, 'record')}: {_n(x.extra, 'extra charge')} of record #{x.record.id}")
+        # their evidence lines are written in _findings, which knows which of them this case credits
+        extra_credits.extend(duplicates.extra_polar_events(case.records, case.polar_events))
 
     # 4. throttle_daily
     daily_limit = td_us(thr.daily_limit) if thr.daily_limit is not None else None
@@ -179,6 +176,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
         lines: list[str] = []
         credited: list[Claim] = []  # the claims this finding credits, for the evidence lines
         extra_events = 0
+        polar_lines: list[str] = []  # extra metering events of records in the checked periods
         for claim in claims[kind]:
             if claim.piece.record.billing_period not in case.periods:
                 continue
@@ -209,6 +207,10 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
                 if already:
                     prior_cases_hit |= {c.case_id for c in covers_by_record[x.record.id] if c.extra_events}
                 n = x.extra - already
+                polar_lines.append(
+                    f"extra metering: Polar has {x.events} usage events for {_span(x.record.start, x.record.end)} "
+                    f"but the database has {_n(x.records, 'record')}: {_n(x.extra, 'extra charge')} of record "
+                    f"#{x.record.id}" + (f" ({already} credited before)" if already else ""))
                 if n <= 0:
                     continue
                 amount = add(amount, scale(x.record.total_charge, n, 1))
@@ -225,6 +227,7 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
         for period, part in allocate(cents, kind_periods).items():
             period_amounts[period] += part
         lines.extend(headline.get(kind, []))
+        lines.extend(polar_lines)
         lines.extend(_evidence_lines(credited, by_id))
         findings.append(Finding(
             kind=kind, credit_cents=cents, hours=hours(duration),

@@ -99,3 +99,20 @@ def test_id_ranges():
     assert id_ranges([1, 2, 3, 5]) == "records #1-#3, #5"
     assert id_ranges(list(range(1, 20, 2))) == "records #1, #3, #5, #7, …, #19 (10 records)"
     assert id_ranges([4, 5], bare=True) == "#4-#5"
+
+
+def test_extra_metering_lines_name_only_what_this_check_credits():
+    from handlers.model import PriorCase, PriorCover
+
+    from .builders import t
+    records = [rec(5, "10-05 08:00", "10-05 09:00"), rec(6, "09-30 08:00", "09-30 09:00")]  # #6 is September's
+    polar = ([event("10-05 08:00", "10-05 09:00", n) for n in range(3)]
+             + [event("09-30 08:00", "09-30 09:00", n) for n in range(2)])
+    prior = [PriorCover(3, 5, t("10-05 08:00"), t("10-05 09:00"), extra_events=1)]
+    r = run_case(case(records, throttle=NO_LIMITS, pods=[pod("gpu")], polar=polar, prior_covers=prior,
+                      prior_cases=[PriorCase(3, 208, ("duplicate_charge",), None)]))
+    dup = by_kind(r)["duplicate_charge"]
+    assert dup.credit_cents == 208  # one of the two extra events; the other was credited by case 3
+    assert dup.evidence == ["extra metering: Polar has 3 usage events for 10-05 08:00–09:00 UTC but the database has "
+                            "1 record: 2 extra charges of record #5 (1 credited before)"]
+    assert dup.summary == "1 h billed more than once (1 extra metering event in Polar): $2.08"
