@@ -138,19 +138,23 @@ def no_findings_text(cov: dict | Coverage | None, periods: list[str]) -> str:
     return "No wrong charges found, but this case does not record what could be judged: check again."
 
 
+def check_again(sources: dict[str, str]) -> str:
+    """'check again when polar is configured and kubernetes answers': a source that is not
+    configured will not start answering by itself."""
+    unset = [name for name, status in sources.items() if status.startswith("not configured")]
+    down = [name for name, status in sources.items() if status != "ok" and name not in unset]
+    waits = ([f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} configured"] if unset else []) + \
+        ([f"{' and '.join(down)} answer{'s' if len(down) == 1 else ''}"] if down else [])
+    return f"check again when {' and '.join(waits)}" if waits else "check again"
+
+
 def next_step(cov: dict | Coverage | None, *, credit_cents: int, level_text: str, instance_id: str,
               periods: list[str], sources: dict[str, str], credited_before: int = 0) -> str:
     """The closing 'Next:' line of the text report: who can approve what, or why nothing is owed."""
     from .timeline import fmt_money
 
     c = _cov(cov) or {"state": "unknown", "kinds": []}
-    # "when kubernetes is configured and polar answers": a source that is not configured will not
-    # start answering by itself
-    unset = [name for name, status in sources.items() if status.startswith("not configured")]
-    down = [name for name, status in sources.items() if status != "ok" and name not in unset]
-    waits = ([f"{' and '.join(unset)} {'is' if len(unset) == 1 else 'are'} configured"] if unset else []) + \
-        ([f"{' and '.join(down)} answer{'s' if len(down) == 1 else ''}"] if down else [])
-    again = f"check again when {' and '.join(waits)}" if waits else "check again"
+    again = check_again(sources)
     slack = f"/billing-check {instance_id}" + (f" {periods[0]}" if len(periods) == 1 else "")
     if credit_cents > 0:
         who = (f"someone at level {level_text} or higher can approve {fmt_money(credit_cents)} in Slack "

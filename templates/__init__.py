@@ -6,7 +6,7 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
-from handlers.coverage import coverage_line, kind_title, next_step, no_findings_text
+from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money
 
@@ -21,7 +21,7 @@ def _env(autoescape: bool) -> Environment:
     env.filters["kind_title"] = kind_title
     env.filters["id_ranges"] = id_ranges
     # the same coverage and next-step sentences in the report, the case message and the thread
-    env.globals.update(coverage_line=coverage_line, no_findings_text=no_findings_text, next_step=next_step)
+    env.globals.update(check_again=check_again, coverage_line=coverage_line, no_findings_text=no_findings_text, next_step=next_step)
     return env
 
 

@@ -95,7 +95,7 @@ def test_coverage_is_the_first_thing_after_the_header():
     first = msg["blocks"][1]["text"]["text"]
     assert first.startswith(":warning: Coverage: PARTIAL: not fully judged: stuck_instance, wrong_tier.")
     assert "• stuck_instance: pod termination and deletion not seen" in first
-    assert "The credit covers only what could be judged" in first
+    assert "The credit covers only what could be judged: check again when polar answers before approving" in first
     # a finding of a kind not fully judged says so where it is shown
     assert any(t.startswith("*Billed while stopped, paused or idle (stuck_instance)* — *$2.00*  _(not fully judged)_")
                for t in section_texts(msg))
