@@ -289,11 +289,12 @@ def _stretches(claims: list[Claim], by_id: dict) -> list[_Stretch]:
         if last is not None and last.key == key and c.piece.start <= last.end + RUN_GAP_US:
             last.end = max(last.end, c.piece.end)
             last.duration += c.piece.duration
-            if rid not in last.ids:
+            # repeats are harmless (id_ranges takes the set); a membership test would be quadratic
+            # on a stretch of 20,000 hourly records
+            if last.ids[-1] != rid:
                 last.ids.append(rid)
-            first = getattr(c, "first_id", None)
-            if first is not None and first not in last.firsts:
-                last.firsts.append(first)
+            if isinstance(c, DupClaim) and (not last.firsts or last.firsts[-1] != c.first_id):
+                last.firsts.append(c.first_id)
         else:
             out.append(_Stretch(key, c.piece.start, c.piece.end, [rid],
                                 [c.first_id] if isinstance(c, DupClaim) else [], c.piece.duration, c.because))
