@@ -89,7 +89,6 @@ def coverage(ev: Evidence) -> Coverage:
     return Coverage(PARTIAL, kinds, why)
 
 
-
 # --- the words every output uses -----------------------------------------------------------------
 # They take the JSON form ({"state", "kinds", "why"}), which is what a stored case carries, so the
 # CLI report, the Slack case message and its thread say the same thing. A case stored before
