@@ -124,9 +124,12 @@ def coverage_line(cov: dict | Coverage | None) -> str:
     return f"Coverage: PARTIAL: not fully judged: {', '.join(c['kinds'])}."
 
 
-def no_findings_text(cov: dict | Coverage | None, periods: list[str]) -> str:
+def no_findings_text(cov: dict | Coverage | None, periods: list[str], credited_before: int = 0) -> str:
     c = _cov(cov)
     where = ", ".join(periods)
+    if c and c["state"] == COMPLETE and credited_before:
+        # wrong charges there were, so "checks out" would be false: they were credited already
+        return f"Nothing left to credit: what was billed wrongly in {where} was credited before."
     if c and c["state"] == COMPLETE:
         return f"No wrong charges found: every billed hour in {where} checks out."
     if c and c["state"] == NO_RECORDS:

@@ -124,3 +124,13 @@ def test_evidence_thread_opens_with_coverage_and_plain_kind_names():
     assert msgs[0].startswith("Coverage: PARTIAL: not fully judged: stuck_instance, wrong_tier.\n• stuck_instance: ")
     assert "*Billed more than once (duplicate_charge)* $1.00 (1 h; records #1-#99)" in msgs[0]
     assert "*Billed while stopped, paused or idle (stuck_instance)* $2.00" in msgs[0]
+
+
+def test_wrong_charges_credited_before_are_not_an_all_clear():
+    c = nothing_found(COMPLETE)
+    c["report"]["credited_before"] = [{"case_id": 3, "credit_cents": 208, "kinds": ["duplicate_charge"],
+                                       "text": "credited before: $2.08 in case 3"}]
+    text = " ".join(section_texts(case_message(c, CONFIG)))
+    assert "checks out" not in text
+    assert "Nothing left to credit: what was billed wrongly in 2099-01 was credited before." in text
+    assert "Next: nothing left to credit: what was billed wrongly was credited before (see above)." in text

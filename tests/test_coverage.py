@@ -86,6 +86,8 @@ def test_only_complete_coverage_says_it_checks_out():
     partial = coverage(ev(polar=POLAR)).as_json()
     none = coverage(ev(records=0)).as_json()
     assert no_findings_text(complete, ["2026-10"]) == "No wrong charges found: every billed hour in 2026-10 checks out."
+    assert no_findings_text(complete, ["2026-10"], credited_before=1) == (
+        "Nothing left to credit: what was billed wrongly in 2026-10 was credited before.")
     for cov in (partial, none, None):
         assert "checks out" not in no_findings_text(cov, ["2026-10"])
     assert "not an all-clear" in no_findings_text(partial, ["2026-10"])
