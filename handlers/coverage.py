@@ -173,5 +173,5 @@ def next_step(cov: dict | Coverage | None, *, credit_cents: int, level_text: str
         return (f"Next: nothing to credit from what could be judged, but do not tell the customer the bill is right: "
                 f"{', '.join(c['kinds']) or 'the findings'} could not be fully judged; {again}.")
     if credited_before:
-        return "Next: nothing left to credit: what was billed wrongly was credited before (see above)."
+        return "Next: nothing left to credit: what was billed wrongly was credited before, in the case listed here."
     return "Next: nothing to credit: every charge in these periods is right, and the customer can be told so."

@@ -133,4 +133,4 @@ def test_wrong_charges_credited_before_are_not_an_all_clear():
     text = " ".join(section_texts(case_message(c, CONFIG)))
     assert "checks out" not in text
     assert "Nothing left to credit: what was billed wrongly in 2099-01 was credited before." in text
-    assert "Next: nothing left to credit: what was billed wrongly was credited before (see above)." in text
+    assert "Next: nothing left to credit: what was billed wrongly was credited before, in the case listed here." in text
