@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from handlers.cases import Case, other_method
+from handlers.coverage import coverage_line, kind_title
+from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money
 from templates import render
 
@@ -105,23 +107,28 @@ def _view(case) -> dict:
 
 
 def evidence_messages(report: dict, limit: int = MAX_TEXT) -> list[str]:
-    """The full evidence for the thread, split into messages under Slack's text limit."""
+    """The full evidence for the thread, split into messages under Slack's text limit. It opens with
+    the coverage, so the thread never reads as an all-clear the check could not give."""
+    cov = report.get("coverage")
     out: list[str] = []
     current = ""
+    lines = [coverage_line(cov)]
+    if cov and cov.get("state") == "partial":
+        lines += [f"• {w}" for w in cov.get("why", [])]
     for f in report["findings"]:
-        lines = [f"*{f['kind']}* {fmt_money(f['credit_cents'])} ({f['hours']} h; records "
-                 f"{', '.join(map(str, f['record_ids'][:40]))}{' …' if len(f['record_ids']) > 40 else ''})"]
+        hours = f["hours"].rstrip("0").rstrip(".")
+        lines.append(f"*{kind_title(f['kind'])}* {fmt_money(f['credit_cents'])} ({hours} h; "
+                     f"{id_ranges(f['record_ids'])})")
+        lines.append(f["summary"])
         lines += [f"• {e}" for e in f["evidence"]]
-        for line in lines:
-            line = cut_text(line, limit - 10)
-            if len(current) + len(line) + 1 > limit:
-                out.append(current)
-                current = ""
-            current += line + "\n"
-    for n in report.get("notes", []):
-        current += f"_Note: {n}_\n"
-    for why in report.get("systematic_reasons", []):
-        current += f":rotating_light: systematic: {why}\n"
+    lines += [f"_Note: {n}_" for n in report.get("notes", [])]
+    lines += [f":rotating_light: systematic: {why}" for why in report.get("systematic_reasons", [])]
+    for line in lines:
+        line = cut_text(line, limit - 10)
+        if len(current) + len(line) + 1 > limit:
+            out.append(current)
+            current = ""
+        current += line + "\n"
     if current:
         out.append(current)
     return out

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
+from handlers.coverage import Coverage, Evidence, coverage
 from handlers.model import CaseInput, CaseResult, LogEvent, Pod, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps
 from handlers.timeline import HOUR_US, fmt_duration, from_us
@@ -37,11 +38,13 @@ class CaseReport:
     sources: dict[str, str]
     customer: Customer | None
     throttle_text: str
+    coverage: Coverage  # what could be judged; first in every output (SPEC 5)
     fingerprint: str = ""  # of the database evidence, read in the same snapshot (SPEC 2.2)
 
     def as_json(self) -> dict:
         r = self.result
         return {
+            "coverage": self.coverage.as_json(),
             "instance_id": r.instance.instance_id,
             "org_id": r.instance.org_id,
             "customer_id": r.instance.customer_id,
@@ -101,7 +104,7 @@ class Investigator:
 
             # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
             # totals only on the days where this instance still has billed time.
-            pods, events, sources["kubernetes"] = await kube_task
+            pods, events, sources["kubernetes"], kube_problems = await kube_task
             case = CaseInput(
                 instance=inst, records=records, periods=periods, throttle=throttle,
                 rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
@@ -118,28 +121,41 @@ class Investigator:
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
                     f"idle {fmt_duration(throttle.idle_timeout)}" + ("" if from_row else " (defaults: no throttle_settings row)"))
-        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text,
+        cov = coverage(Evidence(
+            periods=tuple(periods),
+            records_in_periods=sum(1 for r in records if r.billing_period in periods),
+            pods_problem=kube_problems["pods"], logs_problem=kube_problems["logs"],
+            polar_problem=None if usage is not None else sources["polar"],
+            tier_from_pod=any(p.tier for p in pods), true_tier=result.true_tier,
+            tier_on_card=result.true_tier in self.config.rate_card,
+            finding_kinds=frozenset(f.kind for f in result.findings)))
+        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
                           fingerprint=fingerprint)
 
-    async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str]:
+    async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
+        """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""
         if self.kube is None:
-            return [], [], self.kube_problem or "not configured"
+            problem = self.kube_problem or "not configured"
+            return [], [], problem, {"pods": problem, "logs": problem}
         since = inst.created_at - HOUR_US if inst.created_at is not None else None
         pods_r, logs_r = await asyncio.gather(
             _bounded(self.kube.instance_pods(inst.instance_id)),
             _bounded(self.kube.control_plane_events(since)), return_exceptions=True)
         problems = []
+        parts: dict[str, str | None] = {"pods": None, "logs": None}
         pods: list[Pod] = []
         events: list[LogEvent] = []
         if isinstance(pods_r, BaseException):
             problems.append(f"instance pods: {describe_error(pods_r)}")
+            parts["pods"] = "failed: " + problems[-1]
         else:
             pods = pods_r
         if isinstance(logs_r, BaseException):
             problems.append(f"control-plane logs: {describe_error(logs_r)}")
+            parts["logs"] = "failed: " + problems[-1]
         else:
             events = logs_r[0]
-        return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok"
+        return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok", parts
 
     async def _polar(self, customer_id: str, instance_id: str
                      ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str]]:
