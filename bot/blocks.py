@@ -85,14 +85,36 @@ def case_message(case, config, customer_name: str | None = None) -> dict:
     text = render("case_message.json.j2", case=view, findings=shown, more_findings=len(findings) - len(shown),
                   customer_name=customer_name, level_text=level_text(config, case["required_level"]),
                   status_line=status_line(view))
-    msg = enforce_limits(json.loads(text))
+    msg = json.loads(text)
+    notes = refund_room_notes(view["report"]) if view["state"] == "pending" and view["method"] == "refund" else []
+    for note in notes:
+        msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
     if view.get("exposure_cents"):
         note = (f"Needs level {config.level_label(view['required_level'])} for "
                 f"{fmt_money(view['credit_cents'] + view['exposure_cents'])}: this credit plus "
                 f"{fmt_money(view['exposure_cents'])} credited to or awaiting {escape(view['customer_id'])} "
                 f"in the last {config.exposure_window.days} days.")
         msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
-    return msg
+    return enforce_limits(msg)
+
+
+def refund_room_notes(report: dict) -> list[str]:
+    """Before approval: where a refund would exceed what its order can still take (SPEC 4), so the
+    approver is not surprised by a capped refund."""
+    notes = []
+    room = report.get("refund_room") or {}
+    for period, cents in sorted((report.get("credit_by_period") or {}).items()):
+        r = room.get(period)
+        if r is None or not cents:
+            continue
+        if r["invoice"] is None:
+            notes.append(f":information_source: {period} is not invoiced yet: a refund is not possible; approve it "
+                         "as invoice credit (it appears on the next invoice).")
+        elif cents > r["refundable_cents"]:
+            notes.append(f":information_source: Order {escape(r['invoice'])} ({period}) can still refund "
+                         f"{fmt_money(r['refundable_cents'])} of the {fmt_money(cents)} for {period}: the rest "
+                         "would be offered as invoice credit.")
+    return notes
 
 
 def _view(case) -> dict:

@@ -20,6 +20,7 @@ from services.kube import KubeSource, describe_error
 from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  # noqa: F401  (re-exported)
                              validate_day, validate_instance_id, validate_period)
 from services.polar import Customer, PolarClient, PolarNotFound
+from handlers.orders import refund_room
 from services.store import evidence_fingerprint
 
 SOURCE_TIMEOUT_S = 20.0
@@ -40,6 +41,7 @@ class CaseReport:
     throttle_text: str
     coverage: Coverage  # what could be judged; first in every output (SPEC 5)
     fingerprint: str = ""  # of the database evidence, read in the same snapshot (SPEC 2.2)
+    refund_room: dict | None = None  # per period: the invoicing order and what it can still refund
 
     def as_json(self) -> dict:
         r = self.result
@@ -61,6 +63,7 @@ class CaseReport:
             "notes": r.notes,
             "credited_before": r.credited_before,
             "credit_by_period": r.credit_by_period,
+            "refund_room": self.refund_room,
             "customer": ({"name": self.customer.name, "email": self.customer.email, "polar_id": self.customer.id}
                          if self.customer else None),
         }
@@ -114,7 +117,7 @@ class Investigator:
             days = [from_us(d) for d in days_for_daily_limit(walk)]
             org_intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit) if days else None
 
-        customer, usage, sources["polar"], polar_notes = await polar_task
+        customer, usage, sources["polar"], polar_notes, orders = await polar_task
         case.polar_events = usage
         result = finish(walk, org_intervals)
         result.required_level = self.config.required_level(result.credit_cents)
@@ -130,7 +133,8 @@ class Investigator:
             tier_on_card=result.true_tier in self.config.rate_card,
             finding_kinds=frozenset(f.kind for f in result.findings)))
         return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
-                          fingerprint=fingerprint)
+                          fingerprint=fingerprint,
+                          refund_room=refund_room(orders, list(periods)) if orders is not None else None)
 
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
         """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""
@@ -158,15 +162,19 @@ class Investigator:
         return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok", parts
 
     async def _polar(self, customer_id: str, instance_id: str
-                     ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str]]:
-        """The customer (for the email) and the instance's metering events (for duplicates).
-        The events are the evidence: the source is 'ok' when they were read."""
+                     ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str], list[dict] | None]:
+        """The customer (for the email), the instance's metering events (for duplicates) and the
+        customer's orders (what each can still refund). The events are the evidence: the source is
+        'ok' when they were read."""
         if self.polar is None:
-            return None, None, self.polar_problem or "not configured", []
-        cust_r, events_r = await asyncio.gather(
+            return None, None, self.polar_problem or "not configured", [], None
+        cust_r, events_r, orders_r = await asyncio.gather(
             _bounded(self.polar.customer_by_external_id(customer_id)),
             _bounded(self.polar.usage_events(customer_id, self.config.polar.usage_event_name, instance_id)),
+            _bounded(self.polar.orders(customer_id)),
             return_exceptions=True)
+        # what each order can still refund, shown before approval (not evidence: a failure is a note)
+        orders = None if isinstance(orders_r, BaseException) else orders_r
         notes = []
         customer = None
         if isinstance(cust_r, PolarNotFound):
@@ -176,8 +184,8 @@ class Investigator:
         else:
             customer = cust_r
         if isinstance(events_r, BaseException):
-            return customer, None, f"failed: usage events: {_describe(events_r)}", notes
-        return customer, events_r, "ok", notes
+            return customer, None, f"failed: usage events: {_describe(events_r)}", notes, orders
+        return customer, events_r, "ok", notes, orders
 
 
 async def _bounded(coro: Awaitable):

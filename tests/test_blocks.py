@@ -134,3 +134,24 @@ def test_wrong_charges_credited_before_are_not_an_all_clear():
     assert "checks out" not in text
     assert "Nothing left to credit: what was billed wrongly in 2099-01 was credited before." in text
     assert "Next: nothing left to credit: what was billed wrongly was credited before, in the case listed here." in text
+
+
+def test_before_approval_the_message_says_what_each_order_can_still_refund():
+    c = case()
+    c["report"] = {**c["report"], "credit_by_period": {"2026-09": 100, "2026-10": 500},
+                   "refund_room": {"2026-09": {"invoice": None, "refundable_cents": 0},
+                                   "2026-10": {"invoice": "INV-0003", "refundable_cents": 250}}}
+    text = str(case_message(c, CONFIG))
+    assert "Order INV-0003 (2026-10) can still refund $2.50 of the $5.00" in text
+    assert "2026-09 is not invoiced yet" in text
+    roomy = case()
+    roomy["report"] = {**roomy["report"], "credit_by_period": {"2026-10": 500},
+                       "refund_room": {"2026-10": {"invoice": "INV-1", "refundable_cents": 500}}}
+    assert "can still refund" not in str(case_message(roomy, CONFIG))
+    assert "can still refund" not in str(case_message(c | {"state": "approved"}, CONFIG))
+
+
+def test_exposure_that_raises_the_level_is_shown():
+    c = case() | {"exposure_cents": 4500, "required_level": 2, "customer_id": "c-acme"}
+    text = str(case_message(c, CONFIG))
+    assert "Needs level 2 (Support lead) for $51.00: this credit plus $45.00" in text
