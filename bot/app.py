@@ -66,7 +66,8 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
             return {"name": c.name, "email": c.email}
         # Refund outcomes arrive by webhook; without a secret, or past 10 minutes, they are read back.
         service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer),
-                                poll_pending_after_s=600.0 if env.polar_webhook_secret else 0.0)
+                                poll_pending_after_s=float(os.environ.get("BILLING_BOT_POLL_PENDING_S", 600))
+                                if env.polar_webhook_secret else 0.0)
     return ctx
 
 
