@@ -1,0 +1,158 @@
+"""Attacks on refund outcomes (SPEC 4): late webhooks, rejecting a failed case while money is still
+in flight, two periods invoiced by one order. Each test drives the real CaseService and Issuer
+against our Polar server, as tests/test_issuing.py does, and checks the money invariants:
+never more money to a customer than the case's credit, no billed second credited twice, exactly one
+billing_corrections row per case whose money moved."""
+import asyncio
+import json
+
+import psycopg
+
+from services.cases import CheckRequest
+from services.polar_webhooks import parse
+
+from .test_issuing import World, corrections, orders, seed
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def refund_event(msg):
+    return parse(json.loads(msg.body))
+
+
+def invoice_credit_cents(db_url, case_id):
+    with psycopg.connect(db_url) as conn:
+        row = conn.execute("SELECT coalesce(sum(amount_cents), 0) FROM billing_bot.issuances"
+                           " WHERE case_id = %s AND method = 'invoice_credit' AND state = 'confirmed'",
+                           (case_id,)).fetchone()
+    return int(row[0])
+
+
+def issuances(db_url, case_id):
+    with psycopg.connect(db_url) as conn:
+        conn.row_factory = psycopg.rows.dict_row
+        return conn.execute("SELECT * FROM billing_bot.issuances WHERE case_id = %s ORDER BY id",
+                            (case_id,)).fetchall()
+
+
+def succeeded_refunds(polar, case_id):
+    return sum(r["amount"] for r in polar.refunds
+               if r["status"] == "succeeded" and (r.get("metadata") or {}).get("case_id") == str(case_id))
+
+
+def test_a_late_webhook_of_an_old_failed_refund_does_not_take_over_the_retried_refund(db, db_url, polar):
+    """Refund R1 is created pending; Polar fails it; the bot's first delivery of that webhook is lost
+    (a deploy), so the sweeper reads the failure back and the case fails. The approver retries: a new
+    refund R2, pending. Then Polar's retry of R1's `refund.updated failed` arrives. The outbox looks
+    the refund up by (case, order) when the id does not match, so R1's stale event overwrites the
+    intent that now tracks R2: the case fails although R2 is still in flight. The approver switches
+    to invoice credit (the failure offers it) and the full amount goes out as usage events; then R2
+    succeeds and is recorded as well: the customer gets the credit twice."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            cid = case["id"]
+            polar.queue_refund_statuses("pending", "pending")
+            first = await w.issuer.issue(cid)
+            assert first["state"] == "issuing"
+            r1 = polar.refunds[0]["id"]
+            polar.settle_refund(r1, "failed")
+            r1_failed = polar.messages("refund.updated")[-1]  # its delivery fails; Polar retries later
+            w.issuer.poll_pending_after_s = 0  # the sweeper reads the outcome back
+            failed = await w.issuer.issue(cid)
+            assert failed["state"] == "failed", failed
+            w.issuer.poll_pending_after_s = 600
+            retried = await w.service.retry(cid, "U_LEAD", failure=failed["failures"])
+            assert retried.ok, retried
+            again = await w.issuer.issue(cid)
+            assert again["state"] == "issuing"  # R2 pending
+            r2 = polar.refunds[1]["id"]
+            assert r2 != r1
+
+            # Polar's retry of R1's old event arrives now
+            await w.issuer.on_polar_event(refund_event(r1_failed), "late-delivery-of-r1")
+            await w.issuer.drain(10)
+            tracked = [i for i in issuances(db_url, cid) if i["method"] == "refund"]
+            now = await w.service.store.get(cid)
+            state_after_late_event = (now.state, [(i["polar_ref"], i["state"]) for i in tracked])
+
+            # what an approver then does with the failure in front of them
+            if now.state == "failed":
+                switched = await w.service.retry(cid, "U_LEAD", failure=now.failures, switch=True)
+                assert switched.ok, switched
+                await w.issuer.issue(cid)
+            polar.settle_refund(r2, "succeeded")
+            await w.issuer.on_polar_event(refund_event(polar.messages("refund.updated")[-1]), "r2-succeeded")
+            await w.issuer.drain(10)
+            return cid, r2, state_after_late_event
+
+    cid, r2, state_after_late_event = run(go())
+    paid = succeeded_refunds(polar, cid) + invoice_credit_cents(db_url, cid)
+    assert paid <= 1028, f"the customer got {paid} cents for a 1028-cent case"
+    assert state_after_late_event == ("issuing", [(r2, "pending")]), state_after_late_event
+
+
+def test_a_failed_case_with_a_refund_still_pending_cannot_be_rejected(db, db_url, polar):
+    """A case over two periods: September's refund is created pending, October's comes back failed,
+    so the case fails. Nothing is `confirmed` yet, so Reject is allowed (moved_cents counts confirmed
+    refunds only) and the case's pieces are released. September's refund then succeeds: money moved
+    on a rejected case, with no billing_corrections row, and a new check credits the same September
+    time again."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case()  # September 8 cents, October 1028 cents
+            cid = case["id"]
+            polar.queue_refund_statuses("pending", "failed")
+            failed = await w.issuer.issue(cid)
+            assert failed["state"] == "failed", failed
+            sept = next(r for r in polar.refunds if r["metadata"]["period"] == "2026-09")
+            assert sept["status"] == "pending"
+            rejected = await w.service.reject(cid, "U_LEAD", "customer asked to cancel")
+
+            polar.settle_refund(sept["id"], "succeeded")
+            await w.issuer.on_polar_event(refund_event(polar.messages("refund.updated")[-1]), "sept-succeeded")
+            await w.issuer.drain(10)
+            final = await w.service.store.get(cid)
+            reopened = await w.service.open(CheckRequest("i-7f3a", ["2026-09"], "U1", "T-2"))
+            return cid, rejected, final, reopened
+
+    cid, rejected, final, reopened = run(go())
+    moved = succeeded_refunds(polar, cid)
+    assert moved == 8
+    # money moved on this case: it must not end rejected with no record of it
+    assert final.state != "rejected", (
+        f"case ended {final.state} (reject {'allowed' if rejected.ok else 'refused'}) while Polar refunded {moved} cents;"
+        f" billing_corrections rows: {len(corrections(db_url))}; a new check of September: {reopened.status},"
+        f" {reopened.case.credit_cents if reopened.case else None} cents")
+    assert len(corrections(db_url)) <= 1
+    # the September pieces are still held: a second check shows the case or credits nothing more
+    assert not (reopened.status == "done" and reopened.case.credit_cents > 0), (
+        f"a new case #{reopened.case.id} credits {reopened.case.credit_cents} cents of time case {cid} refunded")
+
+
+def test_two_periods_invoiced_by_one_order_are_both_refunded(db, db_url, polar):
+    """September was never invoiced on its own (no order created in October), so SPEC 4's rule
+    (earliest subscription_cycle order on or after the first of the next month) names November's
+    order for both September and October. The outbox is unique per (case, order): October's intent
+    returns September's 8-cent row, the read-back finds September's refund and counts it as
+    October's, and the case ends issued with 8 cents paid and 1028 cents called "not refundable on
+    the order", though the order could take all of it."""
+    seed(db)
+    orders(polar, sept=None)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case()
+            return await w.issuer.issue(case["id"])
+
+    done = run(go())
+    assert [r["amount"] for r in polar.refunds] != [8], "only September's 8 cents were refunded"
+    assert done["issued_cents"] == 1036 and done["remainder_cents"] == 0, (done["issued_cents"], done["remainder_cents"])
