@@ -156,3 +156,93 @@ def test_two_periods_invoiced_by_one_order_are_both_refunded(db, db_url, polar):
     done = run(go())
     assert [r["amount"] for r in polar.refunds] != [8], "only September's 8 cents were refunded"
     assert done["issued_cents"] == 1036 and done["remainder_cents"] == 0, (done["issued_cents"], done["remainder_cents"])
+
+
+def case_events(db_url, case_id):
+    with psycopg.connect(db_url) as conn:
+        return [(a, d) for a, d in conn.execute(
+            "SELECT action, detail FROM billing_bot.case_events WHERE case_id = %s ORDER BY id", (case_id,)).fetchall()]
+
+
+def test_refund_created_pending_delivered_after_refund_updated_failed_does_not_revive_the_refund(db, db_url, polar):
+    """Out of order: Polar's `refund.updated` (failed) is delivered before `refund.created`
+    (pending) of the same refund. The outbox only protects `confirmed` from going back, so the stale
+    `pending` turns the failed refund back into a pending one. The approver's Retry then shows
+    "refund pending" and moves nothing for 10 minutes (until the read-back), and the case claims a
+    pending refund that Polar already reported failed. RefundUpdate's own docstring says to order two
+    reports of one refund by `modified_at`; on_polar_event does not."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            cid = case["id"]
+            polar.queue_refund_statuses("pending", "succeeded")
+            assert (await w.issuer.issue(cid))["state"] == "issuing"
+            r1 = polar.refunds[0]["id"]
+            created = polar.messages("refund.created")[-1]
+            polar.settle_refund(r1, "failed")
+            updated = polar.messages("refund.updated")[-1]
+            await w.issuer.on_polar_event(refund_event(updated), "updated-failed")
+            await w.issuer.drain(10)
+            failed = await w.service.store.get(cid)
+            assert failed.state == "failed", failed
+            await w.issuer.on_polar_event(refund_event(created), "created-pending-late")
+            await w.issuer.drain(10)
+            retried = await w.service.retry(cid, "U_LEAD", failure=failed.failures)
+            assert retried.ok, retried
+            after = await w.issuer.issue(cid)
+            return after, [(i["polar_ref"], i["state"], i["refund_status"]) for i in issuances(db_url, cid)]
+
+    after, rows = run(go())
+    assert rows[0][1] != "pending", f"the failed refund is tracked as pending again: {rows}"
+    assert after["state"] == "issued" and len(polar.refunds) == 2, (after["state"], rows)
+
+
+def test_a_succeeded_refund_that_polar_reverts_is_noticed(db, db_url, polar):
+    """Polar reverts a succeeded refund (refund.updated failed; services/polar_webhooks.py says this
+    happens and Polar undoes its ledger). The case stays issued with its billing_corrections row
+    claiming the money, the customer was emailed about it, and nothing is recorded or told: the
+    outbox ignores any news about a confirmed refund and on_polar_event returns silently."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            cid = case["id"]
+            done = await w.issuer.issue(cid)
+            assert done["state"] == "issued"
+            before = case_events(db_url, cid)
+            polar.settle_refund(polar.refunds[0]["id"], "failed")  # Polar reverts it
+            await w.issuer.on_polar_event(refund_event(polar.messages("refund.updated")[-1]), "reverted")
+            await w.issuer.drain(10)
+            return cid, before, case_events(db_url, cid), w.rec
+
+    cid, before, after, rec = run(go())
+    new = after[len(before):]
+    assert new or rec.failed_calls, (
+        "Polar reverted the refund of an issued case; the bot recorded nothing and told nobody "
+        f"(billing_corrections still claims {corrections(db_url)[0][3]})")
+
+
+def test_a_remainder_the_order_could_not_take_is_offered_as_invoice_credit(db, db_url, polar):
+    """SPEC 4: "A remainder that the order's refundable_amount left unpaid is offered as invoice
+    credit to someone whose authority covers it." The Case has `parent_case_id` for a remainder's
+    case, but nothing ever creates one: the case ends issued with remainder_cents and a thread note
+    that "a lead decides", with no case, button or action that can issue it."""
+    seed(db)
+    orders(polar, oct_=1500, oct_refunded=1000)  # 500 cents left to refund on October's order
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            return await w.issuer.issue(case["id"])
+
+    done = run(go())
+    assert done["remainder_cents"] == 528
+    with psycopg.connect(db_url) as conn:
+        offers = conn.execute("SELECT id, state, credit_cents, method FROM billing_bot.cases WHERE parent_case_id = %s",
+                              (done["id"],)).fetchall()
+    assert offers, "the 528-cent remainder is not offered anywhere: no remainder case, nothing to approve"
