@@ -246,3 +246,29 @@ def test_a_remainder_the_order_could_not_take_is_offered_as_invoice_credit(db, d
         offers = conn.execute("SELECT id, state, credit_cents, method FROM billing_bot.cases WHERE parent_case_id = %s",
                               (done["id"],)).fetchall()
     assert offers, "the 528-cent remainder is not offered anywhere: no remainder case, nothing to approve"
+
+
+def test_a_failed_invoice_credit_whose_events_reached_polar_cannot_be_rejected(db, db_url, polar):
+    """Invoice credit: Polar stores the compensating events but every answer is lost (commit then
+    timeout), so the case fails with its intent unknown (attempts > 0, not confirmed). Reject only
+    looks at *confirmed* money (CaseTx.moved_cents), so it is allowed: the case is rejected and its
+    pieces released while its events are already on the customer's next invoice, and a new check
+    credits the same time again."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",), method="invoice_credit")
+            polar.fail("POST", "/v1/events/ingest", kind="drop_after", times=20)
+            failed = await w.issuer.issue(case.id)
+            assert failed["state"] == "failed", failed
+            assert polar.events, "Polar stored the events"
+            rejected = await w.service.reject(case.id, "U_LEAD", "looks wrong")
+            reopened = await w.service.open(CheckRequest("i-7f3a", ["2026-10"], "U1", "T-2"))
+            return rejected, reopened
+
+    rejected, reopened = run(go())
+    assert not rejected.ok, "rejected a case whose credit may already be on the next invoice"
+    assert not (reopened.status == "done" and reopened.case.credit_cents > 0), \
+        f"a new case credits {reopened.case.credit_cents} cents of the same October time"
