@@ -272,3 +272,25 @@ def test_a_failed_invoice_credit_whose_events_reached_polar_cannot_be_rejected(d
     assert not rejected.ok, "rejected a case whose credit may already be on the next invoice"
     assert not (reopened.status == "done" and reopened.case.credit_cents > 0), \
         f"a new case credits {reopened.case.credit_cents} cents of the same October time"
+
+
+def test_an_order_with_nothing_left_to_refund_fails_the_case_instead_of_issuing_zero(db, db_url, polar):
+    """October's order is already fully refunded (refundable_amount 0; Polar would answer 403). The
+    Issuer caps each refund at the listed refundable_amount *before* posting, so it never posts,
+    never sees the 403, and ends the case `issued` with 0 cents: a billing_corrections row of $0.00,
+    "Issued $0.00" in Slack and a letter to the customer, with the whole credit called a remainder
+    "left for a lead" that nothing offers. Expected (issue 13): the case fails with a reason a person
+    understands (already fully refunded) and offers invoice credit."""
+    seed(db)
+    orders(polar, oct_=1500, oct_refunded=1500)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            return await w.issuer.issue(case["id"]), w.rec
+
+    done, rec = run(go())
+    assert polar.refunds == []
+    assert not (done["state"] == "issued" and done["issued_cents"] == 0), (
+        f"issued 0 cents: corrections {[str(r[3]) for r in corrections(db_url)]}, announced {rec.issued_calls}")
+    assert done["state"] == "failed" and rec.failed_calls and rec.failed_calls[0][2] is True
