@@ -110,3 +110,36 @@ def test_an_agent_one_cent_short_is_refused_and_the_lead_is_not(db, db_url):
     agent, lead = run(go())
     assert agent.status == "refused" and agent.needed_level == 2, agent
     assert lead.ok, lead
+
+
+def test_an_unreadable_higher_group_does_not_block_an_approval_that_does_not_depend_on_it(db, db_url):
+    """SPEC 3: while Slack cannot be reached (beyond 5 minutes) "an approval that depends on it is
+    refused". Here the agent U1 is a level-1 member by user id and approves a $27.04 case, within
+    level 1's $50. Level 2 is a Slack user group that cannot be read. services/approvals.authority_of
+    raises MembershipUnknown whenever an unreadable group *could* give the user more authority,
+    whatever the amount at stake, so the agent is refused: during a Slack outage no agent or lead
+    listed by id can approve anything while a higher level is a group."""
+    from services.approvals import GroupMembers, authority_of
+
+    seed_two_instances(db)
+    config = parse_config({"levels": {1: {"users": ["U1", "U2"]}, 2: {"groups": ["S_LEADS"]},
+                                      4: {"users": ["U_VP"]}}})
+
+    async def unreachable(group_id):
+        raise ConnectionError("slack.com unreachable")
+
+    groups = GroupMembers(unreachable)
+
+    async def go():
+        db_ = await Database.connect(db_url)
+        s = CaseService(CaseStore(db_), Investigator(config, db_), config, lambda u: authority_of(config, groups, u))
+        await s.store.migrate()
+        try:
+            c = (await s.open(CheckRequest("i-aaaa", ["2026-10"], "U1", "T-1"))).case
+            return c, await s.approve(c.id, "U2")
+        finally:
+            await db_.close()
+
+    case, out = run(go())
+    assert 0 < case.credit_cents <= 5000
+    assert out.ok, f"refused: {out.reason}"
