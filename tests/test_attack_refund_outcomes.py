@@ -294,3 +294,30 @@ def test_an_order_with_nothing_left_to_refund_fails_the_case_instead_of_issuing_
     assert not (done["state"] == "issued" and done["issued_cents"] == 0), (
         f"issued 0 cents: corrections {[str(r[3]) for r in corrections(db_url)]}, announced {rec.issued_calls}")
     assert done["state"] == "failed" and rec.failed_calls and rec.failed_calls[0][2] is True
+
+
+def test_regression_succeeded_before_created_pending_settles_once(db, db_url, polar):
+    """Out of order the other way: `refund.updated` (succeeded) arrives before `refund.created`
+    (pending), then both are delivered again under new ids. The case is issued once, with one
+    billing_corrections row, and the late `pending` does not take the confirmed refund back."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            polar.queue_refund_statuses("pending")
+            assert (await w.issuer.issue(case.id))["state"] == "issuing"
+            r = polar.refunds[0]["id"]
+            created = polar.messages("refund.created")[-1]
+            polar.settle_refund(r, "succeeded")
+            updated = polar.messages("refund.updated")[-1]
+            for n, msg in enumerate([updated, created, updated, created]):
+                await w.issuer.on_polar_event(refund_event(msg), f"delivery-{n}")
+                await w.issuer.drain(10)
+            return await w.service.store.get(case.id), w.rec
+
+    final, rec = run(go())
+    assert final.state == "issued" and final.issued_cents == 1028
+    assert len(corrections(db_url)) == 1 and len(rec.issued_calls) == 1
+    assert [(i["state"], i["refund_status"]) for i in issuances(db_url, final.id)] == [("confirmed", "succeeded")]
