@@ -321,3 +321,37 @@ def test_regression_succeeded_before_created_pending_settles_once(db, db_url, po
     assert final.state == "issued" and final.issued_cents == 1028
     assert len(corrections(db_url)) == 1 and len(rec.issued_calls) == 1
     assert [(i["state"], i["refund_status"]) for i in issuances(db_url, final.id)] == [("confirmed", "succeeded")]
+
+
+def test_regression_the_sweeper_racing_a_live_worker_and_a_cancelled_worker_make_one_refund(db, db_url, polar):
+    """A worker is mid-POST (Polar slow) while the sweeper claims the case on another connection,
+    then the worker is cancelled mid-call and the sweeper runs again: one refund, one row, and the
+    case lock is not left held by any pooled connection."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            polar.server.latency_s = 0.4
+            worker = asyncio.create_task(w.issuer.issue(case.id))
+            await asyncio.sleep(0.3)
+            swept = await w.issuer.sweep_once(older_than_s=0)  # the worker holds the case: nothing done
+            await asyncio.sleep(0.5)
+            worker.cancel()
+            try:
+                await worker
+            except asyncio.CancelledError:
+                pass
+            polar.server.latency_s = 0
+            await asyncio.sleep(0.5)
+            with psycopg.connect(db_url) as conn:
+                held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                                    " AND classid = 7242002 AND objid = %s", (case.id,)).fetchone()[0]
+            done = await w.issuer.issue(case.id)
+            return swept, held, done
+
+    swept, held, done = run(go())
+    assert held == 0
+    assert done["state"] == "issued" and len(polar.refunds) == 1 and len(corrections(db_url)) == 1, (
+        done["state"], [r["amount"] for r in polar.refunds])
