@@ -134,14 +134,18 @@ def soak(runs: int, seed_: int, tmp: Path) -> dict:
                 t.join()
         # Polar settles the pending refunds; the failed ones are issued as invoice credit
         deadline = time.time() + 60
-        pending = {cid for cid, o in plan.items() if o.startswith("pending")}
-        while pending and time.time() < deadline:
-            for refund in list(polar.refunds):
+        settled = set()
+        while time.time() < deadline:  # every refund Polar holds pending is settled as planned
+            waiting = [r for r in polar.refunds if r["status"] == "pending"]
+            for refund in waiting:
                 cid = int(refund["metadata"].get("case_id", 0))
-                if cid in pending and refund["status"] == "pending":
-                    polar.settle_refund(refund["id"], "succeeded" if plan[cid] == "pending_succeeded" else "failed")
-                    pending.discard(cid)
+                if cid not in settled or plan.get(cid) != "pending_failed":
+                    polar.settle_refund(refund["id"], "failed" if plan.get(cid) == "pending_failed"
+                                       and cid not in settled else "succeeded")
+                    settled.add(cid)
             polar.deliver()
+            if not waiting and all(c in settled for c, o in plan.items() if o.startswith("pending")):
+                break
             time.sleep(0.3)
         polar.faults.clear()
         failed_told = set()

@@ -16,7 +16,7 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import home, scheduler
-from bot.actions import adjust, approve, open_case, reject, remainder, retry
+from bot.actions import adjust, approve, open_case, reject, retry
 from bot.commands import billing_check, billing_report
 from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
@@ -29,7 +29,7 @@ from services.issuing import Issuer
 from services.store import CaseStore
 
 log = logging.getLogger(__name__)
-LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, remainder, open_case, home)
+LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, open_case, home)
 
 
 def build_app(ctx: BotContext) -> AsyncApp:

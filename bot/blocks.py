@@ -117,12 +117,29 @@ def refund_room_notes(report: dict) -> list[str]:
     return notes
 
 
+def escaped_report(report: dict) -> dict:
+    """The report with every piece of text that came from outside (control-plane log lines, Polar,
+    people) escaped, so none of it can ping @channel or forge a link in Slack."""
+    def esc_list(items):
+        return [escape(x) for x in items or []]
+    out = dict(report)
+    out["findings"] = [{**f, "summary": escape(f["summary"]), "evidence": esc_list(f["evidence"])}
+                       for f in report.get("findings", [])]
+    out["notes"] = esc_list(report.get("notes"))
+    out["systematic_reasons"] = esc_list(report.get("systematic_reasons"))
+    out["credited_before"] = [{**c, "text": escape(c.get("text", ""))} for c in report.get("credited_before", [])]
+    if report.get("coverage"):
+        out["coverage"] = {**report["coverage"], "why": esc_list(report["coverage"].get("why"))}
+    return out
+
+
 def _view(case) -> dict:
     """The case as the template reads it, with every piece of typed text escaped."""
     view = {k: case.get(k) for k in ("id", "state", "method", "report", "credit_cents", "proposed_cents",
                                      "required_level", "systematic", "ticket_id", "requested_by", "decided_by",
                                      "reason", "issued_cents", "polar_reference", "customer_id")}
     view["exposure_cents"] = case.get("exposure_cents") or 0
+    view["report"] = escaped_report(view["report"])
     if view["ticket_id"]:
         view["ticket_id"] = escape(view["ticket_id"])
     return view
@@ -131,6 +148,7 @@ def _view(case) -> dict:
 def evidence_messages(report: dict, limit: int = MAX_TEXT) -> list[str]:
     """The full evidence for the thread, split into messages under Slack's text limit. It opens with
     the coverage, so the thread never reads as an all-clear the check could not give."""
+    report = escaped_report(report)
     cov = report.get("coverage")
     out: list[str] = []
     current = ""
@@ -202,16 +220,6 @@ def failure_message(case: Case, reason: str, offer_other_method: bool) -> dict:
     text = f":x: Issuing case #{case.id} failed: {escape(reason)}"
     return {"text": cut_text(text, 4000), "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": cut_text(text)}},
                                                      {"type": "actions", "elements": buttons}]}
-
-
-def remainder_offer(case: Case, remainder_cents: int) -> dict:
-    """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4)."""
-    text = (f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount was "
-            "reached). It stays on the case: a lead decides whether to credit it on the next invoice.")
-    button = {"type": "button", "action_id": "case_remainder", "value": str(case.id),
-              "text": {"type": "plain_text", "text": f"Credit the remaining {fmt_money(remainder_cents)} as invoice credit"}}
-    return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}},
-                                     {"type": "actions", "elements": [button]}]}
 
 
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:
