@@ -23,6 +23,7 @@ from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
 from bot.views import check_modal
 from services.approvals import GROUP_CACHE_S, STALE_LIMIT_S, GroupMembers, authority_of, holders
+from services.background import Background
 from services.cases import CaseService
 from services.config import Config, ConfigError, Env
 from services.issuing import Issuer
@@ -129,12 +130,13 @@ async def _serve(env: Env, config: Config) -> None:
         ctx = build_context(env, config, rt, client)
         app = build_app(ctx)
         tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
-        loops = [asyncio.create_task(scheduler.run_forever(ctx, tick))]
+        loops = Background(name="bot loop")
+        loops.spawn(scheduler.run_forever(ctx, tick), "reminders")
         issuer = ctx.cases.issuer
         if issuer is not None:  # every replica sweeps what a crash or an outage left unfinished
             sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
             sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
-            loops.append(asyncio.create_task(issuer.run_sweeper(sweep_every, sweep_age)))
+            loops.spawn(issuer.run_sweeper(sweep_every, sweep_age), "issuing sweeper")
         runner = web.AppRunner(web_app(ctx, app))
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", env.port).start()
@@ -146,8 +148,7 @@ async def _serve(env: Env, config: Config) -> None:
             else:
                 await asyncio.Event().wait()
         finally:
-            for loop in loops:
-                loop.cancel()
+            loops.cancel()
             await runner.cleanup()
 
 

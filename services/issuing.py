@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from handlers.cases import Case
 from handlers.orders import invoicing_order  # noqa: F401  (re-exported for tests)
 from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
+from services.background import Background
 from services.cases import CaseService, Outcome
 from services.polar import PolarClient, PolarError, PolarUnavailable
 from services.store import Outbox
@@ -79,8 +80,7 @@ class Issuer:
     lookup_delay_s: float = 0.5
     workers: int = 3  # issuings at once per process; the pool (8) keeps room for checks and Slack
     poll_pending_after_s: float = 600.0  # read back pending refunds after this (0: every sweep)
-    _tasks: set = field(default_factory=set)
-    _slots: asyncio.Semaphore | None = None
+    background: Background | None = None  # the issuing workers, bounded to `workers`
 
     @property
     def store(self):
@@ -92,20 +92,14 @@ class Issuer:
 
     async def submit(self, case_id: int) -> None:
         """Issue in the background, bounded; the caller (a Slack listener) returns at once."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.workers)
-
-        async def run():
-            async with self._slots:
-                await self.issue_logged(case_id)
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self.background is None:
+            self.background = Background(limit=self.workers, name="issuing")
+        self.background.spawn(self.issue_logged(case_id), f"issuing case {case_id}")
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight issuing (shutdown); whatever is cut off, the sweeper resumes."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        if self.background is not None:
+            await self.background.drain(timeout_s)
 
     async def issue_logged(self, case_id: int) -> Case | None:
         try:
@@ -121,13 +115,22 @@ class Issuer:
             await self.issue_logged(case_id)
         return ids
 
-    async def resume_unfinished(self, older_than_s: float = 0) -> list[int]:
-        return await self.sweep_once(older_than_s)
+    async def resume_unfinished(self, older_than_s: float = 0, max_rounds: int = 100) -> list[int]:
+        """Sweep until nothing unfinished is left (a sweep takes a batch), or a round finds only
+        cases it already tried (held by a live worker elsewhere: that worker finishes them)."""
+        done: list[int] = []
+        for _ in range(max_rounds):
+            ids = await self.sweep_once(older_than_s)
+            fresh = [i for i in ids if i not in done]
+            done += fresh
+            if not fresh:
+                break
+        return done
 
     async def run_sweeper(self, every_s: float, older_than_s: float = 60.0) -> None:
         while True:
             try:
-                await self.sweep_once(older_than_s)
+                await self.resume_unfinished(older_than_s)  # batch after batch, so a backlog clears in one tick
             except Exception:
                 log.exception("issuing sweep failed; the next one retries")
             await asyncio.sleep(every_s)
