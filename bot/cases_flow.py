@@ -5,6 +5,11 @@ from __future__ import annotations
 import logging
 import time
 
+import psycopg
+from psycopg_pool import PoolTimeout
+from slack_sdk.errors import SlackApiError
+from slack_sdk.webhook.async_client import AsyncWebhookClient
+
 from bot import slack_io
 from bot.blocks import escape
 from bot.context import BotContext
@@ -36,10 +41,60 @@ def parse_check_text(text: str) -> tuple[str, list[str] | None, str | None]:
     return instance, periods, ticket
 
 
+CANNOT_POST = {"channel_not_found", "not_in_channel", "is_archived", "restricted_action", "cannot_dm_bot"}
+
+
+async def respond(response_url: str | None, text: str) -> bool:
+    """Answer through the command's response_url (works where the bot cannot post)."""
+    if not response_url:
+        return False
+    try:
+        r = await AsyncWebhookClient(response_url).send(text=text, response_type="ephemeral")
+        return r.status_code == 200
+    except Exception as exc:
+        log.warning("could not answer through response_url: %s", type(exc).__name__)
+        return False
+
+
 async def open_case(ctx: BotContext, *, channel: str, user: str, instance_id: str, periods: list[str] | None,
                     ticket: str | None, response_url: str | None = None) -> Case | None:
-    posted = await ctx.client.chat_postMessage(channel=channel, text=f":mag: Investigating {instance_id}…")
-    ts = posted["ts"]
+    """Open a case and show it. Any failure to reach Slack is told to the requester somewhere (the
+    command's response_url, or a direct message), never only to the log."""
+    try:
+        return await _open_case(ctx, channel=channel, user=user, instance_id=instance_id, periods=periods,
+                                ticket=ticket, response_url=response_url)
+    except Exception as exc:
+        log.exception("opening a case for %s failed", instance_id)
+        told = await respond(response_url, f":x: Could not open a case for {instance_id}: {type(exc).__name__}. "
+                                           "Try again shortly.")
+        if not told:
+            await slack_io.ephemeral(ctx, None, user, f":x: Could not open a case for {instance_id}: "
+                                                      f"{type(exc).__name__}. Try again shortly.")
+        return None
+
+
+async def _start(ctx: BotContext, channel: str, user: str, instance_id: str, response_url: str | None
+                 ) -> tuple[str, str]:
+    """The "Investigating…" message that becomes the case: in the channel, or, where the bot cannot
+    post (a private channel or a DM it is not in), in a direct message to the requester, with one
+    line through the response_url saying how to invite the bot."""
+    try:
+        posted = await ctx.client.chat_postMessage(channel=channel, text=f":mag: Investigating {instance_id}…")
+        return posted["channel"], posted["ts"]
+    except SlackApiError as exc:
+        error = exc.response.get("error")
+        if error not in CANNOT_POST:
+            raise
+    await respond(response_url, (
+        f":information_source: I can't post in this channel ({error}), so the case for {instance_id} comes to you "
+        "in a direct message. To have cases here, invite me: `/invite @billing-bot`."))
+    posted = await ctx.client.chat_postMessage(channel=user, text=f":mag: Investigating {instance_id}…")
+    return posted["channel"], posted["ts"]
+
+
+async def _open_case(ctx: BotContext, *, channel: str, user: str, instance_id: str, periods: list[str] | None,
+                     ticket: str | None, response_url: str | None = None) -> Case | None:
+    channel, ts = await _start(ctx, channel, user, instance_id, response_url)
     started = time.perf_counter()
     try:
         out = await ctx.cases.open(CheckRequest(instance_id, periods, user, ticket, channel, response_url))
@@ -51,8 +106,10 @@ async def open_case(ctx: BotContext, *, channel: str, user: str, instance_id: st
         return None
     except Exception as exc:  # the database is down: say so where the agent is looking
         log.exception("check of %s failed", instance_id)
+        what = ("the database is unavailable" if isinstance(exc, (psycopg.OperationalError, PoolTimeout))
+                else type(exc).__name__)
         await ctx.client.chat_update(channel=channel, ts=ts,
-                                     text=f":x: Could not investigate {instance_id}: {type(exc).__name__}. Try again shortly.")
+                                     text=f":x: Could not investigate {instance_id}: {what}. Try again shortly.")
         return None
     ctx.metrics.check_seconds.observe(time.perf_counter() - started)
     if out.status == "existing":

@@ -81,9 +81,10 @@ class Bot:
         body = urlencode(form)
         return self.http.post("/slack/events", content=body, headers=headers or sign(body))
 
-    def command(self, text: str, user: str = "U_AGENT", channel: str = "C_SUPPORT") -> httpx.Response:
+    def command(self, text: str, user: str = "U_AGENT", channel: str = "C_SUPPORT",
+                response_url: str = "https://hooks.invalid/x") -> httpx.Response:
         return self.post({"command": "/billing-check", "text": text, "user_id": user, "channel_id": channel,
-                          "team_id": "T1", "trigger_id": "trig-1", "response_url": "https://hooks.invalid/x",
+                          "team_id": "T1", "trigger_id": "trig-1", "response_url": response_url,
                           "token": "legacy"})
 
     def action(self, action_id: str, case_id: int, user: str, channel: str = "C_SUPPORT") -> httpx.Response:

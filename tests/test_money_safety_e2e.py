@@ -160,3 +160,36 @@ def test_a_lead_removed_while_slack_is_unreachable_is_refused_after_the_limit(db
         assert case_row(db_url, second)[0] == "pending"
     finally:
         bot.stop()
+
+
+def test_a_check_in_a_channel_the_bot_is_not_in_reaches_the_requester(db, db_url, slack, tmp_path):
+    """SPEC 5: the command works in any channel; where the bot cannot post, it answers through the
+    response_url, says how to invite it, and the case (with its buttons) goes to a direct message."""
+    seed_cases(db)
+    slack.private.add("G_PRIVATE")
+    bot = Bot(db_url, slack, tmp_path)
+    try:
+        r = bot.command("i-7f3a 2026-10", user="U_AGENT", channel="G_PRIVATE", response_url=slack.response_url)
+        assert r.status_code == 200
+        said = wait_for(lambda: slack.of("response_url"), what="an answer through response_url")[0]
+        assert "can't post in this channel" in said["text"] and "/invite @billing-bot" in said["text"]
+        upd = wait_for(lambda: slack.of("chat.update"), what="the case in a direct message")[0]
+        assert upd["channel"] == "U_AGENT" and "Approve $10.28" in json.dumps(upd["blocks"])
+        case_id = cases_of(db_url, "i-7f3a")[0][0]
+        bot.action("case_approve", case_id, "U_AGENT2", channel="U_AGENT")
+        wait_for(lambda: case_row(db_url, case_id)[0] == "approved", what="approved from the DM")
+    finally:
+        bot.stop()
+
+
+def test_a_database_outage_is_told_in_slack_not_only_in_the_log(db, db_url, slack, tmp_path):
+    seed_cases(db)
+    bot = Bot(db_url, slack, tmp_path)
+    try:
+        with psycopg.connect(db_url, autocommit=True) as conn:  # the control-plane table vanishes mid-flight
+            conn.execute("ALTER TABLE billing_records RENAME TO billing_records_gone")
+        bot.command("i-7f3a 2026-10", response_url=slack.response_url)
+        upd = wait_for(lambda: slack.of("chat.update"), what="an answer")[0]
+        assert upd["text"].startswith(":x: Could not investigate i-7f3a") and "Try again shortly" in upd["text"]
+    finally:
+        bot.stop()

@@ -20,6 +20,7 @@ class FakeSlack(FakeApi):
         self._ts = itertools.count(1)
         self.faults: dict[str, list[str]] = {}  # method -> Slack errors to answer, in order
         self.down: set[str] = set()  # methods answering 'service_unavailable' until brought back
+        self.private: set[str] = set()  # channels the bot cannot post in
         self.server = FakeServer(self.handle, latency_s)
 
     def fail(self, method: str, error: str, times: int = 1) -> None:
@@ -35,7 +36,16 @@ class FakeSlack(FakeApi):
         with self.lock:
             return [p for m, p in self.calls if m == method]
 
+    @property
+    def response_url(self) -> str:
+        """A command's response_url, as Slack gives one (hooks.slack.com/commands/...)."""
+        return self.server.url + "/commands/T1/1/response"
+
     def handle(self, req: Request) -> Response:
+        if req.path.startswith("/commands/"):  # a response_url: no token, JSON body
+            with self.lock:
+                self.calls.append(("response_url", req.json() or {}))
+            return Response(200, "ok")
         if not req.path.startswith("/api/"):
             return Response(404, {"ok": False, "error": "unknown_method"})
         method = req.path[len("/api/"):]
@@ -63,6 +73,8 @@ class FakeSlack(FakeApi):
         if method == "auth.test":
             return {"ok": True, "user_id": "UBOT", "bot_id": "BBOT", "team_id": "T1", "user": "billing-bot"}
         if method == "chat.postMessage":
+            if p.get("channel") in self.private:  # a private channel or DM the bot is not in
+                return {"ok": False, "error": "channel_not_found"}
             if not p.get("channel"):
                 return {"ok": False, "error": "channel_not_found"}
             ts = f"1700000000.{next(self._ts):06d}"
