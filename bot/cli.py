@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(run_demo(env, config))
         if args.command == "serve":
             from bot.app import serve
-            return serve(env, config)
+            return serve(env, config, demo=not env.database_url)
         if args.command == "reconcile":
             from services.reconcile import run_reconcile_cli
             return asyncio.run(run_reconcile_cli(env, config, args))
