@@ -82,18 +82,32 @@ def test_readme_example_runs_as_written_on_the_demo_database(demo_env):
     assert out["periods"] == [last, now.strftime("%Y-%m")]
 
 
-def test_every_text_output_starts_with_the_demo_line_and_postgres_stops_after(demo_env):
-    data = Path(demo_env["BILLING_BOT_DATA"])
-    for args in (["check", "i-7f3a"], ["reconcile"], ["report", "--since", "2026-01-01"], ["demo"]):
-        proc = run(args, demo_env)
-        assert proc.returncode == 0, (args, proc.stderr)
-        assert proc.stdout.splitlines()[0].startswith("DEMO DATABASE: "), (args, proc.stdout[:300])
-        assert proc.stdout.count("DEMO DATABASE") == 1
-        assert not postmaster_running(data), f"{args} left PostgreSQL running"
-    for args in (["reconcile", "--json"], ["report", "--since", "2026-01-01", "--csv"]):
-        proc = run(args, demo_env)
-        assert proc.returncode == 0 and "DEMO DATABASE" not in proc.stdout, args
-        assert one_line(proc.stderr).startswith("DEMO DATABASE: ")
+@pytest.fixture(scope="module")
+def shared_demo_env(tmp_path_factory):
+    """One demo folder for the output tests below: initialised and seeded once, started per command."""
+    return bare_env(BILLING_BOT_DATA=str(tmp_path_factory.mktemp("shared-demo") / "pgdata"))
+
+
+@pytest.mark.parametrize("args", [["check", "i-7f3a"], ["reconcile"], ["report", "--since", "2026-01-01"], ["demo"]])
+def test_every_text_output_starts_with_the_demo_line_and_postgres_stops_after(shared_demo_env, args):
+    proc = run(args, shared_demo_env)
+    assert proc.returncode == 0, (args, proc.stderr)
+    assert proc.stdout.splitlines()[0].startswith("DEMO DATABASE: "), (args, proc.stdout[:300])
+    assert proc.stdout.count("DEMO DATABASE") == 1 and proc.stderr == ""
+    assert not postmaster_running(Path(shared_demo_env["BILLING_BOT_DATA"])), f"{args} left PostgreSQL running"
+
+
+@pytest.mark.parametrize("args", [["check", "i-7f3a", "--json"], ["reconcile", "--json"],
+                                  ["report", "--since", "2026-01-01", "--csv"]])
+def test_machine_output_keeps_stdout_clean_and_says_demo_on_stderr(shared_demo_env, args):
+    proc = run(args, shared_demo_env)
+    assert proc.returncode == 0 and "DEMO DATABASE" not in proc.stdout, args
+    assert one_line(proc.stderr).startswith("DEMO DATABASE: ")
+    if "--json" in args:
+        json.loads(proc.stdout)
+    else:
+        assert proc.stdout.splitlines()[0].startswith("id,resolved_at,")  # the CSV header, first
+    assert not postmaster_running(Path(shared_demo_env["BILLING_BOT_DATA"]))
 
 
 def test_a_killed_user_of_the_demo_database_does_not_keep_it_running(demo_env):
