@@ -37,6 +37,9 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
 CONNECT_TIMEOUT_S = 5
 # How long start-up waits for the pool's first connection, after the probe connection has succeeded.
 POOL_OPEN_TIMEOUT_S = 10
+# How long a request waits for a pooled connection (psycopg_pool's default is 30 s): while the
+# database is down, the agent hears "could not investigate" after this, not after half a minute.
+POOL_WAIT_S = 10
 
 
 class DatabaseUrlError(ConfigError):
@@ -81,7 +84,7 @@ def _connect_kwargs(url: str) -> dict:
 def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnectionPool:
     # check: each connection is tested (an empty query) as it is taken from the pool, so after a
     # database restart or failover the dead connections are replaced instead of failing a request.
-    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
+    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, timeout=POOL_WAIT_S,
                                configure=_configure, check=AsyncConnectionPool.check_connection,
                                kwargs={"row_factory": dict_row, **_connect_kwargs(url)})
 

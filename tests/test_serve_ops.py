@@ -207,6 +207,35 @@ def test_a_restarted_database_costs_the_pool_no_request(own_pg):
     asyncio.run(run())
 
 
+def test_a_stopped_database_fails_a_request_after_the_pool_wait_and_the_next_one_after_it_is_back_works(
+        own_pg, monkeypatch):
+    import asyncio
+
+    import psycopg_pool
+
+    import services.db
+    from services.db import Database
+
+    monkeypatch.setattr(services.db, "POOL_WAIT_S", 1.0)
+
+    async def run():
+        db = await Database.connect(own_pg.url, min_size=1, max_size=2)
+        try:
+            assert db.pool.timeout == 1.0
+            own_pg.stop()
+            t0 = time.monotonic()
+            with pytest.raises(psycopg_pool.PoolTimeout):
+                async with db.snapshot() as conn:
+                    await conn.execute("SELECT 1")
+            assert time.monotonic() - t0 < 3
+            own_pg.start()
+            async with db.snapshot() as conn:
+                assert (await (await conn.execute("SELECT 3 AS three")).fetchone())["three"] == 3
+        finally:
+            await db.close()
+    asyncio.run(run())
+
+
 def test_probes_with_the_database_stopped_and_the_first_command_after_it_is_back(own_pg, slack, tmp_path):
     with psycopg.connect(own_pg.url, autocommit=True) as conn:
         seed_cases(conn)
