@@ -40,6 +40,11 @@ POOL_OPEN_TIMEOUT_S = 10
 # How long a request waits for a pooled connection (psycopg_pool's default is 30 s): while the
 # database is down, the agent hears "could not investigate" after this, not after half a minute.
 POOL_WAIT_S = 10
+# How long the pool keeps retrying a lost connection on its own, with backoff doubling from 1 s.
+# psycopg_pool's 300 s lets the gap between attempts grow past a minute during a long outage, and
+# requests would keep timing out well after the database is back. After this the pool stops, and
+# the next request (or /readyz, every few seconds) starts a fresh attempt at once.
+RECONNECT_TIMEOUT_S = 30
 
 
 class DatabaseUrlError(ConfigError):
@@ -85,6 +90,7 @@ def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnect
     # check: each connection is tested (an empty query) as it is taken from the pool, so after a
     # database restart or failover the dead connections are replaced instead of failing a request.
     return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, timeout=POOL_WAIT_S,
+                               reconnect_timeout=RECONNECT_TIMEOUT_S,
                                configure=_configure, check=AsyncConnectionPool.check_connection,
                                kwargs={"row_factory": dict_row, **_connect_kwargs(url)})
 
