@@ -3,9 +3,11 @@
 `setup_logging(level)` is called once by the CLI (`billing-bot serve` at INFO, the one-shot
 commands at WARNING so a report is not interleaved with chatter). LOG_FORMAT=json gives one JSON
 object per line (`ts`, `level`, `logger`, `msg`, plus any `extra=` fields and `exc`), which log
-collectors parse without a regex. Library loggers that would print retry noise or secrets on the
-terminal (urllib3's connection-pool warnings, psycopg_pool's reconnect warnings, which repeat the
-connection string) are held at ERROR: the bot reports those failures itself, once, in its own words.
+collectors parse without a regex. Library loggers that would print retry noise on the terminal
+(urllib3's warning per Kubernetes retry; for one-shot commands also psycopg's pool, a warning per
+failed connection attempt) are held at ERROR: the bot reports those failures itself, once, in its
+own words. Python warnings go through logging too, at ERROR only, so no library's DeprecationWarning
+reaches an operator's terminal (the test suite turns our own into errors, see pyproject.toml).
 """
 from __future__ import annotations
 
@@ -22,10 +24,10 @@ _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"messa
 # These libraries log failures we already report once, in our words (a source's `failed: ...`, the
 # CLI's one line): urllib3 warns on every Kubernetes retry; pgserver logs its start-up steps.
 QUIET_LOGGERS = ("urllib3", "kubernetes", "pgserver")
-# psycopg_pool warns once per failed connection attempt (four or five before a command gives up),
-# with libpq's message. A one-shot command quiets it too: its one line on stderr says what failed.
+# psycopg's pool (logger "psycopg.pool") warns once per failed connection attempt, with libpq's
+# multi-line message. A one-shot command quiets it: its one line on stderr says what failed.
 # `serve` keeps it: "discarding broken connection" is what an operator wants to see after a failover.
-QUIET_FOR_COMMANDS = QUIET_LOGGERS + ("psycopg", "psycopg_pool")
+QUIET_FOR_COMMANDS = QUIET_LOGGERS + ("psycopg",)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 

@@ -13,7 +13,7 @@ from services.logs import JsonFormatter, setup_logging
 def restore_logging():
     root = logging.getLogger()
     saved = (list(root.handlers), root.level,
-             {n: logging.getLogger(n).level for n in ("urllib3", "psycopg_pool", "py.warnings")})
+             {n: logging.getLogger(n).level for n in ("urllib3", "psycopg", "py.warnings")})
     yield
     root.handlers[:] = saved[0]
     root.setLevel(saved[1])
