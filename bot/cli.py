@@ -22,7 +22,8 @@ environment (SPEC 5; secrets only ever come from here and are never printed):
   DATABASE_URL          postgresql://user:password@host:5432/dbname, the control-plane database.
                         Not set: the embedded demo database (made-up data, last month), and every
                         output starts with a "DEMO DATABASE" line (on stderr for --json and --csv,
-                        so the output stays parseable; in the log for serve)
+                        so the output stays parseable; for serve --demo in the log and in every
+                        Slack message)
   BILLING_BOT_DATA      the demo database's folder (default ./.billing-bot/pgdata)
   BILLING_BOT_CONFIG    the YAML file of levels, channels, rate card and limits (SPEC 5.1)
   BILLING_BOT_SCHEMA    the bot's own schema (default billing_bot)

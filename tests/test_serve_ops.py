@@ -128,6 +128,12 @@ def test_sigterm_stops_the_embedded_database_of_serve_demo(slack, tmp_path):
     try:
         pid = int((data / "postmaster.pid").read_text().split()[0])
         assert bot.http.get("/readyz").json() == {"ok": True, "database": "ok", "demo_database": True}
+        # every message says it comes from the demo database (the demo month: the default periods)
+        case_id, upd = open_case(bot, slack, "i-7f3a")
+        assert case_id is not None and "Approve $10.28" in json.dumps(upd["blocks"])
+        assert upd["blocks"][0]["elements"][0]["text"].startswith(":warning: *DEMO DATABASE: made-up data")
+        assert upd["text"].startswith("DEMO DATABASE: made-up data")
+        assert all(m["text"].startswith("DEMO DATABASE: ") for m in slack.of("chat.postMessage"))
         rc, took = _sigterm(bot)
     finally:
         bot.stop()
