@@ -77,6 +77,9 @@ def test_readme_example_runs_as_written_on_the_demo_database(demo_env):
     shown = re.findall(r'"kind": "(\w+)", "credit_cents": (\d+)', example)
     assert [(f["kind"], f["credit_cents"]) for f in out["findings"]] == [(k, int(c)) for k, c in shown]
     assert out["sources"] == json.loads(re.search(r'"sources": (\{.*?\})', example, re.S).group(1))
+    shown_coverage = re.search(r'"coverage": \{"state": "(\w+)", "kinds": (\[.*?\])', example)
+    assert out["coverage"]["state"] == shown_coverage.group(1) == "partial"  # no cluster, no Polar in the demo
+    assert out["coverage"]["kinds"] == json.loads(shown_coverage.group(2))
     now = datetime.now(timezone.utc)
     last = (now.replace(day=1) - __import__("datetime").timedelta(days=1)).strftime("%Y-%m")
     assert out["periods"] == [last, now.strftime("%Y-%m")]
