@@ -1,13 +1,28 @@
 """The Bolt app and its HTTP server (`billing-bot serve`).
 
-HTTP mode: aiohttp on PORT, Slack posts to /slack/events (signatures verified by Bolt), plus
-GET /healthz and GET /metrics. Socket Mode when SLACK_APP_TOKEN is set (the same listeners).
+HTTP mode: aiohttp on PORT, Slack posts to /slack/events (signatures verified by Bolt), plus the
+probes and GET /metrics. Socket Mode when SLACK_APP_TOKEN is set (the same listeners; the probes
+and /metrics are still served on PORT).
+
+Probes: GET /livez (and /healthz, kept for old probes) says the process and its event loop are
+alive, without touching the database, so a database blip never makes Kubernetes restart the bot
+(which then keeps answering Slack with "database unavailable"). GET /readyz pings the database
+and fails while it is down or while the bot is shutting down.
+
+Lifecycle: start (runtime, migrations, Slack client, background loops, HTTP), then wait for
+SIGTERM/SIGINT; then stop taking work (readiness fails, the listener closes), give in-flight
+background work DRAIN_S to finish and cancel the rest (a case cut mid-issuing stays approved or
+issuing in the database and the issuing sweeper of any replica resumes it), close the pool and
+the clients; the CLI then stops an embedded PostgreSQL. Exit 0 well within Kubernetes' grace period.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import signal
+import time
+from dataclasses import dataclass, field
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,6 +41,7 @@ from services.approvals import GROUP_CACHE_S, STALE_LIMIT_S, GroupMembers, autho
 from services.background import Background
 from services.cases import CaseService
 from services.config import Config, ConfigError, Env
+from services.db import Database
 from services.issuing import Issuer
 from services.store import CaseStore
 
@@ -33,7 +49,22 @@ log = logging.getLogger(__name__)
 LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, open_case, home)
 
 
+class _DropTokenSkippedWarning(logging.Filter):
+    """Bolt reads SLACK_BOT_TOKEN from the environment even when given a client, then warns on every
+    start that the token is unused. The client (pointed at SLACK_API_URL) is what we mean to use:
+    that one warning, matched exactly, is dropped; every other Bolt message passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from slack_bolt.logger.messages import warning_client_prioritized_and_token_skipped
+
+        return record.getMessage() != warning_client_prioritized_and_token_skipped()
+
+
+_TOKEN_SKIPPED = _DropTokenSkippedWarning()
+
+
 def build_app(ctx: BotContext) -> AsyncApp:
+    logging.getLogger("slack_bolt.AsyncApp").addFilter(_TOKEN_SKIPPED)  # added once, however many apps
     app = AsyncApp(client=ctx.client, signing_secret=ctx.env.slack_signing_secret,
                    process_before_response=True)
 
@@ -72,17 +103,45 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
     return ctx
 
 
-def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
+DRAIN_S = float(os.environ.get("BILLING_BOT_DRAIN_S", "10"))  # in-flight work's time to finish after SIGTERM
+HTTP_SHUTDOWN_S = 3.0  # open HTTP requests (Slack acks take milliseconds) after the listener closes
+READY_DB_TIMEOUT_S = 2.0
+
+
+@dataclass
+class ServeState:
+    """What the probes report and the shutdown drains."""
+
+    demo: bool = False
+    draining: bool = False
+    db: Database | None = None  # what /readyz pings
+    # the long-lived loops (reminders, the issuing sweeper): cancelled, not awaited, at shutdown
+    loops: Background = field(default_factory=lambda: Background(name="bot loop"))
+
+
+def web_app(ctx: BotContext, app: AsyncApp, state: ServeState | None = None) -> web.Application:
+    state = state or ServeState()
+
     async def events(request: web.Request) -> web.Response:
         return await to_aiohttp_response(await app.async_dispatch(await to_bolt_request(request)))
 
-    async def healthz(_request: web.Request) -> web.Response:
+    async def livez(_request: web.Request) -> web.Response:
+        # Answering at all proves the event loop runs; the database is readiness's business.
+        return web.json_response({"ok": True})
+
+    async def readyz(_request: web.Request) -> web.Response:
+        body: dict = {"ok": True, "database": "ok"}
+        if state.demo:
+            body["demo_database"] = True
+        if state.draining:
+            return web.json_response({**body, "ok": False, "draining": True}, status=503)
         try:
-            async with ctx.cases.store.db.pool.connection(timeout=2) as conn:
+            async with state.db.pool.connection(timeout=READY_DB_TIMEOUT_S) as conn:
                 await conn.execute("SELECT 1")
         except Exception as exc:
-            return web.json_response({"ok": False, "database": type(exc).__name__}, status=503)
-        return web.json_response({"ok": True})
+            return web.json_response({**body, "ok": False, "database": f"unavailable: {type(exc).__name__}"},
+                                     status=503)
+        return web.json_response(body)
 
     async def metrics(_request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(ctx.metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -90,7 +149,9 @@ def web_app(ctx: BotContext, app: AsyncApp) -> web.Application:
     w = web.Application()
     w.router.add_post("/slack/events", events)
     w.router.add_post("/polar/webhooks", polar_webhooks(ctx))
-    w.router.add_get("/healthz", healthz)
+    w.router.add_get("/livez", livez)
+    w.router.add_get("/healthz", livez)
+    w.router.add_get("/readyz", readyz)
     w.router.add_get("/metrics", metrics)
     return w
 
@@ -109,53 +170,123 @@ def polar_webhooks(ctx: BotContext):
     return make_handler(ctx.env.polar_webhook_secret, on_event, deliveries.first_time, deliveries.forget)
 
 
-def slack_client(env: Env) -> AsyncWebClient:
+DEMO_LABEL = "DEMO DATABASE: made-up data, not Orzbob Cloud's billing (no DATABASE_URL)."
+_LABELLED = ("chat.postMessage", "chat.postEphemeral", "chat.update")
+_MAX_MESSAGE_BLOCKS = 50  # Slack's limit: a full message is left as it is (its text still says it)
+
+
+class DemoLabelledClient(AsyncWebClient):
+    """`serve --demo`: every message the bot posts says first that it comes from the demo database
+    (SPEC 5: "says so in every output"), without each listener having to know."""
+
+    async def api_call(self, api_method: str, *, json: dict | None = None, **kw):
+        if api_method in _LABELLED and json is not None:
+            json = dict(json)
+            if json.get("text"):
+                json["text"] = f"{DEMO_LABEL}\n{json['text']}"
+            blocks = json.get("blocks")
+            if isinstance(blocks, list) and len(blocks) < _MAX_MESSAGE_BLOCKS:
+                label = {"type": "context", "elements": [{"type": "mrkdwn", "text": f":warning: *{DEMO_LABEL}*"}]}
+                json["blocks"] = [label, *blocks]
+        return await super().api_call(api_method, json=json, **kw)
+
+
+def slack_client(env: Env, demo: bool = False) -> AsyncWebClient:
     from slack_sdk.http_retry.builtin_async_handlers import (AsyncConnectionErrorRetryHandler,
                                                              AsyncRateLimitErrorRetryHandler,
                                                              AsyncServerErrorRetryHandler)
     base = env.slack_api_url if env.slack_api_url.endswith("/") else env.slack_api_url + "/"
     # Slack's own blips (429 with Retry-After, 5xx, dropped connections) are retried by the client;
     # what still fails is logged with its case and never undoes a decision (bot/slack_io.py).
-    return AsyncWebClient(token=env.slack_bot_token, base_url=base, retry_handlers=[
+    cls = DemoLabelledClient if demo else AsyncWebClient
+    return cls(token=env.slack_bot_token, base_url=base, retry_handlers=[
         AsyncConnectionErrorRetryHandler(max_retry_count=2), AsyncRateLimitErrorRetryHandler(max_retry_count=2),
         AsyncServerErrorRetryHandler(max_retry_count=2)])
 
 
-async def _serve(env: Env, config: Config) -> None:
+def _start_background(ctx: BotContext, state: ServeState) -> None:
+    tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
+    state.loops.spawn(scheduler.run_forever(ctx, tick), "reminders")
+    issuer = ctx.cases.issuer
+    if issuer is not None:  # every replica sweeps what a crash, a shutdown or an outage left unfinished
+        sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
+        sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
+        state.loops.spawn(issuer.run_sweeper(sweep_every, sweep_age), "issuing sweeper")
+
+
+def _stop_event() -> asyncio.Event:
+    """Set on SIGTERM (Kubernetes) or SIGINT (Ctrl-C)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+def _work(ctx: BotContext) -> list[Background]:
+    """What holds in-flight work: the listeners' case jobs and the issuing workers."""
+    issuer = ctx.cases.issuer
+    return [ctx.background] + ([issuer.background] if issuer is not None and issuer.background else [])
+
+
+async def _drain(ctx: BotContext, state: ServeState, budget_s: float) -> None:
+    """Let in-flight work finish within budget_s, then cancel what is left. A cancelled issuing
+    leaves its case approved or issuing, with its outbox intent written: the sweeper (of any
+    replica) resumes it, and the read-back of Polar's refunds keeps it exactly once."""
+    state.loops.cancel()  # loops never finish on their own; a tick cut short is claimed again later
+    await state.loops.drain(2)
+    work = _work(ctx)
+    running = sum(b.running for b in work)
+    if running:
+        log.info("shutdown: waiting up to %.1f s for %d background task(s)", budget_s, running)
+        deadline = time.monotonic() + budget_s
+        for b in work:
+            await b.drain(max(0.0, deadline - time.monotonic()))
+    left = sum(b.running for b in work)
+    if left:
+        log.warning("shutdown: cancelling %d unfinished background task(s); the issuing sweeper resumes "
+                    "any case left approved or issuing", left)
+        for b in work:
+            b.cancel()
+        for b in work:
+            await b.drain(2)
+
+
+async def _serve(env: Env, config: Config, demo: bool = False) -> None:
     if not env.slack_bot_token or not (env.slack_signing_secret or env.slack_app_token):
         raise ConfigError("SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN) are needed to serve")
-    async with open_runtime(env, config) as rt:
+    stop = _stop_event()
+    state = ServeState(demo=demo)
+    async with open_runtime(env, config) as rt:  # on leaving: the pool and the clients are closed
         await CaseStore(rt.db).migrate()
-        client = slack_client(env)
-        ctx = build_context(env, config, rt, client)
+        ctx = build_context(env, config, rt, slack_client(env, demo=demo))
+        state.db = rt.db
         app = build_app(ctx)
-        tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
-        loops = Background(name="bot loop")
-        loops.spawn(scheduler.run_forever(ctx, tick), "reminders")
-        issuer = ctx.cases.issuer
-        if issuer is not None:  # every replica sweeps what a crash or an outage left unfinished
-            sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
-            sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
-            loops.spawn(issuer.run_sweeper(sweep_every, sweep_age), "issuing sweeper")
-        runner = web.AppRunner(web_app(ctx, app))
+        _start_background(ctx, state)
+        runner = web.AppRunner(web_app(ctx, app, state), access_log=None, shutdown_timeout=HTTP_SHUTDOWN_S)
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", env.port).start()
-        log.warning("billing-bot listening on :%s (%s)", env.port, "Socket Mode" if env.slack_app_token else "HTTP")
-        try:
-            if env.slack_app_token:
-                from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
-                await AsyncSocketModeHandler(app, env.slack_app_token).start_async()
-            else:
-                await asyncio.Event().wait()
-        finally:
-            loops.cancel()
-            await runner.cleanup()
+        socket_mode = None
+        if env.slack_app_token:
+            from slack_bolt.adapter.socket_mode.async_handler import AsyncSocketModeHandler
+            socket_mode = AsyncSocketModeHandler(app, env.slack_app_token)
+            await socket_mode.connect_async()
+        log.info("billing-bot listening on :%s (%s)%s", env.port, "Socket Mode" if socket_mode else "HTTP",
+                 " on the DEMO DATABASE" if demo else "")
+
+        await stop.wait()
+
+        t0 = time.monotonic()
+        log.info("shutdown: SIGTERM received, no new work is taken")
+        state.draining = True  # readiness fails at once
+        if socket_mode is not None:
+            await socket_mode.close_async()
+        await runner.cleanup()  # stop listening; open requests get HTTP_SHUTDOWN_S
+        await _drain(ctx, state, DRAIN_S)
+    log.info("shutdown: done in %.1f s (database pool closed)", time.monotonic() - t0)
 
 
-def serve(env: Env, config: Config) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        asyncio.run(_serve(env, config))
-    except KeyboardInterrupt:
-        pass
+def serve(env: Env, config: Config, demo: bool = False) -> int:
+    """Run until SIGTERM; 0 on a clean stop. Logging is set up by the CLI (services/logs.py)."""
+    asyncio.run(_serve(env, config, demo=demo))
     return 0

@@ -1,7 +1,7 @@
 """`billing-bot`: check, serve, reconcile, report, demo.
 
 Exit codes: 0 done; 2 bad input or configuration (one line on stderr naming the problem);
-1 a required system (the database) could not be used.
+1 a required system (the database) could not be used (one line on stderr naming it).
 """
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import signal
 import sys
 
 from services.config import Config, ConfigError, Env, load_config
@@ -16,32 +17,105 @@ from services.inputs import InputError, validate_instance_id, validate_period
 
 log = logging.getLogger("billing_bot")
 
+ENVIRONMENT_HELP = """\
+environment (SPEC 5; secrets only ever come from here and are never printed):
+  DATABASE_URL          postgresql://user:password@host:5432/dbname, the control-plane database.
+                        Not set: the embedded demo database (made-up data, last month), and every
+                        output starts with a "DEMO DATABASE" line (on stderr for --json and --csv,
+                        so the output stays parseable; for serve --demo in the log and in every
+                        Slack message)
+  BILLING_BOT_DATA      the demo database's folder (default ./.billing-bot/pgdata)
+  BILLING_BOT_CONFIG    the YAML file of levels, channels, rate card and limits (SPEC 5.1)
+  BILLING_BOT_SCHEMA    the bot's own schema (default billing_bot)
+  KUBECONFIG            the cluster to read (else the in-cluster service account, else none)
+  POLAR_API_URL, POLAR_API_KEY      Polar (no key: Polar is reported as not configured)
+  SLACK_BOT_TOKEN, SLACK_SIGNING_SECRET, SLACK_APP_TOKEN (Socket Mode), SLACK_API_URL
+  SMTP_URL              customer emails (else drafts are posted in the case thread)
+  PORT                  serve's HTTP port (default 3000)
+  LOG_FORMAT            json: one JSON object per log line (default: text lines with UTC timestamps)"""
+
+EXIT_HELP = """\
+exit codes:
+  0  done (a report was printed, or serve stopped on SIGTERM)
+  1  the database could not be used; one line on stderr names what failed (within about 5 s)
+  2  bad input or configuration (an invalid id or period, a bad DATABASE_URL or config key, or
+     serve / reconcile --post without DATABASE_URL and without --demo); one line on stderr"""
+
+EPILOG = ENVIRONMENT_HELP + "\n\n" + EXIT_HELP
+
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="billing-bot", description="Investigate and correct Orzbob Cloud billing.")
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = argparse.ArgumentParser(prog="billing-bot", description="Investigate and correct Orzbob Cloud billing.",
+                                epilog=EPILOG, formatter_class=fmt)
     sub = p.add_subparsers(dest="command", required=True)
-    c = sub.add_parser("check", help="investigate an instance and print the case")
+    c = sub.add_parser("check", help="investigate an instance and print the case", epilog=EPILOG, formatter_class=fmt,
+                       description="Investigate an instance's billed hours and print the case (SPEC 2).")
     c.add_argument("instance_id")
-    c.add_argument("--period", action="append", help="billing period YYYY-MM (repeatable; default: current and previous)")
+    c.add_argument("--period", action="append",
+                   help="billing period YYYY-MM (repeatable; default: the current and the previous month, "
+                        "which hold the demo month on the demo database)")
     c.add_argument("--json", action="store_true", help="print the case as JSON (SPEC 5)")
-    sub.add_parser("serve", help="run the Slack bot")
-    r = sub.add_parser("reconcile", help="run the daily reconciliation")
+    s = sub.add_parser("serve", help="run the Slack bot", epilog=EPILOG, formatter_class=fmt,
+                       description="Run the Slack bot: HTTP on PORT (/slack/events, /livez, /healthz, /readyz, "
+                                   "/metrics), or Socket Mode with SLACK_APP_TOKEN. Logs at INFO on stderr. "
+                                   "SIGTERM stops it cleanly (exit 0).")
+    s.add_argument("--demo", action="store_true",
+                   help="serve Slack from the embedded demo database on purpose (without DATABASE_URL)")
+    r = sub.add_parser("reconcile", help="run the daily reconciliation", epilog=EPILOG, formatter_class=fmt,
+                       description="Reconcile one UTC day's billing records (SPEC 5.2).")
     r.add_argument("--date", help="UTC day YYYY-MM-DD (default: yesterday)")
     r.add_argument("--json", action="store_true")
     r.add_argument("--post", action="store_true", help="post the summary to the alerts channel")
-    rp = sub.add_parser("report", help="credits issued since a day")
+    r.add_argument("--demo", action="store_true",
+                   help="allow --post from the embedded demo database (without DATABASE_URL)")
+    rp = sub.add_parser("report", help="credits issued since a day", epilog=EPILOG, formatter_class=fmt)
     rp.add_argument("--since", required=True, help="YYYY-MM-DD")
     rp.add_argument("--csv", action="store_true")
-    sub.add_parser("demo", help="print the cases of the demo instances (embedded database)")
+    sub.add_parser("demo", help="print the cases of the demo instances (embedded database)", epilog=EPILOG,
+                   formatter_class=fmt)
     return p
 
 
+def _machine_output(args) -> bool:
+    return bool(getattr(args, "json", False) or getattr(args, "csv", False))
+
+
+def demo_banner() -> str:
+    from services.demo_data import demo_month
+    from services.embedded import data_folder
+
+    return (f"DEMO DATABASE: DATABASE_URL is not set, so this runs on the embedded demo database "
+            f"({data_folder()}), made-up data for {demo_month():%Y-%m}; set DATABASE_URL for real data.")
+
+
+def _refuse_demo(args) -> None:
+    """serve with Slack and reconcile --post act on people; on made-up data only when asked to."""
+    if args.command == "serve" and not args.demo:
+        raise ConfigError("serve: DATABASE_URL is not set; refusing to answer Slack from the embedded demo "
+                          "database (pass --demo to do that on purpose)")
+    if args.command == "reconcile" and args.post and not args.demo:
+        raise ConfigError("reconcile --post: DATABASE_URL is not set; refusing to post the demo database's "
+                          "reconciliation to the alerts channel (pass --demo to do that on purpose)")
+
+
+def _sigterm_exits(_signum, _frame) -> None:
+    # A one-shot command stopped by SIGTERM unwinds like Ctrl-C, so `finally` stops the embedded database.
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from bot.runtime import stop_embedded
+    from services.logs import QUIET_FOR_COMMANDS, setup_logging
+
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":  # the log is serve's output: INFO, timestamped (JSON with LOG_FORMAT=json)
+        setup_logging(logging.INFO)
+    else:  # a one-shot command's output is its report; only real problems reach stderr
+        setup_logging(logging.WARNING, quiet=QUIET_FOR_COMMANDS)
+        signal.signal(signal.SIGTERM, _sigterm_exits)
+    env = None
     try:
         env = Env.from_environ()
         config = load_config()
@@ -49,13 +123,24 @@ def main(argv: list[str] | None = None) -> int:
             validate_instance_id(args.instance_id)
             for p in args.period or []:
                 validate_period(p)
+        if env.database_url:
+            from services.db import validate_database_url
+
+            validate_database_url(env.database_url)
+        else:
+            _refuse_demo(args)
+            if args.command == "serve":
+                log.warning("%s", demo_banner())
+            else:
+                print(demo_banner(), file=sys.stderr if _machine_output(args) else sys.stdout, flush=True)
+        if args.command == "check":
             return asyncio.run(_check(env, config, args))
         if args.command == "demo":
             from bot.demo import run_demo
             return asyncio.run(run_demo(env, config))
         if args.command == "serve":
             from bot.app import serve
-            return serve(env, config)
+            return serve(env, config, demo=not env.database_url)
         if args.command == "reconcile":
             from services.reconcile import run_reconcile_cli
             return asyncio.run(run_reconcile_cli(env, config, args))
@@ -68,22 +153,36 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except Exception as exc:  # a system we need is down: say which, briefly, without secrets
-        print(f"billing-bot: {_describe_fatal(exc)}", file=sys.stderr)
+        print(f"billing-bot: {describe_fatal(exc, env)}", file=sys.stderr)
         return 1
+    finally:
+        stop_embedded()
     return 0
 
 
-def _describe_fatal(exc: Exception) -> str:
+def describe_fatal(exc: BaseException, env: Env | None = None) -> str:
+    """One line naming what failed. Never a password: the URL is shown redacted, and libpq's
+    messages (which never quote the password) are cut to their first line."""
     import psycopg
     import psycopg_pool
 
+    from services.db import redact_url
+
+    where = "the embedded demo database"
+    if env is not None and env.database_url:
+        where = f"the database at {redact_url(env.database_url)} (DATABASE_URL)"
+    first = (str(exc).strip().splitlines() or [""])[0].strip()
+    if env is not None and env.database_url:
+        first = redact_url(first)
     if isinstance(exc, psycopg.errors.QueryCanceled):
-        return "a database query ran past its statement timeout: " + str(exc).splitlines()[0]
-    if isinstance(exc, (psycopg.OperationalError, psycopg_pool.PoolTimeout)):
-        return "cannot reach the control-plane database (DATABASE_URL): " + type(exc).__name__
+        return "a database query ran past its statement timeout: " + first
     if isinstance(exc, psycopg.errors.UndefinedTable):
-        return f"the control-plane database lacks a table the bot reads: {str(exc).splitlines()[0]}"
-    return f"{type(exc).__name__}: {exc}"
+        return f"the control-plane database lacks a table the bot reads: {first}"
+    if isinstance(exc, psycopg.OperationalError):
+        return f"cannot connect to {where}: {first or type(exc).__name__}"
+    if isinstance(exc, psycopg_pool.PoolTimeout):
+        return f"no connection to {where} within the pool's timeout ({first or 'PoolTimeout'})"
+    return f"{type(exc).__name__}: {first}"
 
 
 async def _check(env: Env, config: Config, args) -> int:

@@ -158,10 +158,47 @@ def _levels(raw: Any) -> dict[int, Level]:
             users=_ids(merged.get("users"), f"{key}.users"),
             groups=_ids(merged.get("groups"), f"{key}.groups"),
         )
-    money_limits = [lv.limit for lv in levels.values() if lv.money and lv.limit is not None]
+    money = [lv for lv in levels.values() if lv.money]
+    top = max((lv.number for lv in money), default=None)
+    for lv in levels.values():
+        key = f"levels.{lv.number}.limit"
+        if not lv.money and lv.limit is not None:
+            # a limit there would be read as authority that the level does not have, and ignored
+            raise ConfigError(f"{key}: level {lv.number} has no money authority (money: false), so it takes no "
+                              f"limit; remove the limit, or set money: true")
+        if lv.money and lv.limit is None and lv.number != top:
+            # an unlimited lower level would approve any amount while messages still name a higher level
+            raise ConfigError(f"{key}: only the top money level (level {top}) may be unlimited (null); give level "
+                              f"{lv.number} an amount like \"50.00\"")
+    money_limits = [lv.limit for lv in money if lv.limit is not None]
     if money_limits != sorted(money_limits):
         raise ConfigError("levels: money limits must grow with the level number")
     return levels
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line 3, column 9: mapping values are not allowed here', from PyYAML's marks (0-based)."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    problem = getattr(exc, "problem", None) or getattr(exc, "context", None) or "not valid YAML"
+    if mark is None:
+        return f"not valid YAML: {problem}"
+    context = getattr(exc, "context", None)
+    extra = f" ({context} at line {exc.context_mark.line + 1})" if context and getattr(exc, "context_mark", None) \
+        and exc.context_mark is not mark else ""
+    return f"not valid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}{extra}"
+
+
+# A Kubernetes label key: an optional DNS-subdomain prefix and "/", then a name of at most 63
+# characters, alphanumeric at both ends with - _ . inside.
+_LABEL_NAME = r"[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^(?:(?=.{{1,253}}/)[a-z0-9](?:[-a-z0-9]*[a-z0-9])?(?:\.[a-z0-9](?:[-a-z0-9]*[a-z0-9])?)*/)?{_LABEL_NAME}$")
+
+
+def _label_key(value: Any, key: str) -> str:
+    text = _str(value, key)
+    if not _LABEL_KEY.match(text):
+        raise ConfigError(f"{key}: not a Kubernetes label key (like tier or example.com/tier): {text!r}")
+    return text
 
 
 def load_config(path: str | None = None, environ: Mapping[str, str] | None = None) -> Config:
@@ -176,7 +213,7 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
         except OSError as exc:
             raise ConfigError(f"BILLING_BOT_CONFIG: cannot read {path}: {exc.strerror}") from None
         except yaml.YAMLError as exc:
-            raise ConfigError(f"BILLING_BOT_CONFIG: {path} is not valid YAML: {exc}") from None
+            raise ConfigError(f"BILLING_BOT_CONFIG: {path}: {_yaml_problem(exc)}") from None
     return parse_config(raw, schema=e.get("BILLING_BOT_SCHEMA") or "billing_bot")
 
 
@@ -218,9 +255,9 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
         instances_namespace=_str(kube_raw.get("instances_namespace", "orzbob-instances"), "kubernetes.instances_namespace"),
         system_namespace=_str(kube_raw.get("system_namespace", "orzbob-system"), "kubernetes.system_namespace"),
         control_plane_deployment=_str(kube_raw.get("control_plane_deployment", "control-plane"), "kubernetes.control_plane_deployment"),
-        label_instance=_str(labels_raw.get("instance", "instance-id"), "kubernetes.labels.instance"),
-        label_org=_str(labels_raw.get("org", "org-id"), "kubernetes.labels.org"),
-        label_tier=_str(labels_raw.get("tier", "tier"), "kubernetes.labels.tier"),
+        label_instance=_label_key(labels_raw.get("instance", "instance-id"), "kubernetes.labels.instance"),
+        label_org=_label_key(labels_raw.get("org", "org-id"), "kubernetes.labels.org"),
+        label_tier=_label_key(labels_raw.get("tier", "tier"), "kubernetes.labels.tier"),
     )
 
     polar_raw = _mapping(raw.get("polar"), "polar")

@@ -6,17 +6,20 @@ only billing_corrections in the control-plane schema; its own state lives in its
 """
 from __future__ import annotations
 
+import re
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import AsyncIterator
+from urllib.parse import urlsplit
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from handlers.model import Instance, OrgInterval, PriorCase, PriorCover, Record
 from handlers.timeline import to_us
-from services.config import Throttle
+from services.config import ConfigError, Throttle
 
 STATEMENT_TIMEOUT_MS = 15_000
 # A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
@@ -30,9 +33,66 @@ async def _configure(conn: psycopg.AsyncConnection) -> None:
     await conn.commit()
 
 
+# libpq waits forever for an unreachable host by default; 5 s lets a command say what failed in time.
+CONNECT_TIMEOUT_S = 5
+# How long start-up waits for the pool's first connection, after the probe connection has succeeded.
+POOL_OPEN_TIMEOUT_S = 10
+# How long a request waits for a pooled connection (psycopg_pool's default is 30 s): while the
+# database is down, the agent hears "could not investigate" after this, not after half a minute.
+POOL_WAIT_S = 10
+# How long the pool keeps retrying a lost connection on its own, with backoff doubling from 1 s.
+# psycopg_pool's 300 s lets the gap between attempts grow past a minute during a long outage, and
+# requests would keep timing out well after the database is back. After this the pool stops, and
+# the next request (or /readyz, every few seconds) starts a fresh attempt at once.
+RECONNECT_TIMEOUT_S = 30
+
+
+class DatabaseUrlError(ConfigError):
+    """DATABASE_URL is not a PostgreSQL URL. The message shows the URL with its password redacted."""
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ***: in user:password@, in ?password=, in key=value form."""
+    # greedy up to the last @ of the authority: a password may itself hold an unescaped @
+    out = re.sub(r"(//[^/@:?#]*:)[^/?#]*@", r"\1***@", url)            # scheme://user:pw@host
+    out = re.sub(r"^([^:/@?#=\s]+):[^/?#\s]*@", r"\1:***@", out)       # user:pw@host (no scheme)
+    return re.sub(r"(password\s*=\s*)('[^']*'|[^&\s]*)", r"\1***", out, flags=re.IGNORECASE)
+
+
+def validate_database_url(url: str) -> str:
+    """A postgresql:// (or postgres://) URL, else DatabaseUrlError naming what is wrong, redacted.
+
+    A bare 'user:pw@host/db' would otherwise reach libpq as a key=value string, whose parse error
+    quotes the whole string, password included."""
+    shown = redact_url(url)
+    parts = urlsplit(url)
+    if parts.scheme not in ("postgresql", "postgres"):
+        why = "no scheme" if not parts.scheme or "://" not in url else f"scheme {parts.scheme!r}"
+        raise DatabaseUrlError(f"DATABASE_URL: expected postgresql://user:password@host:5432/dbname, got "
+                               f"{shown!r} ({why})")
+    try:
+        conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        raise DatabaseUrlError(f"DATABASE_URL: not a valid PostgreSQL URL: {shown!r}") from None
+    return url
+
+
+def _connect_kwargs(url: str) -> dict:
+    """connect_timeout unless the URL sets its own."""
+    try:
+        given = conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        given = {}
+    return {} if "connect_timeout" in given else {"connect_timeout": CONNECT_TIMEOUT_S}
+
+
 def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnectionPool:
-    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False,
-                               configure=_configure, kwargs={"row_factory": dict_row})
+    # check: each connection is tested (an empty query) as it is taken from the pool, so after a
+    # database restart or failover the dead connections are replaced instead of failing a request.
+    return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, timeout=POOL_WAIT_S,
+                               reconnect_timeout=RECONNECT_TIMEOUT_S,
+                               configure=_configure, check=AsyncConnectionPool.check_connection,
+                               kwargs={"row_factory": dict_row, **_connect_kwargs(url)})
 
 
 class Database:
@@ -42,8 +102,13 @@ class Database:
 
     @classmethod
     async def connect(cls, url: str, bot_schema: str = "billing_bot", **kw) -> "Database":
+        """Open the pool. One direct connection first: when the database cannot be reached, it
+        raises libpq's own reason (refused, timed out, authentication) within CONNECT_TIMEOUT_S,
+        where the pool would retry quietly and end in a bare PoolTimeout."""
+        probe = await psycopg.AsyncConnection.connect(url, **_connect_kwargs(url))
+        await probe.close()
         pool = make_pool(url, **kw)
-        await pool.open(wait=True, timeout=15)
+        await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_S)
         return cls(pool, bot_schema)
 
     async def close(self) -> None:

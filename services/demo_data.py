@@ -1,7 +1,8 @@
 """The demo month: one instance per scenario, plus a clean one, in the previous billing period.
 
 The previous month is used so that a check with the default periods (current and previous)
-finds it whatever the date. There is no cluster and no Polar in the demo, so an instance's true
+finds it whatever the date; services/embedded.py records the month it seeded and seeds again once
+the month has turned, so the demo's stories (and the README's example) hold on any day. There is no cluster and no Polar in the demo, so an instance's true
 tier comes from instances.tier and duplicate metering events are not visible.
 """
 from __future__ import annotations

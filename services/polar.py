@@ -15,7 +15,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential, wait_random
 
 from handlers.model import UsageEvent
 from handlers.timeline import fmt_money, to_us
@@ -71,7 +71,9 @@ class _Wait:
     """Exponential backoff with jitter, except that a 429's Retry-After is honoured exactly."""
 
     def __init__(self, base: float):
-        self.backoff = wait_exponential_jitter(initial=base, max=8, jitter=base)
+        # base x 2^n capped at 8 s, plus up to `base` of jitter. (wait_exponential_jitter's `initial` is
+        # deprecated in tenacity 9 and its replacement is missing from older versions: this works in both.)
+        self.backoff = wait_exponential(multiplier=base, max=8) + wait_random(0, base)
 
     def __call__(self, state) -> float:
         exc = state.outcome.exception()

@@ -43,18 +43,22 @@ def sign(body: str, ts: str | None = None, secret: str = SIGNING_SECRET) -> dict
 
 
 class Bot:
-    def __init__(self, db_url: str, slack, tmp: Path, *, remind: str = "4h", tick: float = 0.5, extra_env=None):
+    def __init__(self, db_url: str | None, slack, tmp: Path, *, remind: str = "4h", tick: float = 0.5, extra_env=None,
+                 args: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = tmp / f"bot-{self.port}.yaml"
         cfg.write_text(CONFIG_YAML.replace("{remind}", remind))
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLACK_", "POLAR_", "KUBE", "SMTP"))}
-        env.update(DATABASE_URL=db_url, SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET,
+        env.pop("DATABASE_URL", None)
+        if db_url is not None:  # None: the embedded demo database (with `serve --demo`)
+            env["DATABASE_URL"] = db_url
+        env.update(SLACK_BOT_TOKEN=BOT_TOKEN, SLACK_SIGNING_SECRET=SIGNING_SECRET,
                    SLACK_API_URL=slack.api_url, PORT=str(self.port), BILLING_BOT_CONFIG=str(cfg),
                    BILLING_BOT_REMINDER_TICK_S=str(tick), **(extra_env or {}))
         self.log = open(tmp / f"bot-{self.port}.log", "w")
-        self.proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "serve"], env=env, stdout=self.log,
-                                     stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen([sys.executable, "-m", "bot.cli", *(args or ["serve"])], env=env,
+                                     stdout=self.log, stderr=subprocess.STDOUT)
         self.http = httpx.Client(base_url=self.url, timeout=10)
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -37,6 +37,12 @@ def test_defaults_match_the_spec():
     ({"systematic_min_customers": 0}, "systematic_min_customers"),
     ({"channels": {"alerts": ""}}, "channels.alerts"),
     ({"levels": {1: {"users": "U123"}}}, "levels.1.users"),
+    ({"levels": {1: {"limit": None}}}, "levels.1.limit"),
+    ({"levels": {2: {"limit": None}}}, "levels.2.limit"),
+    ({"levels": {3: {"limit": "100.00"}}}, "levels.3.limit"),
+    ({"kubernetes": {"labels": {"tier": "not a label!"}}}, "kubernetes.labels.tier"),
+    ({"kubernetes": {"labels": {"org": "-org"}}}, "kubernetes.labels.org"),
+    ({"kubernetes": {"labels": {"instance": ""}}}, "kubernetes.labels.instance"),
 ])
 def test_bad_config_names_the_key(raw, key):
     with pytest.raises(ConfigError) as err:
@@ -71,3 +77,40 @@ def test_cli_stops_at_start_naming_the_key(tmp_path):
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(ConfigError, match="BILLING_BOT_CONFIG: cannot read"):
         load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_only_the_top_money_level_may_be_unlimited_and_says_so():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"levels": {1: {"limit": None}}})
+    assert str(err.value) == ('levels.1.limit: only the top money level (level 4) may be unlimited (null); '
+                              'give level 1 an amount like "50.00"')
+    with pytest.raises(ConfigError) as err:
+        parse_config({"levels": {3: {"limit": "100.00"}}})
+    assert str(err.value) == ("levels.3.limit: level 3 has no money authority (money: false), so it takes no "
+                              "limit; remove the limit, or set money: true")
+    # what stays allowed: level 3 given money authority and a limit; a prefixed label key
+    c = parse_config({"levels": {3: {"money": True, "limit": "1000.00"}},
+                      "kubernetes": {"labels": {"tier": "orzbob.cloud/tier"}}})
+    assert c.levels[3].limit == Decimal("1000.00") and c.required_level(60000) == 3
+    assert c.kubernetes.label_tier == "orzbob.cloud/tier"
+
+
+def test_unknown_label_key_is_named_with_the_allowed_ones():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"kubernetes": {"labels": {"tier": "tier", "zone": "zone"}}})
+    assert str(err.value) == "kubernetes.labels.zone: unknown key (allowed: instance, org, tier)"
+
+
+@pytest.mark.parametrize("text,where", [
+    ("levels:\n  1: {limit: \"5\"\n  2: {}\n", "line 3, column 3"),
+    ("channels:\n  alerts: C1\n   engineering: C2\n", "line 3, column 15"),
+    ("four_eyes: true\n\tremind_every: 2h\n", "line 2, column 1"),
+])
+def test_yaml_syntax_errors_give_line_and_column(tmp_path, text, where):
+    cfg = tmp_path / "bot.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(cfg))
+    msg = str(err.value)
+    assert msg.startswith(f"BILLING_BOT_CONFIG: {cfg}: not valid YAML at {where}: "), msg
+    assert "\n" not in msg  # one line

@@ -290,6 +290,8 @@ def test_approve_issues_a_refund_logs_it_and_emails_the_customer(db, db_url, sla
         with psycopg.connect(db_url) as conn:
             assert conn.execute("SELECT ticket_id, credit_amount::text, resolved_by FROM billing_corrections").fetchall() \
                 == [("T-77", "10.28", "U_AGENT2")]
+        # the email goes out before the thread post and the message update: wait for the last step
+        wait_for(lambda: "issue_announced" in events(db_url, case_id), what="issue announced")
         thread = [m["text"] for m in slack.of("chat.postMessage") if m.get("thread_ts")]
         assert any("Issued $10.28 by refund" in t and "Root cause" in t for t in thread)
         assert any("Emailed the customer (ada@example.com)" in t for t in thread)
