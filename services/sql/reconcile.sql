@@ -134,14 +134,20 @@ overlap_parts AS (
              AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)
   GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.s0, a.e0
 ),
+-- every record an instance's overlaps name, gathered once per instance and joined below: a
+-- correlated subquery here rescanned all of overlap_parts per instance, quadratic on the days
+-- (metering retry storms) when overlaps are most of the rows
+overlap_ids AS (
+  SELECT instance_id, array_agg(DISTINCT x) AS ids
+  FROM (SELECT instance_id, id AS x FROM overlap_parts
+        UNION ALL SELECT instance_id, unnest(with_ids) FROM overlap_parts) z
+  GROUP BY instance_id
+),
 k_overlap AS (
-  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id),
-         (SELECT array_agg(DISTINCT x) FROM (SELECT o2.id AS x FROM overlap_parts o2 WHERE o2.instance_id = o.instance_id
-                                             UNION ALL SELECT unnest(o2.with_ids) FROM overlap_parts o2
-                                             WHERE o2.instance_id = o.instance_id) z),
+  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id), min(i.ids),
          sum(o.charge * (SELECT sum(date_part('epoch', upper(x) - lower(x)) * 1000000) FROM unnest(o.covered) x)::numeric / o.len),
          format('%%s record(s) partly cover time already billed', count(*))
-  FROM overlap_parts o
+  FROM overlap_parts o JOIN overlap_ids i ON i.instance_id = o.instance_id
   GROUP BY o.instance_id, o.org_id
 ),
 -- billed after stopped_at of an instance that is not running, or after last_heartbeat + idle_timeout
