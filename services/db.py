@@ -168,14 +168,21 @@ class Database:
         return covers, cases
 
     async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
-        """Finding kind -> customers the latest reconciliation saw it for, if that run's day is in
-        the checked periods (SPEC 2.4)."""
+        """Finding kind -> customers the reconciliation of the latest reconciled day saw it for, if
+        that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:
+        reconciling an old day again must not replace the counts. Only whole-day runs count (one
+        process, or the merge of all shards); of several runs of that day, the last."""
         if not await self._has_table(conn, "reconcile_kind_customers"):
             return {}
         s = self.schema
         cur = await conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'reconcile_runs'"
+            " AND column_name = 'shard'", (s,))
+        whole = "WHERE shard IS NULL" if await cur.fetchone() else ""  # before migration 010 every run was whole
+        cur = await conn.execute(
             f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
-            f" WHERE run_id = (SELECT max(id) FROM {s}.reconcile_runs) AND period = ANY(%s)", (periods,))
+            f" WHERE run_id = (SELECT id FROM {s}.reconcile_runs {whole} ORDER BY day DESC, id DESC LIMIT 1)"
+            " AND period = ANY(%s)", (periods,))
         return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
 
 

@@ -1,7 +1,8 @@
 -- Daily reconciliation (SPEC 5.2): every anomaly of one UTC day in one set-based statement.
 -- Read-only and temp-table free, so it runs on a read replica. Session time zone must be UTC.
 -- Parameters: lo, hi (the day), day, tiers/rates (the rate card), def_cont/def_daily/def_idle
--- (throttle defaults, NULL = off), tolerance (usage hours).
+-- (throttle defaults, NULL = off), tolerance (usage hours), shard_k/shard_n (this process's part of
+-- the day: the orgs whose hash is k modulo n; 0/1 is the whole day).
 -- Amounts count only the part of each record inside the day. Each kind follows SPEC 2's
 -- arithmetic for that kind alone; continuous and daily limits count each billed second once
 -- (step 1's union), charged to the record that billed it first.
@@ -32,6 +33,8 @@ scan AS (
                                                    (SELECT max(continuous_limit) FROM throttle_settings))
                                          + interval '60 seconds', interval '0'), %(hi)s)
     AND r.end_time > r.start_time
+    -- every kind is per instance or per org, so a day split by org needs nothing from other parts
+    AND (%(shard_n)s = 1 OR (hashtext(r.org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)
   WINDOW w AS (PARTITION BY r.instance_id COLLATE "C" ORDER BY r.start_time, r.end_time, r.id
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ),
@@ -187,7 +190,8 @@ k_usage AS (
          coalesce(b.customer_id, i.customer_id), coalesce(b.ids, '{}'), 0::numeric,
          format('billed %%s h, control plane ran %%s h', round(coalesce(b.hours, 0), 4), round(coalesce(u.hours_used, 0), 4))
   FROM billed_hours b
-  FULL JOIN (SELECT * FROM instance_usage WHERE date = %(day)s) u
+  FULL JOIN (SELECT * FROM instance_usage WHERE date = %(day)s
+               AND (%(shard_n)s = 1 OR (hashtext(org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)) u
     ON u.instance_id = b.instance_id AND u.org_id = b.org_id
   LEFT JOIN instances i ON i.instance_id = coalesce(b.instance_id, u.instance_id)
   WHERE abs(coalesce(b.hours, 0) - coalesce(u.hours_used, 0)) > %(tolerance)s
