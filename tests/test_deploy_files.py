@@ -29,3 +29,21 @@ def test_deployment_has_probes_and_secret_refs_and_the_cronjob_runs_reconcile():
     assert c["readinessProbe"]["httpGet"]["path"] == "/healthz" and c["envFrom"][0]["secretRef"]["name"]
     cron = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
     assert cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["args"] == ["reconcile", "--post"]
+
+
+def test_the_sharded_reconciliation_is_an_indexed_job_whose_pods_name_their_shard_and_run():
+    cron = yaml.safe_load((ROOT / "deploy" / "reconcile-shards.yaml").read_text())
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"]
+    c = job["template"]["spec"]["containers"][0]
+    n = job["completions"]
+    # each pod runs one shard of n, and all pods of one Job share a run key that Kubernetes sets
+    assert c["args"] == ["reconcile", "--post", "--shard", f"$(JOB_COMPLETION_INDEX)/{n}", "--run", "$(RUN_KEY)"]
+    run_key = next(e for e in c["env"] if e["name"] == "RUN_KEY")
+    assert run_key["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert job["template"]["spec"]["restartPolicy"] == "Never" and c["envFrom"][0]["secretRef"]["name"]
+    # the same image and secret as the single-process CronJob
+    single = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
+    sc = single["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == sc["image"] and c["envFrom"] == sc["envFrom"]
