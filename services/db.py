@@ -7,6 +7,7 @@ only billing_corrections in the control-plane schema; its own state lives in its
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from pathlib import Path
 from datetime import datetime, timedelta
 from typing import AsyncIterator
 
@@ -19,6 +20,11 @@ from handlers.timeline import to_us
 from services.config import Throttle
 
 STATEMENT_TIMEOUT_MS = 15_000
+_RECORD_COLUMNS = ("id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge, billing_period,"
+                   " (extract(epoch FROM start_time) * 1000000)::bigint, (extract(epoch FROM end_time) * 1000000)::bigint")
+RECORDS_FOR_PERIODS_SQL = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text().replace(
+    "{columns}", _RECORD_COLUMNS)
+ORG_DAYS_SQL = (Path(__file__).parent / "sql" / "org_days.sql").read_text()
 # A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
 # cheaper than building a datetime per row in Python.
 _US = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -86,13 +92,17 @@ class Database:
                         None, None, None, None)
 
     @staticmethod
-    async def records(conn, instance_id: str) -> list[Record]:
+    async def records(conn, instance_id: str, periods: list[str] | None = None,
+                      run_gap: timedelta = timedelta(seconds=60)) -> list[Record]:
+        """The instance's records, in id order: its whole history, or with periods, only the history
+        that can change those periods' findings (RECORDS_FOR_PERIODS_SQL says which)."""
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        await cur.execute(
-            "SELECT id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge,"
-            f" billing_period, {_US.format('start_time')}, {_US.format('end_time')}"
-            " FROM billing_records WHERE instance_id = %s ORDER BY id",
-            (instance_id,))
+        if periods is None:
+            await cur.execute(f"SELECT {_RECORD_COLUMNS} FROM billing_records WHERE instance_id = %s ORDER BY id",
+                              (instance_id,))
+        else:
+            await cur.execute(RECORDS_FOR_PERIODS_SQL,
+                              {"instance": instance_id, "periods": periods, "gap": run_gap}, prepare=False)
         return [Record(*r) for r in await cur.fetchall()]
 
     @staticmethod
@@ -108,39 +118,17 @@ class Database:
 
     @staticmethod
     async def org_intervals(conn, org_id: str, days: list[datetime], limit: timedelta) -> list[OrgInterval]:
-        """Each instance's billed time on the given UTC days, de-duplicated per instance (SPEC 2.2
-        step 4 applies step 1 per instance), for the days whose raw billed time passes the limit.
+        """The org's billed time on the given UTC days as each instance's de-duplicated spans (SPEC 2.2
+        step 4 applies step 1 per instance), up to the moment each day passes the limit: exactly what
+        the daily-limit rule needs to find that moment, and nothing after it.
 
-        De-duplication only lowers billed time, so a day whose raw sum stays within the limit
-        cannot reach it and needs no detail. range_agg (PostgreSQL 14+) merges each instance's
-        records into disjoint spans, so a busy org day comes back as a few rows per instance.
+        One set-based statement (sql/org_days.sql) over the org's rows of those days only; days whose
+        time never reaches the limit come back empty.
         """
         if not days:
             return []
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        await cur.execute(
-            """
-            WITH recs AS (
-              SELECT instance_id, start_time, end_time FROM billing_records
-              WHERE org_id = %(org)s AND start_time < %(hi)s AND end_time > %(lo)s AND end_time > start_time
-            ), pieces AS (  -- each record cut at UTC midnights (the session runs in UTC)
-              SELECT r.instance_id, d AS day, greatest(r.start_time, d) AS s,
-                     least(r.end_time, d + interval '1 day') AS e
-              FROM recs r, generate_series(date_trunc('day', greatest(r.start_time, %(lo)s)),
-                                           least(r.end_time, %(hi)s) - interval '1 microsecond',
-                                           interval '1 day') AS d
-              WHERE d = ANY(%(days)s)
-            ), over_limit AS (
-              SELECT day FROM pieces GROUP BY day HAVING sum(e - s) > %(limit)s
-            ), merged AS (
-              SELECT instance_id, range_agg(tstzrange(s, e)) AS spans
-              FROM pieces WHERE day IN (SELECT day FROM over_limit)
-              GROUP BY instance_id, day
-            )
-            SELECT instance_id, """ + _US.format("lower(span)") + ", " + _US.format("upper(span)") + """
-            FROM merged, unnest(spans) AS span
-            """,
-            {"org": org_id, "days": days, "lo": min(days), "hi": max(days) + timedelta(days=1), "limit": limit})
+        await cur.execute(ORG_DAYS_SQL, {"org": org_id, "days": sorted(set(days)), "limit": limit}, prepare=False)
         return [OrgInterval(r[0], 0, r[1], r[2]) for r in await cur.fetchall()]
 
     # --- the bot's own schema (read side used by checks) ------------------------------------------
