@@ -68,16 +68,27 @@ recs AS MATERIALIZED (
 odd AS MATERIALIZED (
   SELECT * FROM recs WHERE NOT isolated
 ),
+-- one pass over the pairs of odd records of an instance that share time: per record, the time no
+-- lower id billed (step 1's own pieces), and the time lower ids that are not exact copies cover
+-- (the overlap kind); keyed by id alone, joined back to odd for the wide columns
+odd_cover AS MATERIALIZED (
+  SELECT o.id, o.instance_id, o.org_id, o.customer_id, o.charge, o.len, o.cutoff, o.run_start, o.cont, o.daily,
+         c.own, c.covered, c.with_ids
+  FROM odd o JOIN (
+    SELECT a.id,
+           tstzmultirange(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)))
+             - coalesce(range_agg(tstzrange(b.s0, b.e0)) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS own,
+           range_agg(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)) * tstzrange(b.s0, b.e0))
+             FILTER (WHERE b.id IS NOT NULL AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)) AS covered,
+           array_agg(b.id) FILTER (WHERE b.id IS NOT NULL AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)) AS with_ids
+    FROM odd a
+    LEFT JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
+    GROUP BY a.id, a.s0, a.e0) c ON c.id = o.id
+),
 odd_pieces AS MATERIALIZED (
   SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.charge, x.len, x.cutoff, x.run_start, x.cont, x.daily,
          (date_part('epoch', lower(p) - %(lo)s) * 1000000)::bigint AS s, (date_part('epoch', upper(p) - %(lo)s) * 1000000)::bigint AS e
-  FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily,
-               tstzmultirange(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)))
-                 - coalesce(range_agg(tstzrange(b.s0, b.e0)) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS m
-        FROM odd a
-        LEFT JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
-        GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily, a.s0, a.e0) x,
-       unnest(x.m) AS p
+  FROM odd_cover x, unnest(x.own) AS p
 ),
 -- each billed second of an instance once: the isolated records' in-day parts and the odd ones' own
 -- pieces (not materialised: each use is one pass over recs)
@@ -129,13 +140,7 @@ k_dup AS (
 ),
 -- partial overlaps: the part of a record covered by lower-id records that are not exact copies
 overlap_parts AS (
-  SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len,
-         range_agg(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)) * tstzrange(b.s0, b.e0)) AS covered,
-         array_agg(b.id) AS with_ids
-  FROM odd a
-  JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
-             AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)
-  GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.s0, a.e0
+  SELECT id, instance_id, org_id, customer_id, charge, len, covered, with_ids FROM odd_cover WHERE covered IS NOT NULL
 ),
 -- every record an instance's overlaps name, gathered once per instance and joined below: a
 -- correlated subquery here rescanned all of overlap_parts per instance, quadratic on the days
