@@ -24,6 +24,7 @@ _RECORD_COLUMNS = ("id, instance_id, org_id, customer_id, tier, rate_per_hour, h
                    " (extract(epoch FROM start_time) * 1000000)::bigint, (extract(epoch FROM end_time) * 1000000)::bigint")
 RECORDS_FOR_PERIODS_SQL = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text().replace(
     "{columns}", _RECORD_COLUMNS)
+ORG_DAY_FIRST_BOUND = timedelta(hours=3)
 ORG_DAYS_SQL = (Path(__file__).parent / "sql" / "org_days.sql").read_text()
 # A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
 # cheaper than building a datetime per row in Python.
@@ -101,6 +102,8 @@ class Database:
             await cur.execute(f"SELECT {_RECORD_COLUMNS} FROM billing_records WHERE instance_id = %s ORDER BY id",
                               (instance_id,))
         else:
+            # the instance's history passes through narrow in-memory steps: room for 100k+ records
+            await cur.execute("SET LOCAL work_mem = '32MB'")
             await cur.execute(RECORDS_FOR_PERIODS_SQL,
                               {"instance": instance_id, "periods": periods, "gap": run_gap}, prepare=False)
         return [Record(*r) for r in await cur.fetchall()]
@@ -122,14 +125,28 @@ class Database:
         step 4 applies step 1 per instance), up to the moment each day passes the limit: exactly what
         the daily-limit rule needs to find that moment, and nothing after it.
 
-        One set-based statement (sql/org_days.sql) over the org's rows of those days only; days whose
-        time never reaches the limit come back empty.
+        One set-based statement (sql/org_days.sql) for all the days, reading each day's records only
+        up to a bound: first the day's first ORG_DAY_FIRST_BOUND, then twice as far for the days that
+        did not pass the limit before it. A busy org passes it early and is read for a few hours; a
+        quiet one has few rows to read again. Days that never reach the limit come back empty.
         """
         if not days:
             return []
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        await cur.execute(ORG_DAYS_SQL, {"org": org_id, "days": sorted(set(days)), "limit": limit}, prepare=False)
-        return [OrgInterval(r[0], 0, r[1], r[2]) for r in await cur.fetchall()]
+        await cur.execute("SET LOCAL work_mem = '32MB'")  # a busy org's days sort in memory
+        whole = timedelta(days=1)
+        pending = {d: min(ORG_DAY_FIRST_BOUND, whole) for d in sorted(set(days))}
+        out: list[OrgInterval] = []
+        while pending:
+            await cur.execute(ORG_DAYS_SQL, {"org": org_id, "days": list(pending),
+                                             "bounds": [d + b for d, b in pending.items()], "limit": limit},
+                              prepare=False)
+            passed = set()
+            for lo, instance_id, s, e in await cur.fetchall():
+                passed.add(lo)
+                out.append(OrgInterval(instance_id, 0, s, e))
+            pending = {d: min(b * 2, whole) for d, b in pending.items() if b < whole and to_us(d) not in passed}
+        return out
 
     # --- the bot's own schema (read side used by checks) ------------------------------------------
 

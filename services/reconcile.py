@@ -21,6 +21,12 @@ from services.inputs import InputError, validate_day
 SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
 RECONCILE_TIMEOUT_MS = 600_000
 RECONCILE_WORK_MEM = "64MB"
+# rows of the day one statement takes at most: measured to stay within RECONCILE_WORK_MEM on a
+# metering-storm day, whose rows cost the most memory (bench/storm_bench.py)
+PARTITION_ROWS = 50_000
+# the day's rows of this shard, to choose the number of partitions (the GiST index answers it)
+COUNT_SQL = ("SELECT count(*) FROM billing_records WHERE tstzrange(start_time, end_time) && tstzrange(%(lo)s, %(hi)s)"
+             " AND (%(shard_n)s = 1 OR (hashtext(org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)")
 
 KIND_ORDER = ["daily_limit", "continuous_limit", "rate_mismatch", "charge_mismatch", "duplicate", "overlap",
               "billed_after_stop", "billed_while_idle", "usage_mismatch"]
@@ -120,19 +126,30 @@ def _params(day: date, config: Config, shard: tuple[int, int] = (0, 1)) -> dict:
 
 
 async def reconcile_day(conn, day: date, config: Config, shard: tuple[int, int] = (0, 1)) -> Reconciliation:
-    """Run the reconciliation on an open connection (session in UTC), for the orgs of one shard."""
+    """Run the reconciliation on an open connection (session in UTC), for the orgs of one shard.
+
+    A big day is streamed in org-hash partitions of about PARTITION_ROWS rows, one statement each in
+    the same snapshot: every kind is per instance or per org, so partitions never need each other,
+    and each one's sorts and materialised rows stay within work_mem instead of spilling to disk."""
     cur = conn.cursor(row_factory=tuple_row)
     # a batch job over a whole day: a longer limit than the interactive reads get, and room for its
     # sorts (about 200 bytes a record) in memory rather than in temporary files
     await cur.execute(f"SET LOCAL statement_timeout = {RECONCILE_TIMEOUT_MS}")
     await cur.execute(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'")
-    await cur.execute(SQL, _params(day, config, shard), prepare=False)
+    params = _params(day, config, shard)
+    await cur.execute(COUNT_SQL, params, prepare=False)
+    (rows,) = await cur.fetchone()
+    parts = max(1, -(-rows // PARTITION_ROWS))
+    k, n = shard
     anomalies = []
-    for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():
-        # a record split into two own pieces is listed once
-        anomalies.append(Anomaly(kind, instance_id, org_id, customer_id, sorted(set(record_ids or [])),
-                                 to_cents(Decimal(overcharge or 0)) if overcharge and overcharge > 0 else 0,
-                                 detail or ""))
+    for j in range(parts):
+        # partition j of shard k of n: the orgs whose hash is k + n*j modulo n*parts (so k modulo n)
+        await cur.execute(SQL, params | {"shard_k": k + n * j, "shard_n": n * parts}, prepare=False)
+        for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():
+            # a record split into two own pieces is listed once
+            anomalies.append(Anomaly(kind, instance_id, org_id, customer_id, sorted(set(record_ids or [])),
+                                     to_cents(Decimal(overcharge or 0)) if overcharge and overcharge > 0 else 0,
+                                     detail or ""))
     return Reconciliation(day, sort_anomalies(anomalies))
 
 

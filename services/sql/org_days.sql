@@ -1,25 +1,31 @@
 -- The org's billed time on some UTC days, for a check's daily limit (SPEC 2.2 step 4): per day, each
 -- instance's records merged into disjoint spans (step 1 per instance), cut off where the org's time
--- passes the limit. Parameters: org, days (day starts, timestamptz[]), limit (interval).
+-- passes the limit. Only the time before each day's bound is read: the time billed by any moment t
+-- depends only on records starting before t, so a limit passed before the bound is passed at the
+-- same moment whatever comes after it. A day that does not pass it before its bound returns nothing.
+-- Parameters: org, days (day starts, timestamptz[]), bounds (timestamptz[], one per day), limit.
 -- Times are microseconds since the epoch. Session time zone must be UTC.
 WITH d AS (
-  SELECT day, (extract(epoch FROM day) * 1000000)::bigint AS lo FROM unnest(%(days)s::timestamptz[]) AS day
+  SELECT day, bound, (extract(epoch FROM day) * 1000000)::bigint AS lo
+  FROM unnest(%(days)s::timestamptz[], %(bounds)s::timestamptz[]) AS x(day, bound)
 ),
 -- the org's records of each day, found by the index on (org_id, start_time) for records starting
 -- within a day before it, and by the GiST range index for the rare longer ones (those contain the
 -- whole day before it): never the org's history before the day
 recs AS (
-  SELECT d.lo, r.instance_id, r.start_time, r.end_time
+  SELECT d.day, d.bound, d.lo, r.instance_id, r.start_time, r.end_time
   FROM d JOIN billing_records r ON r.org_id = %(org)s AND r.start_time > d.day - interval '1 day'
-                                AND r.start_time < d.day + interval '1 day' AND r.end_time > d.day
+                                AND r.start_time < d.bound AND r.end_time > d.day
   UNION ALL
-  SELECT d.lo, r.instance_id, r.start_time, r.end_time
+  SELECT d.day, d.bound, d.lo, r.instance_id, r.start_time, r.end_time
   FROM d JOIN billing_records r ON tstzrange(r.start_time, r.end_time) @> tstzrange(d.day - interval '1 day', d.day, '[]')
                                 AND r.org_id = %(org)s
 ),
-cut AS (
-  SELECT lo, instance_id, greatest((extract(epoch FROM start_time) * 1000000)::bigint, lo) AS s,
-         least((extract(epoch FROM end_time) * 1000000)::bigint, lo + 86400000000) AS e
+-- microseconds from the day's start (a double holds those exactly; the epoch's numeric is slower)
+cut AS MATERIALIZED (
+  SELECT lo, instance_id,
+         lo + (date_part('epoch', greatest(start_time, day) - day) * 1000000)::bigint AS s,
+         lo + (date_part('epoch', least(end_time, bound) - day) * 1000000)::bigint AS e
   FROM recs WHERE end_time > start_time
 ),
 -- de-duplication only lowers billed time: a day whose raw sum stays within the limit cannot reach it
@@ -58,7 +64,7 @@ reached AS (
   WHERE a >= (extract(epoch FROM %(limit)s::interval) * 1000000)::bigint
   GROUP BY lo
 )
-SELECT sp.instance_id, sp.s, CASE WHEN (extract(epoch FROM %(limit)s::interval) * 1000000)::bigint <= 0 THEN sp.e
+SELECT sp.lo, sp.instance_id, sp.s, CASE WHEN (extract(epoch FROM %(limit)s::interval) * 1000000)::bigint <= 0 THEN sp.e
                                   ELSE least(sp.e, r.t_next) END
 FROM spans sp JOIN reached r USING (lo)
 WHERE sp.s < r.t_next OR (extract(epoch FROM %(limit)s::interval) * 1000000)::bigint <= 0

@@ -14,11 +14,20 @@ asked AS (
   SELECT min(s) AS lo, max(e) AS hi FROM h WHERE asked
 ),
 -- where the run holding the earliest asked record begins: the latest record start before it that
--- follows a gap of more than the run gap in the billed time (none: the first record)
+-- follows a gap of more than the run gap in the billed time (none: the first record). Looked for
+-- first among the records of the two days before it (a small sort); a start there counts only if
+-- the gap before it lies inside those days. Only a run longer than that sorts the whole history.
+near AS (
+  SELECT s, max(e) OVER (ORDER BY s, e ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_e
+  FROM h, asked WHERE h.s <= asked.lo AND h.e > asked.lo - interval '2 days'
+),
 run_start AS (
-  SELECT coalesce(max(s) FILTER (WHERE prev_e IS NULL OR s - prev_e > %(gap)s::interval), min(s)) AS lo
-  FROM (SELECT s, max(e) OVER (ORDER BY s, e ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_e
-        FROM h, asked WHERE h.s <= asked.lo) x
+  SELECT coalesce(
+    (SELECT max(s) FROM near, asked
+     WHERE (prev_e IS NULL OR s - prev_e > %(gap)s::interval) AND s >= asked.lo - interval '2 days' + %(gap)s::interval),
+    (SELECT coalesce(max(s) FILTER (WHERE prev_e IS NULL OR s - prev_e > %(gap)s::interval), min(s))
+     FROM (SELECT s, max(e) OVER (ORDER BY s, e ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING) AS prev_e
+           FROM h, asked WHERE h.s <= asked.lo) x)) AS lo
 )
 SELECT {columns}
 FROM billing_records r
