@@ -12,14 +12,18 @@ WITH d AS (
 -- the org's records of each day, found by the index on (org_id, start_time) for records starting
 -- within a day before it, and by the GiST range index for the rare longer ones (those contain the
 -- whole day before it): never the org's history before the day
-recs AS (
+recs AS (  -- per day, by its own index scans (OFFSET 0 keeps each a per-day subquery, not a filter)
   SELECT d.day, d.bound, d.lo, r.instance_id, r.start_time, r.end_time
-  FROM d JOIN billing_records r ON r.org_id = %(org)s AND r.start_time > d.day - interval '1 day'
-                                AND r.start_time < d.bound AND r.end_time > d.day
+  FROM d CROSS JOIN LATERAL (
+    SELECT instance_id, start_time, end_time FROM billing_records
+    WHERE org_id = %(org)s AND start_time > d.day - interval '1 day' AND start_time < d.bound AND end_time > d.day
+    OFFSET 0) r
   UNION ALL
   SELECT d.day, d.bound, d.lo, r.instance_id, r.start_time, r.end_time
-  FROM d JOIN billing_records r ON tstzrange(r.start_time, r.end_time) @> tstzrange(d.day - interval '1 day', d.day, '[]')
-                                AND r.org_id = %(org)s
+  FROM d CROSS JOIN LATERAL (
+    SELECT instance_id, start_time, end_time FROM billing_records
+    WHERE tstzrange(start_time, end_time) @> tstzrange(d.day - interval '1 day', d.day, '[]') AND org_id = %(org)s
+    OFFSET 0) r
 ),
 -- microseconds from the day's start (a double holds those exactly; the epoch's numeric is slower)
 cut AS MATERIALIZED (
