@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -79,14 +78,16 @@ async def temp_bytes(conn) -> int:
 
 
 def cli(url: str, day: date) -> tuple[float, float]:
+    """Wall time and peak RSS (MB) of one `reconcile --json` process, from its own rusage."""
     env = dict(os.environ, DATABASE_URL=url)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", day.isoformat(), "--json"],
-                          env=env, capture_output=True, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "bot.cli", "reconcile", "--date", day.isoformat(), "--json"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _pid, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - t0
-    if proc.returncode:
-        raise SystemExit(proc.stderr)
-    return wall, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    if status:
+        raise SystemExit(proc.stderr.read().decode())
+    return wall, usage.ru_maxrss / 1024
 
 
 def main() -> None:
@@ -111,13 +112,13 @@ def main() -> None:
           f"355k storm / 20k storm: {per_row[days[5]] / per_row[days[3]]:.2f}x; "
           f"355k storm / 20k plain: {per_row[days[5]] / per_row[days[0]]:.2f}x")
     for day in (days[5], days[2]):
-        walls = []
-        rss = 0.0
+        walls, rss = [], []
         for _ in range(args.rounds):
-            wall, rss = cli(url, day)
+            wall, peak = cli(url, day)
             walls.append(wall)
+            rss.append(peak)
         print(f"CLI process `reconcile --date {day} --json` ({res[day]['rows']:,} rows): median "
-              f"{statistics.median(walls):.2f} s ({', '.join(f'{w:.2f}' for w in walls)}); peak RSS so far {rss:.0f} MB"
+              f"{statistics.median(walls):.2f} s ({', '.join(f'{w:.2f}' for w in walls)}); peak RSS {max(rss):.0f} MB"
               f" (goal < 200 MB)", flush=True)
 
 
