@@ -12,6 +12,7 @@ totals stored by the last shard are the same.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import statistics
@@ -50,6 +51,28 @@ def key(a: dict) -> tuple:
             a["overcharge_cents"], a["detail"])
 
 
+async def serial_work(url: str, shards: int) -> tuple[float, list[float]]:
+    """The whole day and each shard reconciled one after another on one connection: the work each
+    process has to do, free of the other processes on the machine."""
+    from services.config import parse_config
+    from services.reconcile import reconcile_day
+
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        await conn.execute("SET TIME ZONE 'UTC'")
+        await conn.commit()
+        t0 = time.perf_counter()
+        async with conn.transaction():
+            await reconcile_day(conn, DAY, parse_config({}))
+        whole = time.perf_counter() - t0
+        parts = []
+        for k in range(shards):
+            t0 = time.perf_counter()
+            async with conn.transaction():
+                await reconcile_day(conn, DAY, parse_config({}), (k, shards))
+            parts.append(time.perf_counter() - t0)
+    return whole, parts
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data")
@@ -79,6 +102,12 @@ def main() -> None:
           f"({', '.join(f'{x:.2f}' for x in one)}); {args.shards} shard processes median {b:.2f} s "
           f"({', '.join(f'{x:.2f}' for x in split)}); ratio {b / a:.2f}x (goal <= 0.7x); floor on "
           f"{os.cpu_count()} cores {1 / os.cpu_count():.2f}x, so {b / a * os.cpu_count():.2f}x the floor")
+    whole_s, parts_s = asyncio.run(serial_work(url, args.shards))
+    cores = os.cpu_count() or 1
+    print(f"the same work one after another in one process: whole day {whole_s:.2f} s; shards "
+          f"{', '.join(f'{x:.2f}' for x in parts_s)} s (sum {sum(parts_s):.2f} s); on {cores} free cores the split"
+          f" would take {max(max(parts_s), sum(parts_s) / cores) / whole_s:.2f}x the whole day"
+          f" (the longest shard or the sum over the cores); load average now {os.getloadavg()[0]:.1f}")
     print(f"shards' anomalies identical to the single process: {same}; merged totals identical: "
           f"{merged is not None and merged[0] == whole['totals']}")
 
