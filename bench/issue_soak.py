@@ -25,6 +25,8 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import fresh_database  # noqa: E402
+from handlers.cases import authority_from_levels  # noqa: E402
+from services.cases import CaseService, CheckRequest  # noqa: E402
 from services.config import parse_config  # noqa: E402
 from services.db import Database  # noqa: E402
 from services.investigation import Investigator  # noqa: E402
@@ -33,7 +35,11 @@ from services.polar import PolarClient  # noqa: E402
 from services.store import CaseStore  # noqa: E402
 from tests.fakes.polar_server import TOKEN, FakePolar  # noqa: E402
 
-CONFIG = parse_config({})
+CONFIG = parse_config({"levels": {4: {"users": ["U2"]}}})
+
+
+async def authority(user):
+    return authority_from_levels(CONFIG, user, (4,) if user == "U2" else ())
 ROUTES = [("GET", "/v1/orders/"), ("GET", "/v1/refunds/"), ("POST", "/v1/refunds/"), ("POST", "/v1/refunds/"),
           ("POST", "/v1/events/ingest"), ("GET", "/v1/customers/external/{external_id}")]
 
@@ -43,6 +49,12 @@ class Quiet:
         pass
 
     async def failed(self, case, reason, offer):
+        pass
+
+    async def rechecked(self, outcome):
+        pass
+
+    async def pending(self, case, refs):
         pass
 
 
@@ -67,6 +79,7 @@ async def soak(runs: int, seed_: int) -> dict:
     db = await Database.connect(url, max_size=12)
     cases = CaseStore(db)
     await cases.migrate()
+    service = CaseService(cases, Investigator(CONFIG, db), CONFIG, authority)
     client = PolarClient(polar.url, TOKEN, backoff=0.01, timeout=2)
     stats = Counter()
     case_ids = []
@@ -76,27 +89,24 @@ async def soak(runs: int, seed_: int) -> dict:
         polar.add_customer(cust)
         polar.add_order(cust, datetime(2026, 11, 1, tzinfo=timezone.utc), rng.choice([5000, 5000, 5000, 150]))
         method = rng.choice(["refund", "refund", "refund", "invoice_credit"])
-        report = await Investigator(CONFIG, db).check(f"i-soak{i:04d}", ["2026-10"])
-        case = await cases.create_case(report=report.as_json(), covered=report.result.covered, requested_by="U1",
-                                       ticket_id=f"T-{i}", channel_id=None, approvers={}, method=method,
-                                       remind_after_s=None)
-        await cases.transition(case["id"], ("pending",), "approved", "U2", "approved", decided_by="U2")
-        case_ids.append(case["id"])
+        case = (await service.open(CheckRequest(f"i-soak{i:04d}", ["2026-10"], "U1", f"T-{i}"))).case
+        assert (await service.approve(case.id, "U2", method)).ok
+        case_ids.append(case.id)
         for _ in range(rng.randint(0, 3)):  # faults for this run
             method_, route = rng.choice(ROUTES)
             kind = rng.choice(["status", "status", "drop_after", "drop_before"])
             status = rng.choice([500, 502, 503, 429])
             polar.fail(method_, route, kind=kind, status=status, retry_after="0" if status == 429 else None)
             stats[f"fault {method_} {route} {kind if kind != 'status' else status}"] += 1
-        workers = [Issuer(cases, client, CONFIG, Quiet(), lookup_delay_s=0.01) for _ in range(rng.randint(1, 3))]
-        tasks = [asyncio.create_task(w.issue(case["id"])) for w in workers]
+        workers = [Issuer(service, client, CONFIG, Quiet(), lookup_delay_s=0.01) for _ in range(rng.randint(1, 3))]
+        tasks = [asyncio.create_task(w.issue(case.id)) for w in workers]
         if rng.random() < 0.3:  # kill one worker mid-flight
             await asyncio.sleep(rng.uniform(0, 0.05))
             tasks[0].cancel()
             stats["killed"] += 1
         await asyncio.gather(*tasks, return_exceptions=True)
         polar.faults.clear()
-    resumed = await Issuer(cases, client, CONFIG, Quiet(), lookup_delay_s=0.01).resume_unfinished()
+    resumed = await Issuer(service, client, CONFIG, Quiet(), lookup_delay_s=0.01).resume_unfinished()
     elapsed = time.perf_counter() - t0
 
     problems = []

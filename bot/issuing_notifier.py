@@ -1,15 +1,23 @@
 """What people see when money moves: the case message, the root cause in the thread, the customer
-email (SMTP) or its draft in the thread, and a loud failure with a way to retry."""
+email (SMTP) or its draft in the thread, and a loud failure with a way to retry.
+
+`issued` may run again when an earlier announcement was cut short (the sweeper retries until it
+went through), so the customer is emailed at most once: the audit trail says whether they were.
+"""
 from __future__ import annotations
 
 import logging
 
 from bot import slack_io
+from bot.blocks import failure_message, remainder_offer
 from bot.context import BotContext
+from handlers.cases import Case
 from handlers.timeline import fmt_money
 from services import email
+from services.cases import Outcome
 
 log = logging.getLogger(__name__)
+ANNOUNCE_TRIES = 10  # sweeps (about a minute apart) before an announcement Slack keeps refusing is given up
 
 
 class SlackNotifier:
@@ -17,52 +25,89 @@ class SlackNotifier:
         self.ctx = ctx
         self.customer_lookup = customer_lookup  # async external_id -> {"name", "email"} or None
 
-    async def issued(self, case: dict, refs: list[str], remainder_cents: int) -> None:
+    async def issued(self, case: Case, refs: list[str], remainder_cents: int) -> None:
+        """The thread note, the customer's letter, the case message: each step is done once (the
+        audit trail remembers), a failed one does not stop the next, and the announcement raises
+        at the end if anything failed, so the sweeper comes back for the rest."""
         ctx = self.ctx
-        await slack_io.refresh_case_message(ctx, case)
-        r = case["report"]
-        cause = "\n".join(f"• *{f['kind']}* {fmt_money(f['credit_cents'])}: {f['summary']}" for f in r["findings"])
-        await slack_io.post_thread(ctx, case, (
-            f":white_check_mark: Issued {fmt_money(case['issued_cents'])} by {case['method']} "
-            f"(approved by <@{case['decided_by']}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
-        if remainder_cents:
-            await slack_io.post_thread(ctx, case, (
-                f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount was "
-                "reached). It stays on the case: a lead decides whether to credit it on the next invoice."))
-        customer = (r.get("customer") or None)
+        store = ctx.cases.store
+        failed = []
+        if not await store.has_event(case.id, "issue_announced"):
+            try:
+                cause = "\n".join(f"• *{f['kind']}* {fmt_money(f['credit_cents'])}: {f['summary']}"
+                                  for f in case.report["findings"])
+                await slack_io.post_thread(ctx, case, (
+                    f":white_check_mark: Issued {fmt_money(case.issued_cents)} by {case.method.replace('_', ' ')} "
+                    f"(approved by <@{case.decided_by}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
+                if remainder_cents:
+                    msg = remainder_offer(case, remainder_cents)
+                    await slack_io.post_thread(ctx, case, msg["text"], blocks=msg["blocks"])
+                await store.event(case.id, "billing-bot", "issue_announced", {})
+            except Exception as exc:
+                failed.append(f"thread note: {type(exc).__name__}")
+        if not await store.has_event(case.id, "customer_emailed") and not await store.has_event(case.id, "email_drafted"):
+            try:
+                await self._letter(case, refs)
+            except Exception as exc:
+                failed.append(f"customer letter: {type(exc).__name__}")
+        try:
+            await slack_io.refresh_case_message(ctx, case)
+        except Exception as exc:
+            failed.append(f"case message: {type(exc).__name__}")
+        if failed:
+            await store.event(case.id, "billing-bot", "announce_failed", {"steps": failed})
+            tries = sum(1 for e in await store.events(case.id) if e["action"] == "announce_failed")
+            if tries >= ANNOUNCE_TRIES:  # a deleted message or an archived channel stays so: stop, loudly
+                log.error("case %s issued; gave up announcing after %s tries: %s", case.id, tries, "; ".join(failed))
+                return
+            raise RuntimeError(f"case {case.id} issued, announcement incomplete ({'; '.join(failed)}); retried later")
+
+    async def _letter(self, case: Case, refs: list[str]) -> None:
+        ctx = self.ctx
+        r = case.report
+        customer = r.get("customer") or None
         if customer is None and self.customer_lookup is not None:
             try:
-                customer = await self.customer_lookup(case["customer_id"])
+                customer = await self.customer_lookup(case.customer_id)
             except Exception:  # the email falls back to a draft; the money already moved
                 customer = None
         letter = email.compose(case, customer, refs)
         if ctx.env.smtp_url and letter.to:
             try:
                 await email.deliver(ctx.env.smtp_url, letter)
-                await ctx.cases.event(case["id"], "billing-bot", "customer_emailed", {"to": letter.to})
-                await slack_io.post_thread(ctx, case, f":email: Emailed the customer ({letter.to}).")
+                await ctx.cases.store.event(case.id, "billing-bot", "customer_emailed", {"to": letter.to})
+                log.info("case %s: customer emailed", case.id)
+                await slack_io.safely("thread", case.id, slack_io.post_thread(
+                    ctx, case, f":email: Emailed the customer ({letter.to})."))
                 return
             except Exception as exc:
-                log.warning("email for case %s failed: %s", case["id"], type(exc).__name__)
-                await slack_io.post_thread(ctx, case, f":warning: The email could not be sent ({type(exc).__name__}); "
-                                                      "here is the draft to send by hand.")
-        await ctx.cases.event(case["id"], "billing-bot", "email_drafted", {"to": letter.to})
+                log.warning("email for case %s failed: %s", case.id, type(exc).__name__)
+                await slack_io.safely("thread", case.id, slack_io.post_thread(ctx, case, (
+                    f":warning: The email could not be sent ({type(exc).__name__}); here is the draft to send by hand.")))
         await slack_io.post_thread(ctx, case, f"Draft for the customer{(' <' + letter.to + '>') if letter.to else ''}:\n"
                                               f"*{letter.subject}*\n```{letter.body}```")
+        await ctx.cases.store.event(case.id, "billing-bot", "email_drafted", {"to": letter.to})
 
-    async def failed(self, case: dict, reason: str, offer_invoice_credit: bool) -> None:
+    async def failed(self, case: Case, reason: str, offer_other_method: bool) -> None:
         ctx = self.ctx
-        await slack_io.refresh_case_message(ctx, case)
-        buttons = [{"type": "button", "action_id": "case_retry", "value": str(case["id"]),
-                    "text": {"type": "plain_text", "text": "Retry"}}]
-        if offer_invoice_credit:
-            buttons.append({"type": "button", "action_id": "case_invoice_credit", "style": "primary",
-                            "value": str(case["id"]), "text": {"type": "plain_text", "text": "Issue as invoice credit"}})
-        text = f":x: Issuing case #{case['id']} failed: {reason}"
-        if case.get("channel_id") and case.get("message_ts"):
-            await ctx.client.chat_postMessage(channel=case["channel_id"], thread_ts=case["message_ts"], text=text,
-                                              blocks=[{"type": "section", "text": {"type": "mrkdwn", "text": text[:3000]}},
-                                                      {"type": "actions", "elements": buttons}])
-        if case.get("decided_by"):
+        await slack_io.safely("case message", case.id, slack_io.refresh_case_message(ctx, case))
+        msg = failure_message(case, reason, offer_other_method)
+        await slack_io.safely("thread", case.id, slack_io.post_thread(ctx, case, msg["text"], blocks=msg["blocks"]))
+        if case.decided_by:
             link = await slack_io.permalink(ctx, case)
-            await ctx.client.chat_postMessage(channel=case["decided_by"], text=f"{text} {link}")
+            await ctx.client.chat_postMessage(channel=case.decided_by, text=f"{msg['text']} {link}")
+
+    async def rechecked(self, outcome: Outcome) -> None:
+        await slack_io.show_outcome(self.ctx, outcome, outcome.case.decided_by or outcome.case.requested_by,
+                                    None, None)
+
+    async def pending(self, case: Case, refs: list[str]) -> None:
+        await slack_io.refresh_case_message(self.ctx, case)
+        await slack_io.post_thread(self.ctx, case, (
+            f":hourglass: Refund pending in Polar ({', '.join(refs)}): the customer is told once Polar confirms it."))
+
+    async def outside(self, case: Case, amount_cents: int, reason: str) -> None:
+        await slack_io.post_thread(self.ctx, case, (
+            f":information_source: Polar refunded {fmt_money(amount_cents)} on this order outside the bot "
+            f"(reason: {reason}). It is not part of this case; check the order before crediting more."))
+

@@ -1,8 +1,9 @@
 """Re-ping the needed level every `remind_every` until someone decides.
 
-Safe with several replicas: each tick claims due cases with SELECT ... FOR UPDATE SKIP LOCKED and
-pushes their next reminder forward in the same transaction, so a case is pinged once per interval
-whichever replica gets there first. No in-memory timers.
+Safe with several replicas: each tick claims the due cases (SKIP LOCKED) and pushes their next
+reminder forward in one committed transaction, and only then pings anyone, so a case is pinged
+once per interval whichever replica gets there first, and Slack is never called while case rows
+are locked. No in-memory timers.
 """
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ log = logging.getLogger(__name__)
 
 
 async def remind_once(ctx: BotContext) -> int:
-    async def ping(case: dict) -> None:
-        await slack_io.ping_level(ctx, case, f"Reminder {case['reminders'] + 1}: still waiting for a decision.")
-    return await ctx.cases.claim_due_reminders(ctx.config.remind_every.total_seconds(), ping)
+    due = await ctx.cases.store.claim_due_reminders(ctx.config.remind_every.total_seconds())
+    for case in due:
+        await slack_io.safely("reminder", case.id, slack_io.ping_level(
+            ctx, case, f"Reminder {case.reminders}: still waiting for a decision."))
+    return len(due)
 
 
 async def run_forever(ctx: BotContext, tick_s: float) -> None:

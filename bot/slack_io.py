@@ -1,14 +1,21 @@
-"""Small helpers over the Slack Web API used by several listeners."""
+"""The Slack calls listeners share, and how an outcome of the case service is shown to people.
+
+Slack is told after the database has recorded a decision and the money path has started: a Slack
+error here is logged with the case id and never undoes or blocks a case. The Web API client
+retries rate limits and dropped connections itself (bot/app.py installs its retry handlers).
+"""
 from __future__ import annotations
 
 import logging
 
 from slack_sdk.errors import SlackApiError
 
-from bot.blocks import case_message, evidence_messages
+from bot.blocks import case_message, escape, evidence_messages, mention_text
 from bot.context import BotContext
+from handlers.cases import Case
 from handlers.timeline import fmt_money
-from services.approvals import everyone, holders, mention_text
+from services.approvals import everyone, holders
+from services.cases import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -23,75 +30,115 @@ async def ephemeral(ctx: BotContext, channel: str | None, user: str, text: str) 
         log.warning("could not tell %s: %s", user, exc.response.get("error"))
 
 
-def button_ids(body: dict) -> tuple[str, str | None, int]:
-    """(user, channel, case id) from a block_actions payload whose button carries the case id."""
-    return body["user"]["id"], (body.get("channel") or {}).get("id"), int(body["actions"][0]["value"])
+def button_ids(body: dict) -> tuple[str, str | None, int, int | None]:
+    """(user, channel, case id, failure number or None) from a block_actions payload whose button
+    carries "<case id>" or "<case id>:<failure number>"."""
+    raw = body["actions"][0]["value"]
+    case_id, _, failure = raw.partition(":")
+    return (body["user"]["id"], (body.get("channel") or {}).get("id"), int(case_id),
+            int(failure) if failure else None)
 
 
-async def open_modal_for_pending(ctx: BotContext, body: dict, build_view, refusal) -> None:
-    """Open a decision modal, unless the case has left pending meanwhile (then say why)."""
-    user, channel, case_id = button_ids(body)
-    case = await ctx.cases.get(case_id)
-    if case is None or case["state"] != "pending":
-        await ephemeral(ctx, channel, user, refusal(case))
-        return
-    await ctx.client.views_open(trigger_id=body["trigger_id"], view=build_view(case))
-
-
-async def refresh_case_message(ctx: BotContext, case: dict) -> None:
-    if not case.get("channel_id") or not case.get("message_ts"):
-        return
+async def refresh_case_message(ctx: BotContext, case: Case) -> None:
+    if not case.channel_id or not case.message_ts or case.parent_case_id:
+        return  # a remainder's case lives in its parent's thread; the parent's message stays the parent's
     msg = case_message(case, ctx.config)
-    await ctx.client.chat_update(channel=case["channel_id"], ts=case["message_ts"], text=msg["text"],
-                                 blocks=msg["blocks"])
+    await ctx.client.chat_update(channel=case.channel_id, ts=case.message_ts, text=msg["text"], blocks=msg["blocks"])
 
 
-async def post_thread(ctx: BotContext, case: dict, text: str) -> None:
-    if case.get("channel_id") and case.get("message_ts"):
-        await ctx.client.chat_postMessage(channel=case["channel_id"], thread_ts=case["message_ts"], text=text)
+async def post_thread(ctx: BotContext, case: Case, text: str, **kw) -> None:
+    if case.channel_id and case.message_ts:
+        await ctx.client.chat_postMessage(channel=case.channel_id, thread_ts=case.message_ts, text=text, **kw)
 
 
-async def post_evidence(ctx: BotContext, case: dict) -> None:
-    for text in evidence_messages(case["report"]):
+async def post_evidence(ctx: BotContext, case: Case) -> None:
+    for text in evidence_messages(case.report):
         await post_thread(ctx, case, text)
 
 
-async def permalink(ctx: BotContext, case: dict) -> str:
+async def permalink(ctx: BotContext, case: Case) -> str:
     try:
-        r = await ctx.client.chat_getPermalink(channel=case["channel_id"], message_ts=case["message_ts"])
+        r = await ctx.client.chat_getPermalink(channel=case.channel_id, message_ts=case.message_ts)
         return r["permalink"]
     except (SlackApiError, KeyError, TypeError):
-        return f"case #{case['id']}"
+        return f"case #{case.id}"
 
 
-async def ping_level(ctx: BotContext, case: dict, why: str) -> list[str]:
+async def ping_level(ctx: BotContext, case: Case, why: str) -> list[str]:
     """Mention the needed level's groups in the escalation channel and DM each of its members."""
-    h = await holders(ctx.config, ctx.groups, case["required_level"])
+    h = await holders(ctx.config, ctx.groups, case.required_level)
     link = await permalink(ctx, case)
-    amount = fmt_money(case["credit_cents"])
-    text = (f"{mention_text(h)}: billing case #{case['id']} for {case['instance_id']} needs "
+    amount = fmt_money(case.deciding_cents)
+    text = (f"{mention_text(h)}: billing case #{case.id} for {case.instance_id} needs "
             f"level {h['level']} ({h['name']}) to approve {amount}. {why} {link}")
     channel = ctx.config.channels.get("escalation")
     if channel:
         await ctx.client.chat_postMessage(channel=channel, text=text)
-    members = everyone(h)
+    members = [u for u in everyone(h) if not (ctx.config.four_eyes and u == case.requested_by)]
     for user in members:
         try:
-            await ctx.client.chat_postMessage(channel=user, text=f"Billing case #{case['id']} is waiting for your "
-                                              f"approval: {amount} for {case['instance_id']}. {link}")
+            await ctx.client.chat_postMessage(channel=user, text=f"Billing case #{case.id} is waiting for your "
+                                              f"approval: {amount} for {case.instance_id}. {link}")
         except SlackApiError as exc:
             log.warning("could not DM %s: %s", user, exc.response.get("error"))
     return members
 
 
-async def report_systematic(ctx: BotContext, case: dict) -> None:
+async def report_systematic(ctx: BotContext, case: Case) -> None:
     channel = ctx.config.channels.get("engineering")
     if not channel:
         return
-    r = case["report"]
+    r = case.report
     reasons = "\n".join(f"• {x}" for x in r.get("systematic_reasons", []))
     kinds = ", ".join(f["kind"] for f in r["findings"])
     link = await permalink(ctx, case)
     await ctx.client.chat_postMessage(channel=channel, text=(
-        f":rotating_light: Systematic billing defect (case #{case['id']}, {case['instance_id']}, org {case['org_id']})\n"
-        f"Kinds: {kinds}; credit {fmt_money(case['credit_cents'])}.\n{reasons}\n{link}"))
+        f":rotating_light: Systematic billing defect (case #{case.id}, {case.instance_id}, org {case.org_id})\n"
+        f"Kinds: {kinds}; credit {fmt_money(case.credit_cents)}.\n{reasons}\n{link}"))
+
+
+async def safely(what: str, case_id: int | None, coro) -> None:
+    """Await a Slack call whose failure must not reach the person's case: log it with the case."""
+    try:
+        await coro
+    except Exception:
+        log.exception("case %s: %s failed in Slack (the case itself is recorded)", case_id, what)
+
+
+async def show_outcome(ctx: BotContext, out: Outcome, user: str, channel: str | None, done_text: str | None) -> None:
+    """Tell people what a decision did: the case message, a line in its thread, or why not."""
+    case = out.case
+    if out.status == "missing":
+        await ephemeral(ctx, channel, user, out.reason)
+        return
+    if out.status == "refused":
+        ctx.metrics.refusals.inc()
+        if out.needed_level and case is not None and case.state in ("pending", "failed"):
+            h = await holders(ctx.config, ctx.groups, out.needed_level)
+            await ephemeral(ctx, channel, user, (
+                f":no_entry: {out.reason}. {fmt_money(case.deciding_cents)} needs level {h['level']} ({h['name']}): "
+                f"{mention_text(h)}. They have been pinged."))
+            await safely("ping", case.id, ping_level(ctx, case, f"<@{user}> tried to decide it and was refused."))
+        else:
+            await ephemeral(ctx, channel, user, out.reason)
+        return
+    if out.status == "changed":
+        await safely("case message", case.id, refresh_case_message(ctx, case))
+        was = fmt_money(out.previous.credit_cents) if out.previous else "?"
+        await safely("thread", case.id, post_thread(ctx, case, (
+            f":arrows_counterclockwise: The billing evidence changed since this case was opened, so nothing was "
+            f"approved. Checked again: {fmt_money(case.credit_cents)} (was {was}), needs level "
+            f"{ctx.config.level_label(case.required_level)}. Decide again on the updated message.")))
+        await ephemeral(ctx, channel, user, f"{out.reason} Case #{case.id} now proposes {fmt_money(case.credit_cents)}.")
+        return
+    await safely("case message", case.id, refresh_case_message(ctx, case))
+    if done_text:
+        await safely("thread", case.id, post_thread(ctx, case, done_text))
+
+
+def who(user: str) -> str:
+    return f"<@{user}>"
+
+
+__all__ = ["ephemeral", "button_ids", "refresh_case_message", "post_thread", "post_evidence", "permalink",
+           "ping_level", "report_systematic", "safely", "show_outcome", "escape", "who"]

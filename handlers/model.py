@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from decimal import Decimal
 
-from services.config import Throttle
+from .settings import Throttle
 
 from .timeline import Time, share
 
@@ -123,6 +123,7 @@ class PriorCase:
     credit_cents: int
     kinds: tuple[str, ...]
     issued_at: int | None
+    state: str = "issued"  # an issued case credited the time; any other holds it until decided
 
 
 @dataclass

@@ -236,8 +236,9 @@ def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[st
             evidence=lines, record_ids=sorted(record_ids), amount=amount))
 
     credited_before = [
-        {"case_id": pc.case_id, "credit_cents": pc.credit_cents, "kinds": list(pc.kinds),
-         "text": f"credited before: {fmt_money(pc.credit_cents)} in case {pc.case_id}"}
+        {"case_id": pc.case_id, "credit_cents": pc.credit_cents, "kinds": list(pc.kinds), "state": pc.state,
+         "text": (f"credited before: {fmt_money(pc.credit_cents)} in case {pc.case_id}" if pc.state == "issued"
+                  else f"held by case {pc.case_id} ({pc.state}, {fmt_money(pc.credit_cents)}): not credited again")}
         for pc in case.prior_cases if pc.case_id in prior_cases_hit
     ]
     return findings, covered, credited_before, period_amounts

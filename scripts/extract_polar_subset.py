@@ -2,8 +2,8 @@
 
 Run from the repository root with ../shared beside it:
     python scripts/extract_polar_subset.py
-The tests validate every request and response of our fake Polar server against the
-result, so they pass on a fresh clone without ../shared.
+The tests validate every request and response of our fake Polar server, and every webhook
+payload it sends, against the result, so they pass on a fresh clone without ../shared.
 """
 import json
 import pathlib
@@ -18,6 +18,10 @@ OPERATIONS = {
     "/v1/refunds/": ["get", "post"],
     "/v1/events/ingest": ["post"],
 }
+# Webhook deliveries our Polar server sends to the bot (its POST /polar/webhooks): the refund
+# outcomes and order refunds the bot acts on, and order.updated, a real Polar event the bot does
+# not subscribe to, which stands for "an event type it does not know".
+WEBHOOKS = ["refund.created", "refund.updated", "order.refunded", "order.updated"]
 
 
 def refs(node, found):
@@ -40,16 +44,19 @@ DOC = json.loads(SOURCE.read_text())
 
 def main():
     paths = {p: {m: DOC["paths"][p][m] for m in ms} for p, ms in OPERATIONS.items()}
+    webhooks = {t: DOC["webhooks"][t] for t in WEBHOOKS}
     found = set()
     refs(paths, found)
+    refs(webhooks, found)
     subset = {
         "openapi": DOC["openapi"],
         "info": DOC["info"],
         "paths": paths,
+        "webhooks": webhooks,
         "components": {"schemas": {n: DOC["components"]["schemas"][n] for n in sorted(found)}},
     }
     TARGET.write_text(json.dumps(subset, indent=1, sort_keys=True))
-    print(f"{TARGET}: {len(paths)} paths, {len(found)} schemas, {TARGET.stat().st_size} bytes", file=sys.stderr)
+    print(f"{TARGET}: {len(paths)} paths, {len(webhooks)} webhooks, {len(found)} schemas, {TARGET.stat().st_size} bytes", file=sys.stderr)
 
 
 if __name__ == "__main__":

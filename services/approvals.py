@@ -1,25 +1,28 @@
-"""Who may approve what (SPEC 3). Membership comes from the config file: Slack user ids, and Slack
-user groups read live through `usergroups.users.list` (cached briefly)."""
+"""Who holds which level (SPEC 3): Slack user ids from the config file, and Slack user groups read
+live through `usergroups.users.list`, cached briefly. The decisions themselves are the pure
+policies of handlers/cases.py."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
-from decimal import Decimal
 from typing import Awaitable, Callable
 
-from handlers.timeline import fmt_money
-from services.config import Config, Level
+from handlers.cases import Authority, authority_from_levels
+from handlers.settings import Config
 
-GROUP_CACHE_S = 60.0
+GROUP_CACHE_S = 60.0  # a change in Slack takes effect within a minute
+STALE_LIMIT_S = 300.0  # SPEC 3: membership may be reused at most 5 minutes while Slack is unreachable
+
+
+class MembershipUnknown(Exception):
+    """A user group could not be read and the last reading is too old to trust."""
 
 
 class GroupMembers:
-    """Reads user groups live with a short cache, so a change in Slack takes effect within a minute."""
-
     def __init__(self, fetch: Callable[[str], Awaitable[list[str]]], ttl_s: float = GROUP_CACHE_S,
-                 clock: Callable[[], float] = time.monotonic):
+                 stale_limit_s: float = STALE_LIMIT_S, clock: Callable[[], float] = time.monotonic):
         self.fetch = fetch
         self.ttl = ttl_s
+        self.stale_limit = stale_limit_s
         self.clock = clock
         self._cache: dict[str, tuple[float, list[str]]] = {}
 
@@ -30,67 +33,53 @@ class GroupMembers:
             return hit[1]
         try:
             users = await self.fetch(group_id)
-        except Exception:
-            if hit:  # Slack hiccup: the last known membership beats refusing everyone
+        except Exception as exc:
+            # A Slack hiccup: the last reading beats refusing everyone, but only for a while, so a
+            # lead removed from the group cannot keep approving through an outage.
+            if hit and now - hit[0] < self.stale_limit:
                 return hit[1]
-            raise
+            age = f"last read {int(now - hit[0]) // 60} min ago" if hit else "never read"
+            raise MembershipUnknown(
+                f"Slack could not be reached to confirm the members of user group {group_id} ({age}; "
+                f"{type(exc).__name__}), so authority that depends on it cannot be confirmed. Try again shortly."
+            ) from exc
         self._cache[group_id] = (now, users)
         return users
 
 
-@dataclass(frozen=True)
-class Authority:
-    user: str
-    levels: tuple[int, ...]
-    limit: Decimal | None  # None with money levels: any amount; see has_money
-    has_money: bool
-
-    def covers(self, cents: int) -> bool:
-        if not self.has_money:
-            return False
-        return self.limit is None or Decimal(cents) / 100 <= self.limit
-
-
-async def levels_of(config: Config, groups: GroupMembers, user: str) -> tuple[int, ...]:
-    out = []
+async def levels_of(config: Config, groups: GroupMembers, user: str) -> tuple[tuple[int, ...], list[MembershipUnknown]]:
+    """The user's levels, and the groups that could not be read (each may or may not hold the user)."""
+    out, unknown = [], []
     for lv in config.levels.values():
         if user in lv.users:
             out.append(lv.number)
             continue
         for g in lv.groups:
-            if user in await groups.members(g):
-                out.append(lv.number)
-                break
-    return tuple(out)
+            try:
+                if user in await groups.members(g):
+                    out.append(lv.number)
+                    break
+            except MembershipUnknown as exc:
+                unknown.append((lv.number, exc))
+    return tuple(out), unknown
 
 
 async def authority_of(config: Config, groups: GroupMembers, user: str) -> Authority:
-    """The highest money limit among the user's levels (SPEC 3)."""
-    levels = await levels_of(config, groups, user)
-    money = [config.levels[n] for n in levels if config.levels[n].money]
-    if not money:
-        return Authority(user, levels, Decimal(0), False)
-    unlimited = any(lv.limit is None for lv in money)
-    return Authority(user, levels, None if unlimited else max(lv.limit for lv in money), True)
-
-
-@dataclass(frozen=True)
-class Decision:
-    allowed: bool
-    reason: str = ""
-
-
-def may_approve(config: Config, authority: Authority, cents: int, requested_by: str) -> Decision:
-    if config.four_eyes and authority.user == requested_by:
-        return Decision(False, "four-eyes is on: someone other than the requester must approve")
-    if not authority.covers(cents):
-        return Decision(False, f"approving {fmt_money(cents)} needs more authority than you have")
-    return Decision(True)
+    """The highest money limit among the user's levels (SPEC 3). A group that cannot be read only
+    matters when it could give more than the user is known to have: then MembershipUnknown."""
+    levels, unknown = await levels_of(config, groups, user)
+    known = authority_from_levels(config, user, levels)
+    for number, exc in sorted(unknown, key=lambda u: -u[0]):  # name the group that matters most
+        maybe = authority_from_levels(config, user, levels + (number,))
+        if maybe.has_money and (not known.has_money or (known.limit is not None
+                                                        and (maybe.limit is None or maybe.limit > known.limit))):
+            raise exc
+    return known
 
 
 async def holders(config: Config, groups: GroupMembers, level: int) -> dict:
     """Who holds a level: its users and the members of its groups (for pings and the snapshot)."""
-    lv: Level = config.levels[level]
+    lv = config.levels[level]
     members: dict[str, list[str]] = {}
     for g in lv.groups:
         try:
@@ -98,11 +87,6 @@ async def holders(config: Config, groups: GroupMembers, level: int) -> dict:
         except Exception:
             members[g] = []
     return {"level": level, "name": lv.name, "users": list(lv.users), "groups": members}
-
-
-def mention_text(h: dict) -> str:
-    parts = [f"<!subteam^{g}>" for g in h["groups"]] + [f"<@{u}>" for u in h["users"]]
-    return ", ".join(parts) if parts else f"nobody is configured for level {h['level']} ({h['name']})"
 
 
 def everyone(h: dict) -> list[str]:

@@ -15,45 +15,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from handlers.settings import (  # noqa: F401  (re-exported: the settings are read through here)
+    DEFAULT_LEVELS, DEFAULT_RATE_CARD, Config, KubernetesSettings, Level, PolarSettings, Throttle,
+)
+
 
 class ConfigError(ValueError):
     """A configuration problem, naming the offending key."""
-
-
-@dataclass(frozen=True)
-class Level:
-    number: int
-    name: str
-    limit: Decimal | None  # None: any amount (when money is true)
-    money: bool
-    users: tuple[str, ...]
-    groups: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class KubernetesSettings:
-    instances_namespace: str = "orzbob-instances"
-    system_namespace: str = "orzbob-system"
-    control_plane_deployment: str = "control-plane"
-    label_instance: str = "instance-id"
-    label_org: str = "org-id"
-    label_tier: str = "tier"
-
-
-@dataclass(frozen=True)
-class PolarSettings:
-    credit_method: str = "refund"
-    usage_event_name: str = "compute_hours"
-    api_version: str = "2026-04"
-
-
-@dataclass(frozen=True)
-class Throttle:
-    """An org's throttle limits; None means that limit is off."""
-
-    continuous_limit: timedelta | None
-    daily_limit: timedelta | None
-    idle_timeout: timedelta | None
 
 
 @dataclass(frozen=True)
@@ -71,6 +39,7 @@ class Env:
     slack_app_token: str | None = field(default=None, repr=False)
     slack_api_url: str = "https://slack.com/api/"
     smtp_url: str | None = field(default=None, repr=False)
+    polar_webhook_secret: str | None = field(default=None, repr=False)
     port: int = 3000
 
     @classmethod
@@ -91,62 +60,10 @@ class Env:
             slack_app_token=e.get("SLACK_APP_TOKEN") or None,
             slack_api_url=e.get("SLACK_API_URL") or "https://slack.com/api/",
             smtp_url=e.get("SMTP_URL") or None,
+            polar_webhook_secret=e.get("POLAR_WEBHOOK_SECRET") or None,
             port=int(port_text),
         )
 
-
-DEFAULT_RATE_CARD = {
-    "small": Decimal("0.083"),
-    "medium": Decimal("0.167"),
-    "large": Decimal("0.333"),
-    "gpu": Decimal("2.08"),
-}
-
-
-@dataclass(frozen=True)
-class Config:
-    levels: dict[int, Level]
-    four_eyes: bool = False
-    remind_every: timedelta = timedelta(hours=4)
-    channels: dict[str, str | None] = field(
-        default_factory=lambda: {"escalation": None, "engineering": None, "alerts": None}
-    )
-    rate_card: dict[str, Decimal] = field(default_factory=lambda: dict(DEFAULT_RATE_CARD))
-    throttle_defaults: Throttle = Throttle(timedelta(hours=8), timedelta(hours=24), timedelta(minutes=30))
-    systematic_min_customers: int = 3
-    kubernetes: KubernetesSettings = KubernetesSettings()
-    polar: PolarSettings = PolarSettings()
-    usage_tolerance_hours: Decimal = Decimal("0.1")
-    bot_schema: str = "billing_bot"
-
-    def money_levels(self) -> list[Level]:
-        """Levels that carry money authority, smallest limit first, unlimited last."""
-        money = [lv for lv in self.levels.values() if lv.money]
-        return sorted(money, key=lambda lv: (lv.limit is None, lv.limit or 0, lv.number))
-
-    def level_label(self, level: int) -> str:
-        """'1 (Support agent)', or what level 0 means."""
-        if level == 0:
-            return "none (nothing to credit)"
-        return f"{level} ({self.levels[level].name})"
-
-    def required_level(self, credit_cents: int) -> int:
-        """The smallest level whose limit covers the credit (SPEC 3); 0 when nothing is credited."""
-        if credit_cents <= 0:
-            return 0
-        amount = Decimal(credit_cents) / 100
-        for level in self.money_levels():
-            if level.limit is None or amount <= level.limit:
-                return level.number
-        return max(lv.number for lv in self.money_levels())
-
-
-DEFAULT_LEVELS = {
-    1: {"name": "Support agent", "limit": "50.00", "money": True},
-    2: {"name": "Support lead", "limit": "500.00", "money": True},
-    3: {"name": "Engineering", "limit": None, "money": False},
-    4: {"name": "VP Engineering", "limit": None, "money": True},
-}
 
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 
@@ -159,6 +76,8 @@ def parse_duration(value: Any, key: str) -> timedelta:
         if value < 0:
             raise ConfigError(f"{key}: a duration cannot be negative")
         return timedelta(seconds=value)
+    if isinstance(value, str) and value.strip().isdecimal() and value.strip().isascii():
+        return timedelta(seconds=int(value.strip()))  # a bare number is seconds, as an int is
     if isinstance(value, str):
         m = _DURATION.match(value.strip())
         if m and any(m.groups()):
@@ -265,7 +184,7 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
     raw = _mapping(raw, "config")
     _only(
         raw,
-        {"levels", "four_eyes", "remind_every", "channels", "rate_card", "throttle_defaults",
+        {"levels", "four_eyes", "exposure_window", "remind_every", "channels", "rate_card", "throttle_defaults",
          "systematic_min_customers", "kubernetes", "polar", "reconcile"},
         "",
     )
@@ -323,6 +242,9 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
     if isinstance(smc, bool) or not isinstance(smc, int) or smc < 1:
         raise ConfigError(f"systematic_min_customers: expected a whole number of at least 1, got {smc!r}")
 
+    exposure = raw.get("exposure_window", Config.exposure_window)
+    exposure = exposure if isinstance(exposure, timedelta) else parse_duration(exposure, "exposure_window")
+
     remind = parse_duration(raw.get("remind_every", "4h"), "remind_every")
     if remind <= timedelta(0):
         raise ConfigError("remind_every: must be longer than zero")
@@ -333,6 +255,7 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
     return Config(
         levels=_levels(raw.get("levels")),
         four_eyes=_bool(raw.get("four_eyes", False), "four_eyes"),
+        exposure_window=exposure,
         remind_every=remind,
         channels=channels,
         rate_card=rate_card,

@@ -58,29 +58,18 @@ def _cents(amount: Decimal) -> int:
     return int((amount * 100).to_integral_value())
 
 
-async def credits_report(db, since: date) -> CreditsReport:
+async def credits_report(store, since: date) -> CreditsReport:
+    """store: services.store.CaseStore (billing_corrections through its database, the bot's own
+    cases and events through the store's queries)."""
     lo = datetime.combine(since, time(0), timezone.utc)
-    s = db.schema
-    async with db.snapshot() as conn:
+    async with store.db.snapshot() as conn:
         cur = await conn.execute(
             "SELECT id, customer_id, ticket_id, issue_type, credit_amount, resolved_by, resolved_at, notes"
             " FROM billing_corrections WHERE resolved_at >= %s ORDER BY resolved_at, id", (lo,))
         rows = await cur.fetchall()
-        has_cases = (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
-                                               (f"{s}.cases",))).fetchone())["ok"]
-        by_level, refusals, rejections = [], 0, []
-        if has_cases:
-            cur = await conn.execute(
-                f"SELECT required_level, count(*) AS n, coalesce(sum(issued_cents), 0) AS cents FROM {s}.cases"
-                " WHERE state = 'issued' AND issued_at >= %s GROUP BY required_level ORDER BY required_level", (lo,))
-            by_level = [(r["required_level"], r["n"], int(r["cents"])) for r in await cur.fetchall()]
-            cur = await conn.execute(f"SELECT count(*) AS n FROM {s}.case_events WHERE action = 'refused' AND at >= %s",
-                                     (lo,))
-            refusals = (await cur.fetchone())["n"]
-            cur = await conn.execute(
-                f"SELECT id, instance_id, decided_by, reason FROM {s}.cases WHERE state = 'rejected'"
-                " AND decided_at >= %s ORDER BY id", (lo,))
-            rejections = [(r["id"], r["instance_id"], r["decided_by"], r["reason"] or "") for r in await cur.fetchall()]
+    levels, refusals, rejected = await store.credits_rows(lo)
+    by_level = [(r["required_level"], r["n"], int(r["cents"])) for r in levels]
+    rejections = [(r["id"], r["instance_id"], r["decided_by"], r["reason"] or "") for r in rejected]
 
     def group(key):
         acc: dict[str, list[int]] = {}
@@ -100,11 +89,13 @@ async def run_report_cli(env, config, args) -> int:
     from bot.runtime import database_url
     from services.db import Database
 
+    from services.store import CaseStore
+
     since = validate_day(args.since)
     url, _embedded = database_url(env)
     db = await Database.connect(url, config.bot_schema)
     try:
-        report = await credits_report(db, since)
+        report = await credits_report(CaseStore(db), since)
     finally:
         await db.close()
     print(report.as_csv() if args.csv else report.as_text(), end="" if args.csv else "\n")

@@ -7,7 +7,8 @@ import re
 from datetime import date
 
 INSTANCE_ID = re.compile(r"^[a-z0-9][a-z0-9-]{1,62}$")
-PERIOD = re.compile(r"^(\d{4})-(0[1-9]|1[0-2])$")
+PERIOD = re.compile(r"^([0-9]{4})-(0[1-9]|1[0-2])$")  # ASCII digits only: \d takes any script's
+TICKET = re.compile(r"^[A-Za-z0-9#._-]{1,64}$")
 
 
 class InputError(ValueError):
@@ -33,9 +34,19 @@ def validate_period(value: str) -> str:
     return value.strip()
 
 
+def validate_ticket(value: str | None) -> str | None:
+    """A support ticket id as the helpdesk writes it (T-1234, #5678, ZD.42)."""
+    value = (value or "").strip()
+    if not value:
+        return None
+    if not TICKET.fullmatch(value):
+        raise InputError("invalid ticket id: expected 1-64 letters, digits or '#._-' (like T-1234)")
+    return value
+
+
 def validate_day(value: str) -> date:
     """A UTC day as YYYY-MM-DD (reconcile --date, report --since)."""
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value or ""):
+    if not re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", value or ""):
         raise InputError(f"malformed date {value!r}: expected YYYY-MM-DD, like 2026-10-05")
     try:
         return date.fromisoformat(value)

@@ -19,6 +19,7 @@ from services.kube import KubeSource, describe_error
 from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  # noqa: F401  (re-exported)
                              validate_day, validate_instance_id, validate_period)
 from services.polar import Customer, PolarClient, PolarNotFound
+from services.store import evidence_fingerprint
 
 SOURCE_TIMEOUT_S = 20.0
 
@@ -36,6 +37,7 @@ class CaseReport:
     sources: dict[str, str]
     customer: Customer | None
     throttle_text: str
+    fingerprint: str = ""  # of the database evidence, read in the same snapshot (SPEC 2.2)
 
     def as_json(self) -> dict:
         r = self.result
@@ -73,7 +75,9 @@ class Investigator:
         self.polar_problem = polar_problem or ("not configured" if polar is None else None)
         self.now = now or (lambda: datetime.now(timezone.utc))
 
-    async def check(self, instance_id: str, periods: list[str] | None = None) -> CaseReport:
+    async def check(self, instance_id: str, periods: list[str] | None = None,
+                    exclude_case: int | None = None) -> CaseReport:
+        """exclude_case: a case checked again (its own pieces do not count as held by another)."""
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
         sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
@@ -93,7 +97,8 @@ class Investigator:
             # records overlapping theirs), not every record the instance ever had
             records = await self.db.records(conn, instance_id, periods)
             throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
-            covers, prior_cases = await self.db.prior_credits(conn, instance_id)
+            covers, prior_cases = await self.db.prior_credits(conn, instance_id, exclude_case)
+            fingerprint = await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)
             systematic_counts = await self.db.systematic_counts(conn, periods)
 
             # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
@@ -115,7 +120,8 @@ class Investigator:
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
                     f"idle {fmt_duration(throttle.idle_timeout)}" + ("" if from_row else " (defaults: no throttle_settings row)"))
-        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text)
+        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text,
+                          fingerprint=fingerprint)
 
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str]:
         if self.kube is None:

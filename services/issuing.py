@@ -1,182 +1,319 @@
 """Issue an approved case's credit in Polar exactly once (SPEC 4).
 
 Exactly once, whatever happens:
-- one worker per case: the case moves approved -> issuing atomically, and the work runs under a
-  PostgreSQL advisory lock on the case, so a double click, two approvers or two replicas never
-  issue side by side;
+- one worker per case, on any replica: a session advisory lock on the case, taken on the one pool
+  connection that does all of the worker's database work (so issuing never waits for a second
+  connection), and at most `workers` issuings at once per process (the pool stays for checks);
+- before any money of the case moves, the evidence is looked at once more under the instance's
+  lock; if it changed, the case is checked again and waits for a new decision (SPEC 2.2);
 - the intent is written to the outbox (`issuances`, unique per case and order) before any call;
 - refunds have no idempotency key in Polar, so before every POST, and after any timeout, 5xx or
   lost response, the order's refunds are read back (`GET /v1/refunds/?order_id=`) and a refund
-  whose metadata.case_id is this case counts as done;
-- a restart resumes every case left approved or issuing (`resume_unfinished`);
+  whose metadata.case_id is this case counts as made;
+- a refund is money moved only when Polar says `succeeded`; `pending` keeps the case issuing until
+  a webhook or the sweeper's read-back settles it; `failed` / `canceled` fail the case with Polar's
+  reason and offer the other method for the unpaid part;
+- retrying or switching method moves only the unpaid part: what Polar confirmed stays;
+- every replica sweeps cases left approved, issuing, or issued but not announced (SKIP LOCKED), so
+  a dead worker or a Slack outage never strands an approved credit;
 - `invoice_credit` events carry an external_id derived from the case, and Polar deduplicates on it.
-The case ends issued (a billing_corrections row in the same transaction) or failed with a reason.
+The case ends issued (its one billing_corrections row in the same transaction) or failed with a reason.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from decimal import Decimal
 from typing import Protocol
 
+from handlers.cases import Case
+from handlers.orders import invoicing_order  # noqa: F401  (re-exported for tests)
+from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
-from services.config import Config
+from services.cases import CaseService, Outcome
 from services.polar import PolarClient, PolarError, PolarUnavailable
-from services.store import CaseStore, Outbox
+from services.store import Outbox
 
 log = logging.getLogger(__name__)
-LOCK_SPACE = 7_242_002
 REFUND_POST_ATTEMPTS = 3
+SETTLED = {"succeeded": "confirmed", "pending": "pending", "failed": "failed", "canceled": "failed"}
 
 
 class IssueFailed(Exception):
-    pass
-
-
-class NotInvoiced(IssueFailed):
-    pass
+    def __init__(self, reason: str, offer_other_method: bool = False):
+        super().__init__(reason)
+        self.offer_other_method = offer_other_method
 
 
 class Notifier(Protocol):
-    async def issued(self, case: dict, refs: list[str], remainder_cents: int) -> None: ...
+    async def issued(self, case: Case, refs: list[str], remainder_cents: int) -> None: ...
 
-    async def failed(self, case: dict, reason: str, offer_invoice_credit: bool) -> None: ...
+    async def failed(self, case: Case, reason: str, offer_other_method: bool) -> None: ...
+
+    async def rechecked(self, outcome: Outcome) -> None: ...
+
+    async def pending(self, case: Case, refs: list[str]) -> None: ...
+
+    async def outside(self, case: Case, amount_cents: int, reason: str) -> None: ...
+
+
+@dataclass
+class Progress:
+    refs: list[str]
+    issued: int  # confirmed by Polar, any method
+    pending: bool = False  # a refund Polar has not settled yet
 
 
 @dataclass
 class Issuer:
-    cases: CaseStore
+    cases: CaseService
     polar: PolarClient
     config: Config
     notifier: Notifier
     lookup_delay_s: float = 0.5
+    workers: int = 3  # issuings at once per process; the pool (8) keeps room for checks and Slack
+    poll_pending_after_s: float = 600.0  # read back pending refunds after this (0: every sweep)
     _tasks: set = field(default_factory=set)
+    _slots: asyncio.Semaphore | None = None
+
+    @property
+    def store(self):
+        return self.cases.store
 
     @property
     def outbox(self) -> Outbox:
-        return Outbox(self.cases)
+        return Outbox(self.store)
 
     async def submit(self, case_id: int) -> None:
-        """Start issuing in the background; Slack's request returns at once."""
-        task = asyncio.create_task(self.issue(case_id))
+        """Issue in the background, bounded; the caller (a Slack listener) returns at once."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.workers)
+
+        async def run():
+            async with self._slots:
+                await self.issue_logged(case_id)
+        task = asyncio.create_task(run())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def resume_unfinished(self, older_than_s: float = 0) -> list[int]:
-        """Cases a crash or restart left approved or issuing, and issued cases not yet announced."""
-        async with self.cases.db.pool.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT id FROM {self.cases.s}.cases WHERE (state IN ('approved', 'issuing')"
-                f" OR (state = 'issued' AND NOT notified)) AND updated_at <= now() - %s * interval '1 second'"
-                " ORDER BY id", (older_than_s,))
-            ids = [r["id"] for r in await cur.fetchall()]
+    async def drain(self, timeout_s: float) -> None:
+        """Wait for in-flight issuing (shutdown); whatever is cut off, the sweeper resumes."""
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+
+    async def issue_logged(self, case_id: int) -> Case | None:
+        try:
+            return await self.issue(case_id)
+        except Exception:
+            log.exception("issuing case %s stopped; the sweeper will resume it", case_id)
+            return None
+
+    async def sweep_once(self, older_than_s: float = 60.0) -> list[int]:
+        """Resume what a crash, a restart or a Slack outage left behind; replicas share the work."""
+        ids = await self.store.claim_unfinished(older_than_s)
         for case_id in ids:
-            await self.issue(case_id)
+            await self.issue_logged(case_id)
         return ids
 
-    async def issue(self, case_id: int) -> dict | None:
-        async with self.cases.db.pool.connection() as lock_conn:
-            await lock_conn.set_autocommit(True)
-            cur = await lock_conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (LOCK_SPACE, case_id))
-            if not (await cur.fetchone())["ok"]:
-                return None  # another worker holds this case
+    async def resume_unfinished(self, older_than_s: float = 0) -> list[int]:
+        return await self.sweep_once(older_than_s)
+
+    async def run_sweeper(self, every_s: float, older_than_s: float = 60.0) -> None:
+        while True:
+            try:
+                await self.sweep_once(older_than_s)
+            except Exception:
+                log.exception("issuing sweep failed; the next one retries")
+            await asyncio.sleep(every_s)
+
+    async def issue(self, case_id: int) -> Case | None:
+        async with self.store.bound():
+            if not await self.store.try_lock_case(case_id):
+                return None  # another worker, here or on another replica, holds this case
             try:
                 return await self._issue_locked(case_id)
             finally:
-                await lock_conn.execute("SELECT pg_advisory_unlock(%s, %s)", (LOCK_SPACE, case_id))
+                await self.store.unlock_case(case_id)
 
-    async def _issue_locked(self, case_id: int) -> dict | None:
-        case = await self.cases.get(case_id)
+    async def _issue_locked(self, case_id: int) -> Case | None:
+        case = await self.store.get(case_id)
         if case is None:
             return None
-        if case["state"] == "issued" and not case["notified"]:
-            await self._announce(case)
+        if case.state == "issued":
+            if not case.notified:
+                await self._announce(case)
             return case
-        if case["state"] == "approved":
-            case = await self.cases.transition(case_id, ("approved",), "issuing", "billing-bot", "issuing",
-                                               {"method": case["method"]})
+        if case.state == "approved":
+            if not await self.outbox.for_case(case.id) and case.parent_case_id is None:
+                changed = await self.cases.verify_before_money(case)
+                if changed is not None:
+                    await self._tell(self.notifier.rechecked(changed), case)
+                    return changed.case
+            case = await self.cases.start_issuing(case)
             if case is None:
                 return None
-        elif case["state"] != "issuing":
+        elif case.state != "issuing":
             return None
         try:
-            if case["method"] == "invoice_credit":
-                refs, issued, remainder = await self._invoice_credit(case)
+            if case.method == "invoice_credit":
+                progress = await self._invoice_credit(case)
             else:
-                refs, issued, remainder = await self._refunds(case)
+                progress = await self._refunds(case)
         except IssueFailed as exc:
-            return await self._fail(case, str(exc), offer_invoice_credit=isinstance(exc, NotInvoiced))
+            return await self._fail(case, str(exc), exc.offer_other_method)
         except Exception as exc:  # a bug or an outage: fail loudly, keep the outbox for the retry
             log.exception("issuing case %s failed", case_id)
-            return await self._fail(case, f"{type(exc).__name__}: {exc}", offer_invoice_credit=False)
-        done = await self._finalize(case, refs, issued, remainder)
+            return await self._fail(case, f"{type(exc).__name__}: {exc}", False)
+        if progress.pending:
+            if not await self.store.has_event(case.id, "refund_pending"):
+                await self.store.event(case.id, "billing-bot", "refund_pending", {"refs": progress.refs})
+                await self._tell(self.notifier.pending(case, progress.refs), case)
+            return case
+        done = await self._finalize(case, progress)
         if done is not None:
             await self._announce(done)
         return done
 
-    # --- refunds ---------------------------------------------------------------------------------
+    # --- what is already paid ----------------------------------------------------------------------
 
-    def _split(self, case: dict) -> dict[str, int]:
-        by_period = {p: Decimal(c) for p, c in (case["report"].get("credit_by_period") or {}).items()}
+    async def _settled_issuances(self, case: Case) -> list[dict]:
+        """The case's outbox, with every refund whose outcome is unknown looked up first (a crash
+        or a timeout after a POST), and pending refunds read back when they are due."""
+        rows = await self.outbox.for_case(case.id)
+        for i in rows:
+            if i["method"] != "refund":
+                continue
+            unknown = i["state"] == "intent" and i["attempts"] > 0
+            due = i["state"] == "pending" and (
+                self.poll_pending_after_s <= 0
+                or time.time() - i["updated_at"].timestamp() >= self.poll_pending_after_s)
+            if unknown or due:
+                found = await self._find_refund(i["target"], case.id, i.get("polar_ref"))
+                if found:
+                    await self.settle_refund(i, found)
+        return await self.outbox.for_case(case.id)
+
+    async def settle_refund(self, intent: dict, refund: dict) -> str:
+        """Record what Polar says of a refund: succeeded -> confirmed, pending, failed/canceled ->
+        failed (no money moved). Returns the outbox state. Used by the webhooks too."""
+        state = SETTLED.get(refund.get("status") or "succeeded", "pending")
+        await self.outbox.settle(intent["id"], state, refund["id"], refund.get("status"))
+        return state
+
+    async def on_polar_event(self, event, webhook_id: str) -> None:
+        """A verified Polar webhook (services/polar_webhooks.py): a refund the bot made moved on,
+        or Polar refunded an order of ours on its own. Quick: the issuing itself runs in a worker."""
+        from services.polar_webhooks import RefundUpdate
+
+        if not isinstance(event, RefundUpdate):
+            return  # order.refunded repeats what the refund events say
+        case_id = int(event.case_id) if event.case_id and event.case_id.isdigit() else None
+        intent = await self.outbox.by_refund(event.refund_id, case_id, event.order_id) if case_id else None
+        if intent is not None:
+            state = await self.settle_refund(intent, {"id": event.refund_id, "status": event.status})
+            log.info("case %s: Polar reports refund %s %s (webhook %s)", intent["case_id"], event.refund_id,
+                     event.status, webhook_id)
+            if state != "pending":
+                await self.submit(intent["case_id"])  # finish the case, or fail it with Polar's word
+            return
+        for other in await self.store.cases_with_order(event.order_id):
+            if await self.store.event_once(other, "polar", "refund_outside_bot", event.refund_id, {
+                    "refund_id": event.refund_id, "amount_cents": event.amount_cents, "status": event.status,
+                    "reason": event.reason}):
+                log.warning("case %s: Polar refunded %s cents on order %s outside the bot (%s)", other,
+                            event.amount_cents, event.order_id, event.reason)
+                case = await self.store.get(other)
+                await self._tell(self.notifier.outside(case, event.amount_cents, event.reason), case)
+
+    # --- refunds -------------------------------------------------------------------------------------
+
+    def _split(self, case: Case) -> dict[str, int]:
+        by_period = {p: Decimal(c) for p, c in (case.report.get("credit_by_period") or {}).items()}
         if not by_period:
-            by_period = {max(case["periods"]): Decimal(1)}
-        return allocate(case["credit_cents"], by_period)
+            by_period = {max(case.periods): Decimal(1)}
+        return allocate(case.credit_cents, by_period)
 
-    async def _refunds(self, case: dict) -> tuple[list[str], int, int]:
-        split = self._split(case)
-        orders = await self.polar.orders(case["customer_id"])
-        plan = []
-        missing = []
-        for period, cents in sorted(split.items()):
+    async def _refunds(self, case: Case) -> Progress:
+        rows = await self._settled_issuances(case)
+        _no_unknown_invoice_credit(rows)
+        by_target = {i["target"]: i for i in rows}
+        failed_now = [i for i in rows if i["method"] == "refund" and i["state"] == "failed"
+                      and i["refund_status"] in ("failed", "canceled") and not i["failure_told"]]
+        if failed_now:
+            for i in failed_now:
+                await self.outbox.mark_failure_told(i["id"])
+            i = failed_now[0]
+            raise IssueFailed(f"Polar reports the refund {i['polar_ref']} of {fmt_money(i['amount_cents'])} on "
+                              f"{i['period']} as {i['refund_status']}: no money moved for it. Issue the unpaid "
+                              "part as invoice credit, or retry the refund.", offer_other_method=True)
+        if any(i["state"] == "pending" for i in rows):
+            return Progress(_refs(rows), _paid(rows), pending=True)
+        unpaid = case.credit_cents - _paid(rows)
+        if unpaid <= 0:
+            return Progress(_refs(rows), _paid(rows))
+        orders = await self.polar.orders(case.customer_id)
+        plan, missing = [], []
+        for period, target_cents in sorted(self._split(case).items()):
             order = invoicing_order(orders, period)
             if order is None:
                 missing.append(period)
             else:
-                plan.append((period, order, cents))
+                plan.append((period, order, target_cents))
         if missing:
-            raise NotInvoiced(f"{', '.join(missing)} not invoiced yet, so there is no order to refund. "
-                              "Issue it as invoice credit instead (it appears on the next invoice).")
-        reason = "duplicate" if set(case["kinds"]) == {"duplicate_charge"} else "service_disruption"
-        intents = {i["target"]: i for i in await self.outbox.for_case(case["id"])}
-        refs, issued, remainder = [], 0, 0
-        for period, order, cents in plan:
-            intent = intents.get(order["id"])
-            if intent is None:  # first run: cap at what the order can still refund
-                amount = min(cents, int(order["refundable_amount"]))
-                if amount <= 0:
-                    remainder += cents
-                    continue
-                intent = await self.outbox.intend(case["id"], "refund", order["id"], period, amount)
-            amount = intent["amount_cents"]  # a resumed run keeps the amount it meant to refund
-            remainder += cents - amount
-            if intent["state"] == "confirmed":
-                refs.append(intent["polar_ref"])
+            raise IssueFailed(f"{', '.join(missing)} not invoiced yet, so there is no order to refund. "
+                              "Issue it as invoice credit instead (it appears on the next invoice).",
+                              offer_other_method=True)
+        reason = "duplicate" if set(case.kinds) == {"duplicate_charge"} else "service_disruption"
+        left = unpaid
+        for period, order, target_cents in plan:
+            intent = by_target.get(order["id"])
+            if intent is not None and intent["state"] in ("confirmed", "pending"):
+                continue
+            if intent is not None and intent["state"] == "intent":
+                amount = intent["amount_cents"]  # a resumed run keeps the amount it meant to refund
             else:
-                refs.append(await self._refund_once(case, intent, order, period, amount, reason))
-            issued += amount
-        return refs, issued, remainder
+                want = min(target_cents - _paid([r for r in rows if r["target"] == order["id"]]), left)
+                amount = min(want, int(order["refundable_amount"]))
+                if amount <= 0:
+                    continue  # nothing the order can take: the rest stays unpaid, offered below
+                intent = (await self.outbox.reopen(intent["id"], amount) if intent is not None
+                          else await self.outbox.intend(case.id, "refund", order["id"], period, amount))
+            left -= amount
+            refund = await self._refund_once(case, intent, order, period, amount, reason)
+            state = await self.settle_refund(intent, refund)
+            if state == "failed":
+                await self.outbox.mark_failure_told(intent["id"])
+                raise IssueFailed(f"Polar reports the refund {refund['id']} of {fmt_money(amount)} on {period} as "
+                                  f"{refund.get('status')}: no money moved for it.", offer_other_method=True)
+        rows = await self.outbox.for_case(case.id)
+        return Progress(_refs(rows), _paid(rows), pending=any(i["state"] == "pending" for i in rows))
 
-    async def _find_refund(self, order_id: str, case_id: int) -> dict | None:
-        for refund in await self.polar.refunds_for_order(order_id):
-            if str((refund.get("metadata") or {}).get("case_id")) == str(case_id) and refund.get("status") != "failed":
+    async def _find_refund(self, order_id: str, case_id: int, refund_id: str | None = None) -> dict | None:
+        refunds = await self.polar.refunds_for_order(order_id)
+        if refund_id:
+            for refund in refunds:
+                if refund.get("id") == refund_id:
+                    return refund
+        for refund in refunds:
+            if str((refund.get("metadata") or {}).get("case_id")) == str(case_id) \
+                    and refund.get("status") not in ("failed", "canceled"):
                 return refund
         return None
 
-    async def _refund_once(self, case: dict, intent: dict, order: dict, period: str, amount: int, reason: str) -> str:
+    async def _refund_once(self, case: Case, intent: dict, order: dict, period: str, amount: int, reason: str) -> dict:
         """One refund for (case, order): found, or created; never two."""
-        found = await self._find_refund(order["id"], case["id"])
+        found = await self._find_refund(order["id"], case.id)
         if found:
-            await self.outbox.confirm(intent["id"], found["id"])
-            return found["id"]
-        metadata = {"case_id": str(case["id"]), "instance_id": case["instance_id"], "period": period}
-        if case.get("ticket_id"):
-            metadata["ticket_id"] = case["ticket_id"]
+            return found
+        metadata = {"case_id": str(case.id), "instance_id": case.instance_id, "period": period}
+        if case.ticket_id:
+            metadata["ticket_id"] = case.ticket_id
         body = {"order_id": order["id"], "amount": amount, "reason": reason, "metadata": metadata,
-                "comment": f"billing-bot case {case['id']}: {', '.join(case['kinds'])}", "revoke_benefits": False}
+                "comment": f"billing-bot case {case.id}: {', '.join(case.kinds)}", "revoke_benefits": False}
         last = ""
-        for attempt in range(REFUND_POST_ATTEMPTS):
+        for _ in range(REFUND_POST_ATTEMPTS):
             await self.outbox.attempt(intent["id"])
             try:
                 refund = await self.polar.create_refund(body)
@@ -185,114 +322,129 @@ class Issuer:
                 await self.outbox.note_error(intent["id"], last)
                 # the refund may have been made: read it back before any new POST
                 await asyncio.sleep(max(exc.retry_after or 0, self.lookup_delay_s))
-                found = await self._find_refund(order["id"], case["id"])
+                found = await self._find_refund(order["id"], case.id)
                 if found:
-                    await self.outbox.confirm(intent["id"], found["id"])
-                    return found["id"]
+                    return found
                 continue
             except PolarError as exc:
                 await self.outbox.fail(intent["id"], str(exc))
-                raise IssueFailed(f"Polar refused the refund on order {order['id']} ({period}): "
-                                  f"{exc.error}: {exc.detail}") from exc
-            await self.outbox.confirm(intent["id"], refund["id"])
-            return refund["id"]
-        raise IssueFailed(f"Polar did not confirm the refund on order {order['id']} after "
+                raise IssueFailed(_refusal_reason(exc, order, period, amount),
+                                  offer_other_method=exc.status in (403, 422)) from exc
+            log.info("case %s: refund %s of %s cents on order %s (%s)", case.id, refund.get("id"), amount,
+                     order["id"], refund.get("status"))
+            return refund
+        raise IssueFailed(f"Polar did not confirm the refund on order {order['id']} ({period}) after "
                           f"{REFUND_POST_ATTEMPTS} attempts ({last}), and none is on the order: safe to retry")
 
-    # --- invoice credit --------------------------------------------------------------------------
+    # --- invoice credit ----------------------------------------------------------------------------
 
-    async def _invoice_credit(self, case: dict) -> tuple[list[str], int, int]:
-        target = f"billing-bot-case-{case['id']}"
-        intent = await self.outbox.intend(case["id"], "invoice_credit", target, None, case["credit_cents"])
-        if intent["state"] == "confirmed":
-            return [intent["polar_ref"]], case["credit_cents"], 0
-        events = await self._compensating_events(case, target)
+    async def _invoice_credit(self, case: Case) -> Progress:
+        rows = await self._settled_issuances(case)
+        if any(i["state"] == "pending" for i in rows):
+            return Progress(_refs(rows), _paid(rows), pending=True)
+        target = f"billing-bot-case-{case.id}"
+        mine = next((i for i in rows if i["target"] == target), None)
+        if mine is not None and mine["state"] == "confirmed":
+            return Progress(_refs(rows), _paid(rows))
+        if mine is not None and mine["state"] == "intent":
+            amount = mine["amount_cents"]  # events may be partly in: the same amount, the same ids
+        else:
+            amount = case.credit_cents - _paid(rows)  # only the unpaid part moves
+            if amount <= 0:
+                return Progress(_refs(rows), _paid(rows))
+            mine = (await self.outbox.reopen(mine["id"], amount) if mine is not None
+                    else await self.outbox.intend(case.id, "invoice_credit", target, None, amount))
+        events = await self._compensating_events(case, target, amount)
+        await self.outbox.attempt(mine["id"])
         for i in range(0, len(events), 100):
             await self.polar.ingest_events(events[i:i + 100])  # retried: external_id makes it harmless
-        await self.outbox.confirm(intent["id"], f"{len(events)} usage events {target}-*")
-        return [f"{len(events)} compensating usage events ({target}-*)"], case["credit_cents"], 0
+        await self.outbox.confirm(mine["id"], f"{len(events)} compensating usage events ({target}-*)")
+        log.info("case %s: %s cents as %s compensating usage events", case.id, amount, len(events))
+        return Progress(_refs(await self.outbox.for_case(case.id)), _paid(await self.outbox.for_case(case.id)))
 
-    async def _compensating_events(self, case: dict, prefix: str) -> list[dict]:
-        s = self.cases.s
-        async with self.cases.db.pool.connection() as conn:
-            cur = await conn.execute(
-                f"SELECT p.kind, p.record_id, p.start_us, p.end_us, p.extra_events, r.tier"
-                f" FROM {s}.case_pieces p JOIN billing_records r ON r.id = p.record_id"
-                " WHERE p.case_id = %s ORDER BY p.record_id, p.start_us", (case["id"],))
-            pieces = await cur.fetchall()
-        share = Decimal(case["credit_cents"]) / Decimal(case["proposed_cents"] or 1)
-        true_tier = case["report"].get("true_tier")
+    async def _compensating_events(self, case: Case, prefix: str, amount: int) -> list[dict]:
+        # a remainder's case credits part of the pieces its parent holds
+        source = await self.store.get(case.parent_case_id) if case.parent_case_id else case
+        pieces = await self.store.pieces(source.id)
+        share = Decimal(amount) / Decimal(source.proposed_cents or 1)
+        true_tier = source.report.get("true_tier")
         name = self.config.polar.usage_event_name
         events = []
         for i, p in enumerate(pieces):
             hours = Decimal(p["end_us"] - p["start_us"]) / Decimal(3_600_000_000) * max(p["extra_events"], 1) * share
             h = float(round(hours, 6))  # a quantity of hours for Polar's meter, not money
-            meta = {"org_id": case["org_id"], "instance_id": case["instance_id"], "record_id": p["record_id"],
-                    "start_time": _iso(p["start_us"]), "end_time": _iso(p["end_us"]), "case_id": str(case["id"])}
-            events.append({"name": name, "external_customer_id": case["customer_id"], "external_id": f"{prefix}-{i}-neg",
+            meta = {"org_id": case.org_id, "instance_id": case.instance_id, "record_id": p["record_id"],
+                    "start_time": _iso(p["start_us"]), "end_time": _iso(p["end_us"]), "case_id": str(case.id)}
+            events.append({"name": name, "external_customer_id": case.customer_id, "external_id": f"{prefix}-{i}-neg",
                            "metadata": {**meta, "tier": p["tier"], "hours": -h}})
             if p["kind"] == "wrong_tier" and true_tier:
-                events.append({"name": name, "external_customer_id": case["customer_id"],
+                events.append({"name": name, "external_customer_id": case.customer_id,
                                "external_id": f"{prefix}-{i}-pos", "metadata": {**meta, "tier": true_tier, "hours": h}})
         return events
 
-    # --- endings ---------------------------------------------------------------------------------
+    # --- endings -------------------------------------------------------------------------------------
 
-    async def _finalize(self, case: dict, refs: list[str], issued: int, remainder: int) -> dict | None:
+    async def _finalize(self, case: Case, progress: Progress) -> Case | None:
         """issuing -> issued and the billing_corrections row, in one transaction."""
-        kinds = case["report"]["findings"]
-        leading = max(kinds, key=lambda f: f["credit_cents"])["kind"] if kinds else "duplicate_charge"
-        notes = (f"billing-bot case {case['id']} ({case['instance_id']}, {', '.join(case['periods'])}); "
-                 f"method {case['method']}; Polar: {', '.join(refs)}; root cause: "
-                 + "; ".join(f"{f['kind']} {fmt_money(f['credit_cents'])}: {f['summary']}" for f in kinds))
+        findings = case.report["findings"]
+        leading = max(findings, key=lambda f: f["credit_cents"])["kind"] if findings else "duplicate_charge"
+        remainder = max(case.credit_cents - progress.issued, 0)
+        notes = (f"billing-bot case {case.id} ({case.instance_id}, {', '.join(case.periods)}); "
+                 f"method {case.method}; Polar: {', '.join(progress.refs)}; root cause: "
+                 + "; ".join(f"{f['kind']} {fmt_money(f['credit_cents'])}: {f['summary']}" for f in findings))
+        if case.parent_case_id:
+            notes += f"; the remainder of case {case.parent_case_id}"
         if remainder:
             notes += f"; {fmt_money(remainder)} not refundable on the order, left for a lead"
-        s = self.cases.s
-        async with self.cases.db.pool.connection() as conn:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    f"UPDATE {s}.cases SET state = 'issued', issued_cents = %s, polar_reference = %s,"
-                    " remainder_cents = %s, issued_at = now(), updated_at = now() WHERE id = %s AND state = 'issuing'"
-                    " RETURNING *", (issued, ", ".join(refs), remainder, case["id"]))
-                row = await cur.fetchone()
-                if row is None:
-                    return None
-                await conn.execute(
-                    "INSERT INTO billing_corrections (customer_id, ticket_id, issue_type, credit_amount, resolved_by,"
-                    " resolved_at, notes) VALUES (%s, %s, %s, %s, %s, now(), %s)",
-                    (case["customer_id"], case.get("ticket_id"), leading, Decimal(issued) / 100,
-                     case["decided_by"] or "billing-bot", notes))
-                await self.cases._event(conn, case["id"], "billing-bot", "issued",
-                                        {"issued_cents": issued, "refs": refs, "remainder_cents": remainder})
-        return row
+        return await self.cases.finish_issued(case, issued=progress.issued, refs=progress.refs, remainder=remainder,
+                                              leading_kind=leading, notes=notes)
 
-    async def _announce(self, case: dict) -> None:
-        refs = [r for r in (case.get("polar_reference") or "").split(", ") if r]
-        await self.notifier.issued(case, refs, case.get("remainder_cents") or 0)
-        async with self.cases.db.pool.connection() as conn:
-            await conn.execute(f"UPDATE {self.cases.s}.cases SET notified = true WHERE id = %s", (case["id"],))
+    async def _announce(self, case: Case) -> None:
+        """Tell Slack and the customer; marked done only when all of it went through, so the
+        sweeper retries an announcement a Slack or SMTP outage cut short."""
+        refs = [r for r in (case.polar_reference or "").split(", ") if r]
+        await self.notifier.issued(case, refs, case.remainder_cents or 0)
+        await self.store.mark_notified(case.id)
 
-    async def _fail(self, case: dict, reason: str, offer_invoice_credit: bool) -> dict | None:
-        row = await self.cases.transition(case["id"], ("issuing",), "failed", "billing-bot", "failed",
-                                          {"reason": reason}, reason=reason)
+    async def _fail(self, case: Case, reason: str, offer_other_method: bool) -> Case | None:
+        row = await self.cases.fail(case, reason)
         if row is not None:
-            await self.notifier.failed(row, reason, offer_invoice_credit)
+            await self._tell(self.notifier.failed(row, reason, offer_other_method), row)
         return row
 
-
-def invoicing_order(orders: list[dict], period: str) -> dict | None:
-    """The customer's earliest subscription_cycle order created on or after the first day of the
-    month after the period (SPEC 4)."""
-    y, m = int(period[:4]), int(period[5:7])
-    first_next = datetime(y + (m == 12), m % 12 + 1, 1, tzinfo=timezone.utc)
-    candidates = [o for o in orders if o.get("billing_reason") == "subscription_cycle"
-                  and _parse(o["created_at"]) >= first_next]
-    return min(candidates, key=lambda o: _parse(o["created_at"])) if candidates else None
+    async def _tell(self, coro, case: Case) -> None:
+        """Slack being down never undoes or blocks the money: log it with the case id."""
+        try:
+            await coro
+        except Exception:
+            log.exception("case %s: telling Slack failed (the case itself is recorded)", case.id)
 
 
-def _parse(text: str) -> datetime:
-    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)
+def _paid(rows: list[dict]) -> int:
+    return sum(i["amount_cents"] for i in rows if i["state"] == "confirmed")
+
+
+def _refs(rows: list[dict]) -> list[str]:
+    return [i["polar_ref"] for i in rows if i["state"] in ("confirmed", "pending") and i["polar_ref"]]
+
+
+def _no_unknown_invoice_credit(rows: list[dict]) -> None:
+    for i in rows:
+        if i["method"] == "invoice_credit" and i["state"] == "intent" and i["attempts"] > 0:
+            raise IssueFailed(f"an invoice credit of {fmt_money(i['amount_cents'])} may be partly on the next invoice "
+                              "already: retry it as invoice credit (its events are idempotent) before refunding",
+                              offer_other_method=True)
+
+
+def _refusal_reason(exc: PolarError, order: dict, period: str, amount: int) -> str:
+    where = f"order {order.get('invoice_number') or order['id']} ({period})"
+    if exc.status == 403:
+        return (f"Polar refused the refund of {fmt_money(amount)} on {where}: the order is already fully refunded "
+                f"or its payment is disputed ({exc.detail}). Issue it as invoice credit instead.")
+    if exc.status == 422:
+        return (f"Polar refused the refund of {fmt_money(amount)} on {where}: it exceeds what the order can still "
+                f"refund ({exc.detail}). Issue the rest as invoice credit.")
+    return f"Polar refused the refund on {where}: {exc.error}: {exc.detail}"
 
 
 def _iso(us: int) -> str:

@@ -18,7 +18,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
 from handlers.model import UsageEvent
-from handlers.timeline import to_us
+from handlers.timeline import fmt_money, to_us
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +176,24 @@ class PolarClient:
                                                    "sorting": "created_at"})
 
     async def refunds_for_order(self, order_id: str) -> list[dict]:
+        """Every refund of the order, whatever its status (all pages)."""
         return await self.list_all("/v1/refunds/", {"order_id": order_id})
+
+    async def refund(self, refund_id: str) -> dict:
+        """One refund by id. Polar has no GET /v1/refunds/{id}: the list filters by `id`.
+        Raises PolarNotFound when Polar lists no such refund."""
+        body = await self.request("GET", "/v1/refunds/", params={"id": refund_id, "limit": 1})
+        for item in body.get("items", []):
+            if item.get("id") == refund_id:  # checked again: a server ignoring the filter is still read right
+                return item
+        raise PolarNotFound(404, "ResourceNotFound", f"no refund {refund_id}")
+
+    async def events_with_metadata(self, external_customer_id: str, name: str, key: str, value: str) -> list[dict]:
+        """The customer's events named `name` whose metadata[key] is `value` (e.g. the
+        compensating usage events of one case: key case_id), checked again here."""
+        raw = await self.list_all("/v1/events/", {"external_customer_id": external_customer_id, "name": name,
+                                                  f"metadata[{key}]": value})
+        return [e for e in raw if e.get("name") == name and str((e.get("metadata") or {}).get(key)) == str(value)]
 
     # --- writes --------------------------------------------------------------------------------
 
@@ -196,6 +213,86 @@ class PolarUnavailable(Exception):
     def __init__(self, reason: str, retry_after: float | None = None):
         super().__init__(reason)
         self.retry_after = retry_after
+
+
+# --- what Polar's answers mean to a support agent ---------------------------------------------------
+
+def refund_failure_reason(exc: PolarError) -> str:
+    """A refund POST that Polar refused, in words a support agent acts on: what happened, that no
+    money moved, and the next step. The bodies are Polar's: 403 RefundedAlready and 422
+    HTTPValidationError are in its OpenAPI document; its server also answers 403 RefundsBlocked
+    (a disputed payment) and 400 RefundAmountTooHigh, which the document does not list."""
+    detail = _detail_text(exc.detail)
+    if exc.status == 403 and exc.error == "RefundedAlready":
+        return ("Polar says this order is already fully refunded, so no more money can go back on it; nothing was "
+                "refunded now. Next: look at the order's refunds in Polar (a person, or Polar itself to stop a "
+                "chargeback, refunded it already); if the customer is still owed this credit, issue it as invoice "
+                "credit instead.")
+    if exc.status == 403 and ("block" in detail.lower() or "disput" in detail.lower() or exc.error == "RefundsBlocked"):
+        return ("Polar blocks refunds on this order because the customer disputed the payment (a chargeback is "
+                "open); nothing was refunded. Next: do not retry. Ask billing engineering to settle the dispute in "
+                "Polar first; only then issue what is still owed, as invoice credit, so the customer is not paid twice.")
+    if (exc.status in (400, 422) and _exceeds(exc)) or exc.error == "RefundAmountTooHigh":
+        left = _trailing_cents(detail)
+        can = f" (Polar says {fmt_money(left)} is left on it)" if left is not None else ""
+        return (f"The credit is more than this order can still refund{can}; nothing was refunded. Next: refund at "
+                "most what the order can still take and issue the rest as invoice credit, or lower the credit.")
+    if exc.status == 403:
+        return (f"Polar refused the refund (403 {exc.error}: {detail}); nothing was refunded. Next: ask billing "
+                "engineering to check that the bot's Polar token may create refunds (scope refunds:write).")
+    if exc.status == 422:
+        return (f"Polar rejected the refund request as invalid ({detail}); nothing was refunded. This is a fault "
+                "in the bot, not in the case: do not retry, tell billing engineering.")
+    if exc.status == 404:
+        return (f"Polar does not know this order ({detail}); nothing was refunded. Next: check the customer's "
+                "orders in Polar; if the order is gone, issue the credit as invoice credit.")
+    return (f"Polar refused the refund ({exc.status} {exc.error}: {detail}); nothing was refunded. Next: retry "
+            "later; if it keeps failing, tell billing engineering.")
+
+
+def refund_status_reason(status: str, amount_cents: int, order_id: str) -> str:
+    """What a refund's status means for the case, for the thread and the approver."""
+    amount = fmt_money(amount_cents)
+    if status == "succeeded":
+        return f"Polar refunded {amount} on order {order_id}: the money went back to the customer."
+    if status == "pending":
+        return (f"Refund pending: Polar accepted the refund of {amount} on order {order_id}, but the money has not "
+                "moved yet. The customer is told only once Polar reports it succeeded.")
+    if status == "failed":
+        return (f"Polar reports the refund of {amount} on order {order_id} failed: the payment processor could not "
+                "return the money (a closed or expired card, for example), so the customer got nothing. Next: "
+                "offer the amount as invoice credit (it appears on the next invoice).")
+    if status == "canceled":
+        return (f"Polar reports the refund of {amount} on order {order_id} was canceled before any money moved. "
+                "Next: offer the amount as invoice credit (it appears on the next invoice).")
+    return f"Polar reports the refund of {amount} on order {order_id} as {status!r}, which the bot does not know."
+
+
+def _detail_text(detail: Any) -> str:
+    """Polar's detail: a string, or FastAPI's list of {loc, msg, type}."""
+    if isinstance(detail, list):
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(x) for x in item.get("loc", []) if x != "body")
+                parts.append(f"{loc}: {item.get('msg')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        return "; ".join(parts)
+    return "" if detail is None else str(detail)
+
+
+def _exceeds(exc: PolarError) -> bool:
+    text = _detail_text(exc.detail).lower()
+    return any(w in text for w in ("exceed", "refundable", "remaining order balance"))
+
+
+def _trailing_cents(text: str) -> int | None:
+    """RefundAmountTooHigh ends with the order's refundable amount in cents."""
+    tail = text.rstrip(". ").rsplit(":", 1)
+    if len(tail) == 2 and tail[1].strip().isdigit():
+        return int(tail[1].strip())
+    return None
 
 
 def _quote(value: str) -> str:

@@ -1,17 +1,42 @@
-"""The bot's own state in PostgreSQL (its own schema): migrations, cases, audit, outbox, reconciliations.
+"""The bot's own state in PostgreSQL (its own schema): the only module with SQL on the bot's tables.
 
-Migrations run at start under an advisory lock, so several replicas starting at once apply each
-file once.
+- `Store`: migrations (at start, under an advisory lock, so replicas starting at once apply each
+  file once) and the reconciliation counts.
+- `CaseStore`: cases, the pieces of billed time they hold, the audit trail. Every change of a case
+  is one conditional UPDATE (`... WHERE state = ANY(<the action's sources>)`) with its audit event
+  in the same transaction, so double clicks, Slack retries and two replicas give one change; the
+  database's trigger refuses any move that handlers.cases.TRANSITIONS does not list.
+- `CaseStore.locked(customer, instance)`: a transaction holding the per-customer and per-instance
+  locks (SPEC 2.2): claiming pieces, approving, and the last look before money moves go through it.
+- `Outbox`: the money movements, recorded before any call to Polar.
+
+A worker can bind one connection to its task (`bound`), so all of its writes and its session lock
+use that connection: issuing never holds one connection while waiting for a second.
 """
 from __future__ import annotations
 
+import contextvars
 import json
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
+from typing import AsyncIterator, Iterable
 
+from handlers.cases import HOLDING, OPEN, TRANSITIONS, Action, Case, allowed_moves
 from services.db import Database
 
 MIGRATIONS = Path(__file__).parent / "sql" / "migrations"
 LOCK_KEY = 7_242_001  # pg_advisory_xact_lock key for migrations
+CUSTOMER_LOCKS = 7_242_003  # pg_advisory_xact_lock(space, hashtext(customer_id))
+INSTANCE_LOCKS = 7_242_004  # pg_advisory_xact_lock(space, hashtext(instance_id))
+CASE_LOCKS = 7_242_002  # pg_try_advisory_lock(space, case id): one issuing worker per case
+
+_bound: contextvars.ContextVar = contextvars.ContextVar("billing_bot_bound_connection", default=None)
+
+# Columns a move may set besides the state (the rest are the store's own business).
+MOVE_FIELDS = {"decided_by", "reason", "method", "credit_cents", "required_level", "issued_cents", "remainder_cents",
+               "polar_reference", "exposure_cents", "failures"}
 
 
 class Store:
@@ -19,9 +44,35 @@ class Store:
         self.db = db
         self.s = db.schema  # validated identifier (services.config)
 
+    @asynccontextmanager
+    async def _conn(self):
+        """The connection bound to this task, else one from the pool."""
+        conn = _bound.get()
+        if conn is not None:
+            yield conn
+            return
+        async with self.db.pool.connection() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def bound(self) -> AsyncIterator[object]:
+        """Bind one pool connection to the current task for the duration (autocommit)."""
+        async with self.db.pool.connection() as conn:
+            await conn.set_autocommit(True)
+            token = _bound.set(conn)
+            try:
+                yield conn
+            finally:
+                _bound.reset(token)
+                try:  # a session lock must never go back to the pool with the connection
+                    await conn.execute("SELECT pg_advisory_unlock_all()")
+                    await conn.set_autocommit(False)
+                except BaseException:
+                    await conn.close()  # the server releases its locks; the pool drops it
+
     async def migrate(self) -> list[str]:
         applied = []
-        async with self.db.pool.connection() as conn:
+        async with self._conn() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {self.s}")
@@ -35,6 +86,11 @@ class Store:
                     await conn.execute(path.read_text().replace("{schema}", self.s))
                     await conn.execute(f"INSERT INTO {self.s}.schema_migrations (name) VALUES (%s)", (path.name,))
                     applied.append(path.name)
+                # the trigger's table is always this code's table of transitions
+                await conn.execute(f"DELETE FROM {self.s}.case_transitions")
+                async with conn.cursor() as cur:
+                    await cur.executemany(f"INSERT INTO {self.s}.case_transitions VALUES (%s, %s)",
+                                          sorted(allowed_moves()))
         return applied
 
     async def record_reconciliation(self, rec, *, run_key: str | None = None, shards: int = 1) -> int | None:
@@ -43,7 +99,7 @@ class Store:
         unique index decides, and the others get None."""
         await self.migrate()
         period = rec.day.strftime("%Y-%m")
-        async with self.db.pool.connection() as conn:
+        async with self._conn() as conn:
             async with conn.transaction():
                 cur = await conn.execute(
                     f"INSERT INTO {self.s}.reconcile_runs (day, totals, run_key, shards) VALUES (%s, %s, %s, %s)"
@@ -60,95 +116,285 @@ class Store:
         return run_id
 
 
-STATES = ("pending", "approved", "issuing", "issued", "rejected", "failed", "expired")
+async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
+    """A digest of the database evidence a case is built on (SPEC 2.2): the instance row, its
+    records, the org's throttle row, and the pieces of the checked periods' records that issued
+    cases credited. Computed by the server, so the check and every later look agree."""
+    has_cases = (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                           (f"{s}.case_pieces",))).fetchone())["ok"]
+    credited = (f"""(SELECT string_agg(concat_ws(':', p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events),
+                                     ',' ORDER BY p.case_id, p.record_id, p.start_us, p.extra_events)
+                    FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
+                    JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
+                    WHERE c.instance_id = %(i)s)""" if has_cases else "''")
+    cur = await conn.execute(
+        f"""SELECT md5(concat_ws('|',
+              (SELECT row(i.*)::text FROM instances i WHERE i.instance_id = %(i)s),
+              (SELECT string_agg(row(r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used,
+                                     r.total_charge, r.billing_period, r.start_time, r.end_time)::text, ','
+                                 ORDER BY r.id) FROM billing_records r WHERE r.instance_id = %(i)s),
+              (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = %(o)s),
+              {credited})) AS fp""",
+        {"i": instance_id, "o": org_id, "periods": list(periods)})
+    return (await cur.fetchone())["fp"]
+
+
+def _case(row) -> Case | None:
+    return None if row is None else Case.from_row(row)
+
+
+@dataclass
+class Draft:
+    """What a check proposes, before it becomes a case."""
+
+    report: dict  # SPEC 5 JSON of the check
+    covered: list[dict]  # the pieces it credits: {kind, record_id, start, end, extra_events}
+    fingerprint: str
+    requested_by: str
+    ticket_id: str | None
+    channel_id: str | None
+    response_url: str | None
+    method: str
+    approvers: dict
+
+
+class CaseTx:
+    """One transaction under the customer's and the instance's locks (see CaseStore.locked)."""
+
+    def __init__(self, store: "CaseStore", conn):
+        self.store, self.conn, self.s = store, conn, store.s
+
+    async def get(self, case_id: int) -> Case | None:
+        cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE id = %s FOR UPDATE", (case_id,))
+        return _case(await cur.fetchone())
+
+    async def open_case_over(self, instance_id: str, periods: Iterable[str]) -> Case | None:
+        """An open case of the instance whose periods meet these: a second check shows it."""
+        cur = await self.conn.execute(
+            f"SELECT * FROM {self.s}.cases WHERE instance_id = %s AND state = ANY(%s) AND periods && %s"
+            " ORDER BY id LIMIT 1", (instance_id, list(OPEN), list(periods)))
+        return _case(await cur.fetchone())
+
+    async def fingerprint(self, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
+        return await self.store.fingerprint(self.conn, instance_id, org_id, periods)
+
+    async def exposure(self, customer_id: str, window: timedelta, exclude_case: int | None) -> int:
+        """The customer's other credits within the window: issued, or awaiting a decision or
+        issuing (SPEC 3). A failed case waits for a retry, so it counts too."""
+        if window <= timedelta(0):
+            return 0
+        cur = await self.conn.execute(
+            f"SELECT coalesce(sum(CASE WHEN state = 'issued' THEN coalesce(issued_cents, 0) ELSE credit_cents END), 0)"
+            f" AS cents FROM {self.s}.cases WHERE customer_id = %s AND state = ANY(%s) AND id IS DISTINCT FROM %s"
+            " AND coalesce(issued_at, created_at) >= now() - %s",
+            (customer_id, list(HOLDING), exclude_case, window))
+        return int((await cur.fetchone())["cents"])
+
+    async def held_elsewhere(self, covered: list[dict], exclude_case: int | None) -> list[int]:
+        """Cases other than exclude_case that hold any of these pieces (same record, time that
+        meets; Polar's extra events are held separately from time)."""
+        if not covered:
+            return []
+        cur = await self.conn.execute(
+            f"""SELECT DISTINCT p.case_id FROM {self.s}.case_pieces p
+                JOIN {self.s}.cases c ON c.id = p.case_id AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s
+                JOIN unnest(%s::bigint[], %s::bigint[], %s::bigint[], %s::int[]) AS n(record_id, s, e, x)
+                  ON n.record_id = p.record_id
+                 AND ((n.x = 0 AND p.extra_events = 0 AND int8range(n.s, n.e) && int8range(p.start_us, p.end_us))
+                   OR (n.x > 0 AND p.extra_events > 0))
+                ORDER BY 1""",
+            (list(HOLDING), exclude_case, [p["record_id"] for p in covered], [p["start"] for p in covered],
+             [p["end"] for p in covered], [p["extra_events"] for p in covered]))
+        return [r["case_id"] for r in await cur.fetchall()]
+
+    async def insert(self, draft: Draft, *, required_level: int, exposure_cents: int,
+                     remind_after_s: float | None, parent_case_id: int | None = None,
+                     credit_cents: int | None = None) -> Case:
+        r = draft.report
+        credit = r["credit_cents"] if credit_cents is None else credit_cents
+        cur = await self.conn.execute(
+            f"""INSERT INTO {self.s}.cases (instance_id, org_id, customer_id, ticket_id, periods, proposed_cents,
+                  credit_cents, required_level, systematic, kinds, report, approvers, requested_by, channel_id,
+                  response_url, method, next_remind_at, state, fingerprint, exposure_cents, parent_case_id)
+                VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,
+                        now() + %s::float8 * interval '1 second',  -- NULL when no reminders
+                        %s,%s,%s,%s)
+                RETURNING *""",
+            (r["instance_id"], r["org_id"], r["customer_id"], draft.ticket_id, r["periods"], credit, credit,
+             required_level, r["systematic"], [f["kind"] for f in r["findings"]], json.dumps(r),
+             json.dumps(draft.approvers), draft.requested_by, draft.channel_id, draft.response_url, draft.method,
+             remind_after_s, "pending" if credit > 0 else "expired", draft.fingerprint, exposure_cents,
+             parent_case_id))
+        case = Case.from_row(await cur.fetchone())
+        await self._pieces(case.id, draft.covered)
+        await self.event(case.id, draft.requested_by, "opened",
+                         {"credit_cents": credit, "required_level": required_level, "exposure_cents": exposure_cents})
+        return case
+
+    async def _pieces(self, case_id: int, covered: list[dict]) -> None:
+        if covered:
+            async with self.conn.cursor() as c2:
+                await c2.executemany(
+                    f"INSERT INTO {self.s}.case_pieces (case_id, kind, record_id, start_us, end_us, extra_events)"
+                    " VALUES (%s,%s,%s,%s,%s,%s)",
+                    [(case_id, p["kind"], p["record_id"], p["start"], p["end"], p["extra_events"]) for p in covered])
+
+    async def replace_evidence(self, case_id: int, draft: Draft, *, required_level: int, exposure_cents: int,
+                               actor: str, detail: dict) -> Case | None:
+        """The evidence changed: the case takes the new check's amount, pieces and fingerprint and
+        waits for a decision again (or expires when nothing is left)."""
+        credit = draft.report["credit_cents"]
+        to_state = "pending" if credit > 0 else "expired"
+        action: Action = "recheck" if credit > 0 else "expire"
+        sources = [s for s in TRANSITIONS["recheck"].sources if to_state == "pending" or s == "pending"]
+        cur = await self.conn.execute(
+            f"""UPDATE {self.s}.cases SET state = %s, proposed_cents = %s, credit_cents = %s, required_level = %s,
+                  kinds = %s, report = %s, fingerprint = %s, exposure_cents = %s, decided_by = NULL,
+                  decided_at = NULL, method = coalesce(method, %s), updated_at = now()
+                WHERE id = %s AND state = ANY(%s) RETURNING *""",
+            (to_state, credit, credit, required_level, [f["kind"] for f in draft.report["findings"]],
+             json.dumps(draft.report), draft.fingerprint, exposure_cents, draft.method, case_id, sources))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        await self.conn.execute(f"DELETE FROM {self.s}.case_pieces WHERE case_id = %s", (case_id,))
+        if to_state == "pending":
+            await self._pieces(case_id, draft.covered)
+        await self.event(case_id, actor, action, detail)
+        return Case.from_row(row)
+
+    async def move(self, case_id: int, action: Action, actor: str, detail: dict | None = None, **fields) -> Case | None:
+        return await self.store._move(self.conn, case_id, action, actor, detail, fields)
+
+    async def remainder_of(self, parent_id: int) -> Case | None:
+        cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE parent_case_id = %s", (parent_id,))
+        return _case(await cur.fetchone())
+
+    async def set_message(self, case_id: int, channel_id: str | None, ts: str | None) -> Case:
+        cur = await self.conn.execute(f"UPDATE {self.s}.cases SET channel_id = %s, message_ts = %s WHERE id = %s"
+                                      " RETURNING *", (channel_id, ts, case_id))
+        return _case(await cur.fetchone())
+
+    async def set_exposure(self, case_id: int, exposure_cents: int, required_level: int) -> Case | None:
+        cur = await self.conn.execute(
+            f"UPDATE {self.s}.cases SET exposure_cents = %s, required_level = %s WHERE id = %s RETURNING *",
+            (exposure_cents, required_level, case_id))
+        return _case(await cur.fetchone())
+
+    async def event(self, case_id: int, actor: str, action: str, detail: dict | None = None) -> None:
+        await self.store._event(self.conn, case_id, actor, action, detail or {})
+
+    async def store_adjust(self, case_id: int, cents: int, level: int, actor: str) -> Case | None:
+        return await self.store._adjust(self.conn, case_id, cents, level, actor)
+
+    async def moved_cents(self, case_id: int) -> int:
+        """What Polar already confirmed for this case, any method."""
+        cur = await self.conn.execute(
+            f"SELECT coalesce(sum(amount_cents), 0) AS cents FROM {self.s}.issuances"
+            " WHERE case_id = %s AND state = 'confirmed'", (case_id,))
+        return int((await cur.fetchone())["cents"])
+
+    async def case_pieces(self, case_id: int) -> list[dict]:
+        cur = await self.conn.execute(
+            f"SELECT record_id, start_us AS start, end_us AS end, extra_events FROM {self.s}.case_pieces"
+            " WHERE case_id = %s", (case_id,))
+        return await cur.fetchall()
 
 
 class CaseStore(Store):
-    """Cases and their audit trail. Every state change is one conditional UPDATE, so two approvers
-    pressing at once, a double click or a Slack retry yield exactly one transition."""
+    """Cases and their audit trail."""
 
-    async def create_case(self, *, report: dict, covered: list[dict], requested_by: str, ticket_id: str | None,
-                          channel_id: str | None, approvers: dict, method: str, remind_after_s: float | None) -> dict:
-        async with self.db.pool.connection() as conn:
+    @asynccontextmanager
+    async def locked(self, customer_id: str, instance_id: str) -> AsyncIterator[CaseTx]:
+        """A transaction holding the customer's lock, then the instance's (always in that order):
+        two replicas never claim the same billed time, and exposure is read while no other
+        decision for the customer is in flight."""
+        async with self._conn() as conn:
             async with conn.transaction():
-                cur = await conn.execute(
-                    f"""INSERT INTO {self.s}.cases (instance_id, org_id, customer_id, ticket_id, periods, proposed_cents,
-                          credit_cents, required_level, systematic, kinds, report, approvers, requested_by,
-                          channel_id, method, next_remind_at, state)
-                        VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,
-                                now() + %s::float8 * interval '1 second',  -- NULL when no reminders
-                                %s)
-                        RETURNING *""",
-                    (report["instance_id"], report["org_id"], report["customer_id"], ticket_id, report["periods"],
-                     report["credit_cents"], report["credit_cents"], report["required_level"], report["systematic"],
-                     [f["kind"] for f in report["findings"]], json.dumps(report), json.dumps(approvers), requested_by,
-                     channel_id, method, remind_after_s,
-                     "pending" if report["credit_cents"] > 0 else "expired"))
-                case = await cur.fetchone()
-                if covered:
-                    async with conn.cursor() as c2:
-                        await c2.executemany(
-                            f"INSERT INTO {self.s}.case_pieces (case_id, kind, record_id, start_us, end_us, extra_events)"
-                            " VALUES (%s,%s,%s,%s,%s,%s)",
-                            [(case["id"], p["kind"], p["record_id"], p["start"], p["end"], p["extra_events"])
-                             for p in covered])
-                await self._event(conn, case["id"], requested_by, "opened",
-                                  {"credit_cents": report["credit_cents"], "required_level": report["required_level"]})
-        return case
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CUSTOMER_LOCKS, customer_id))
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (INSTANCE_LOCKS, instance_id))
+                yield CaseTx(self, conn)
 
-    async def get(self, case_id: int) -> dict | None:
-        async with self.db.pool.connection() as conn:
+    async def fingerprint(self, conn, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
+        return await evidence_fingerprint(conn, self.s, instance_id, org_id, periods)
+
+    async def get(self, case_id: int) -> Case | None:
+        async with self._conn() as conn:
             cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE id = %s", (case_id,))
-            return await cur.fetchone()
+            return _case(await cur.fetchone())
 
-    async def set_message(self, case_id: int, channel_id: str, ts: str) -> dict:
-        async with self.db.pool.connection() as conn:
+    async def set_message(self, case_id: int, channel_id: str, ts: str) -> Case:
+        async with self._conn() as conn:
             cur = await conn.execute(f"UPDATE {self.s}.cases SET channel_id = %s, message_ts = %s, updated_at = now()"
                                      " WHERE id = %s RETURNING *", (channel_id, ts, case_id))
-            return await cur.fetchone()
+            return _case(await cur.fetchone())
 
-    async def transition(self, case_id: int, from_states: tuple[str, ...], to_state: str, actor: str,
-                         action: str, detail: dict | None = None, **fields) -> dict | None:
-        """Move the case if it is in one of from_states; None if someone else moved it first."""
+    async def move(self, case_id: int, action: Action, actor: str, detail: dict | None = None, **fields) -> Case | None:
+        """Move the case by the table; None if it is not in one of the action's source states
+        (someone else moved it first)."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                return await self._move(conn, case_id, action, actor, detail, fields)
+
+    async def _move(self, conn, case_id: int, action: Action, actor: str, detail: dict | None, fields: dict) -> Case | None:
+        m = TRANSITIONS[action]
         sets = ["state = %s", "updated_at = now()"]
-        values: list = [to_state]
+        values: list = [m.target]
         for k, v in fields.items():
-            if k not in {"decided_by", "reason", "method", "credit_cents", "required_level", "issued_cents",
-                         "next_remind_at"}:
+            if k not in MOVE_FIELDS:
                 raise ValueError(k)
             sets.append(f"{k} = %s")
             values.append(v)
-        if to_state in ("approved", "rejected"):
+        if m.target in ("approved", "rejected") and m.by == "person":
             sets.append("decided_at = now()")
-        if to_state == "issued":
+        if m.target == "issued":
             sets.append("issued_at = now()")
-        if to_state != "pending":
+        if action == "mark_failed":
+            sets.append("failures = failures + 1")
+        if m.target != "pending":
             sets.append("next_remind_at = NULL")
-        async with self.db.pool.connection() as conn:
+        cur = await conn.execute(
+            f"UPDATE {self.s}.cases SET {', '.join(sets)} WHERE id = %s AND state = ANY(%s) RETURNING *",
+            (*values, case_id, list(m.sources)))
+        row = await cur.fetchone()
+        if row is not None:
+            await self._event(conn, case_id, actor, _EVENT.get(action, action), detail or {})
+        return _case(row)
+
+    async def _adjust(self, conn, case_id: int, cents: int, level: int, actor: str) -> Case | None:
+        """Lower the amount of a pending case (never raise it, never to zero)."""
+        cur = await conn.execute(
+            f"UPDATE {self.s}.cases SET credit_cents = %s, required_level = %s, updated_at = now()"
+            " WHERE id = %s AND state = 'pending' AND %s <= credit_cents AND %s > 0 RETURNING *",
+            (cents, level, case_id, cents, cents))
+        row = await cur.fetchone()
+        if row is not None:
+            await self._event(conn, case_id, actor, "adjusted", {"credit_cents": cents, "required_level": level})
+        return _case(row)
+
+    async def finish_issued(self, case: Case, *, issued: int, refs: list[str], remainder: int, leading_kind: str,
+                            notes: str) -> Case | None:
+        """issuing -> issued and the case's one billing_corrections row, in one transaction."""
+        async with self._conn() as conn:
             async with conn.transaction():
-                cur = await conn.execute(
-                    f"UPDATE {self.s}.cases SET {', '.join(sets)} WHERE id = %s AND state = ANY(%s) RETURNING *",
-                    (*values, case_id, list(from_states)))
-                row = await cur.fetchone()
-                if row is not None:
-                    await self._event(conn, case_id, actor, action, detail or {})
+                row = await self._move(conn, case.id, "mark_issued", "billing-bot",
+                                       {"issued_cents": issued, "refs": refs, "remainder_cents": remainder},
+                                       {"issued_cents": issued, "polar_reference": ", ".join(refs),
+                                        "remainder_cents": remainder})
+                if row is None:
+                    return None
+                await conn.execute(
+                    "INSERT INTO billing_corrections (customer_id, ticket_id, issue_type, credit_amount, resolved_by,"
+                    " resolved_at, notes) VALUES (%s, %s, %s, %s::numeric / 100, %s, now(), %s)",
+                    (case.customer_id, case.ticket_id, leading_kind, issued, case.decided_by or "billing-bot", notes))
                 return row
 
-    async def adjust(self, case_id: int, cents: int, level: int, actor: str) -> dict | None:
-        """Lower the amount of a pending case (never raise it)."""
-        async with self.db.pool.connection() as conn:
-            async with conn.transaction():
-                cur = await conn.execute(
-                    f"UPDATE {self.s}.cases SET credit_cents = %s, required_level = %s, updated_at = now()"
-                    " WHERE id = %s AND state = 'pending' AND %s <= credit_cents AND %s > 0 RETURNING *",
-                    (cents, level, case_id, cents, cents))
-                row = await cur.fetchone()
-                if row is not None:
-                    await self._event(conn, case_id, actor, "adjusted", {"credit_cents": cents, "required_level": level})
-                return row
+    async def mark_notified(self, case_id: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.cases SET notified = true WHERE id = %s", (case_id,))
 
     async def event(self, case_id: int, actor: str, action: str, detail: dict | None = None) -> None:
-        async with self.db.pool.connection() as conn:
+        async with self._conn() as conn:
             await self._event(conn, case_id, actor, action, detail or {})
 
     async def _event(self, conn, case_id: int, actor: str, action: str, detail: dict) -> None:
@@ -156,51 +402,133 @@ class CaseStore(Store):
                            (case_id, actor, action, json.dumps(detail)))
 
     async def events(self, case_id: int) -> list[dict]:
-        async with self.db.pool.connection() as conn:
+        async with self._conn() as conn:
             cur = await conn.execute(f"SELECT * FROM {self.s}.case_events WHERE case_id = %s ORDER BY id", (case_id,))
             return await cur.fetchall()
 
-    async def claim_due_reminders(self, every_s: float, handle) -> int:
-        """Re-ping each pending case whose reminder is due, once per interval across all replicas:
-        rows are locked with SKIP LOCKED and pushed forward in the same transaction."""
-        done = 0
-        async with self.db.pool.connection() as conn:
+    async def event_once(self, case_id: int, actor: str, action: str, key: str, detail: dict) -> bool:
+        """Record an event unless one with this action and detail.key already exists (a webhook
+        told twice, refund.created then refund.updated). True when recorded now."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""INSERT INTO {self.s}.case_events (case_id, actor, action, detail)
+                    SELECT %s, %s, %s, %s WHERE NOT EXISTS (
+                      SELECT 1 FROM {self.s}.case_events WHERE case_id = %s AND action = %s AND detail->>'key' = %s)
+                    RETURNING id""",
+                (case_id, actor, action, json.dumps({**detail, "key": key}), case_id, action, key))
+            return await cur.fetchone() is not None
+
+    async def cases_with_order(self, order_id: str) -> list[int]:
+        """The cases whose refunds went to this order."""
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT DISTINCT case_id FROM {self.s}.issuances WHERE target = %s"
+                                     " AND method = 'refund' ORDER BY case_id", (order_id,))
+            return [r["case_id"] for r in await cur.fetchall()]
+
+    async def has_event(self, case_id: int, action: str) -> bool:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT 1 FROM {self.s}.case_events WHERE case_id = %s AND action = %s LIMIT 1",
+                                     (case_id, action))
+            return await cur.fetchone() is not None
+
+    async def claim_due_reminders(self, every_s: float, limit: int = 20) -> list[Case]:
+        """Pending cases whose reminder is due, claimed for this interval across all replicas: the
+        rows are locked with SKIP LOCKED, pushed forward and committed before anyone is pinged,
+        so Slack is never called while case rows are locked."""
+        async with self._conn() as conn:
             async with conn.transaction():
                 cur = await conn.execute(
-                    f"SELECT * FROM {self.s}.cases WHERE state = 'pending' AND next_remind_at <= now()"
-                    " ORDER BY next_remind_at LIMIT 20 FOR UPDATE SKIP LOCKED")
-                for case in await cur.fetchall():
-                    await handle(case)
-                    await conn.execute(
-                        f"UPDATE {self.s}.cases SET next_remind_at = now() + %s * interval '1 second',"
-                        " reminders = reminders + 1 WHERE id = %s", (every_s, case["id"]))
-                    await self._event(conn, case["id"], "billing-bot", "reminded", {"reminder": case["reminders"] + 1})
-                    done += 1
-        return done
+                    f"""UPDATE {self.s}.cases c SET next_remind_at = now() + %s * interval '1 second',
+                          reminders = c.reminders + 1
+                        WHERE c.id IN (SELECT id FROM {self.s}.cases WHERE state = 'pending' AND next_remind_at <= now()
+                                       ORDER BY next_remind_at LIMIT %s FOR UPDATE SKIP LOCKED)
+                        RETURNING c.*""", (every_s, limit))
+                due = [Case.from_row(r) for r in await cur.fetchall()]
+                for case in due:
+                    await self._event(conn, case.id, "billing-bot", "reminded", {"reminder": case.reminders})
+        return due
 
-    async def open_cases_by(self, user: str, limit: int = 20) -> list[dict]:
-        async with self.db.pool.connection() as conn:
+    async def claim_unfinished(self, older_than_s: float, limit: int = 20) -> list[int]:
+        """Approved or issuing cases, and issued ones not yet announced, untouched for a while:
+        claimed with SKIP LOCKED and stamped, so replicas share the sweep instead of repeating it."""
+        async with self._conn() as conn:
+            async with conn.transaction():
+                cur = await conn.execute(
+                    f"""UPDATE {self.s}.cases c SET swept_at = now()
+                        WHERE c.id IN (SELECT id FROM {self.s}.cases
+                                       WHERE (state IN ('approved', 'issuing') OR (state = 'issued' AND NOT notified))
+                                         AND updated_at <= now() - %s * interval '1 second'
+                                         AND (swept_at IS NULL OR swept_at <= now() - %s * interval '1 second')
+                                       ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)
+                        RETURNING c.id""", (older_than_s, older_than_s, limit))
+                return sorted(r["id"] for r in await cur.fetchall())
+
+    async def try_lock_case(self, case_id: int) -> bool:
+        """A session lock on the bound connection: one issuing worker per case, on any replica."""
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (CASE_LOCKS, case_id))
+            return (await cur.fetchone())["ok"]
+
+    async def unlock_case(self, case_id: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (CASE_LOCKS, case_id))
+
+    async def open_cases_by(self, user: str, limit: int = 20) -> list[Case]:
+        async with self._conn() as conn:
             cur = await conn.execute(
-                f"SELECT * FROM {self.s}.cases WHERE requested_by = %s AND state IN ('pending','approved','issuing','failed')"
-                " ORDER BY id DESC LIMIT %s", (user, limit))
+                f"SELECT * FROM {self.s}.cases WHERE requested_by = %s AND state = ANY(%s) ORDER BY id DESC LIMIT %s",
+                (user, list(OPEN), limit))
+            return [Case.from_row(r) for r in await cur.fetchall()]
+
+    async def pending(self, limit: int = 50) -> list[Case]:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE state = 'pending' ORDER BY id LIMIT %s",
+                                     (limit,))
+            return [Case.from_row(r) for r in await cur.fetchall()]
+
+    async def pieces(self, case_id: int) -> list[dict]:
+        """The case's pieces with the billed tier of their record (for compensating events)."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"SELECT p.kind, p.record_id, p.start_us, p.end_us, p.extra_events, r.tier"
+                f" FROM {self.s}.case_pieces p JOIN billing_records r ON r.id = p.record_id"
+                " WHERE p.case_id = %s ORDER BY p.record_id, p.start_us", (case_id,))
             return await cur.fetchall()
 
-    async def pending(self, limit: int = 50) -> list[dict]:
-        async with self.db.pool.connection() as conn:
+    async def credits_rows(self, lo) -> tuple[list[dict], int, list[dict]]:
+        """For the credits review: (issued cases by level, refused attempts, rejected cases) since lo."""
+        async with self._conn() as conn:
+            if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                              (f"{self.s}.cases",))).fetchone())["ok"]:
+                return [], 0, []
             cur = await conn.execute(
-                f"SELECT * FROM {self.s}.cases WHERE state = 'pending' ORDER BY id LIMIT %s", (limit,))
-            return await cur.fetchall()
+                f"SELECT required_level, count(*) AS n, coalesce(sum(issued_cents), 0) AS cents FROM {self.s}.cases"
+                " WHERE state = 'issued' AND issued_at >= %s GROUP BY required_level ORDER BY required_level", (lo,))
+            by_level = await cur.fetchall()
+            cur = await conn.execute(
+                f"SELECT count(*) AS n FROM {self.s}.case_events WHERE action = 'refused' AND at >= %s", (lo,))
+            refusals = (await cur.fetchone())["n"]
+            cur = await conn.execute(
+                f"SELECT id, instance_id, decided_by, reason FROM {self.s}.cases WHERE state = 'rejected'"
+                " AND decided_at >= %s ORDER BY id", (lo,))
+            return by_level, refusals, await cur.fetchall()
+
+
+# The audit trail keeps the words it always used for these moves.
+_EVENT = {"approve": "approved", "reject": "rejected", "expire": "expired", "recheck": "rechecked",
+          "start_issuing": "issuing", "mark_issued": "issued", "mark_failed": "failed", "retry": "retried",
+          "switch_method": "switched_method"}
 
 
 class Outbox:
     """Money movements, recorded before any call to Polar (services/issuing.py)."""
 
     def __init__(self, store: Store):
-        self.db, self.s = store.db, store.s
+        self.store, self.s = store, store.s
 
     async def intend(self, case_id: int, method: str, target: str, period: str | None, cents: int) -> dict:
         """The intent for (case, target); an existing one wins, so a resumed run keeps its amount."""
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             await conn.execute(
                 f"INSERT INTO {self.s}.issuances (case_id, method, target, period, amount_cents)"
                 " VALUES (%s,%s,%s,%s,%s) ON CONFLICT (case_id, target) DO NOTHING",
@@ -210,27 +538,76 @@ class Outbox:
             return await cur.fetchone()
 
     async def for_case(self, case_id: int) -> list[dict]:
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             cur = await conn.execute(f"SELECT * FROM {self.s}.issuances WHERE case_id = %s ORDER BY id", (case_id,))
             return await cur.fetchall()
 
     async def attempt(self, issuance_id: int) -> None:
         """Counted before each POST, so a crash mid-call still shows the attempt."""
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             await conn.execute(f"UPDATE {self.s}.issuances SET attempts = attempts + 1, updated_at = now()"
                                " WHERE id = %s", (issuance_id,))
 
     async def note_error(self, issuance_id: int, error: str) -> None:
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             await conn.execute(f"UPDATE {self.s}.issuances SET last_error = %s, updated_at = now() WHERE id = %s",
                                (error, issuance_id))
 
     async def confirm(self, issuance_id: int, polar_ref: str) -> None:
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             await conn.execute(f"UPDATE {self.s}.issuances SET state = 'confirmed', polar_ref = %s, updated_at = now()"
                                " WHERE id = %s", (polar_ref, issuance_id))
 
     async def fail(self, issuance_id: int, error: str) -> None:
-        async with self.db.pool.connection() as conn:
+        async with self.store._conn() as conn:
             await conn.execute(f"UPDATE {self.s}.issuances SET state = 'failed', last_error = %s, updated_at = now()"
                                " WHERE id = %s AND state = 'intent'", (error, issuance_id))
+
+    async def settle(self, issuance_id: int, state: str, polar_ref: str, refund_status: str | None) -> None:
+        """What Polar says of the refund. A confirmed refund never goes back (Polar's events can
+        arrive out of order; a succeeded refund is final)."""
+        async with self.store._conn() as conn:
+            await conn.execute(
+                f"UPDATE {self.s}.issuances SET state = %s, polar_ref = %s, refund_status = %s, updated_at = now()"
+                " WHERE id = %s AND state <> 'confirmed'", (state, polar_ref, refund_status, issuance_id))
+
+    async def reopen(self, issuance_id: int, cents: int) -> dict:
+        """A failed intent tried again (a retry after Polar refused or failed it): a new amount."""
+        async with self.store._conn() as conn:
+            cur = await conn.execute(
+                f"UPDATE {self.s}.issuances SET state = 'intent', amount_cents = %s, polar_ref = NULL,"
+                " refund_status = NULL, failure_told = false, attempts = 0, updated_at = now()"
+                " WHERE id = %s AND state = 'failed' RETURNING *", (cents, issuance_id))
+            return await cur.fetchone()
+
+    async def mark_failure_told(self, issuance_id: int) -> None:
+        async with self.store._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.issuances SET failure_told = true WHERE id = %s", (issuance_id,))
+
+    async def by_refund(self, refund_id: str, case_id: int | None, order_id: str | None) -> dict | None:
+        """The intent a Polar refund belongs to: by its id, else by (case, order)."""
+        async with self.store._conn() as conn:
+            cur = await conn.execute(
+                f"SELECT * FROM {self.s}.issuances WHERE polar_ref = %s"
+                f" OR (case_id = %s AND target = %s AND method = 'refund') ORDER BY (polar_ref IS NOT DISTINCT FROM %s) DESC LIMIT 1",
+                (refund_id, case_id, order_id, refund_id))
+            return await cur.fetchone()
+
+
+class WebhookDeliveries(Store):
+    """Polar webhook deliveries already handled, by webhook-id (a repeated delivery is a no-op)."""
+
+    async def first_time(self, webhook_id: str, event_type: str | None = None) -> bool:
+        """Record the delivery; True if it was not recorded before. One statement, so two
+        replicas receiving the same delivery at once get one True between them."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"INSERT INTO {self.s}.polar_webhook_deliveries (webhook_id, event_type) VALUES (%s, %s)"
+                " ON CONFLICT (webhook_id) DO NOTHING RETURNING webhook_id", (webhook_id, event_type))
+            return await cur.fetchone() is not None
+
+    async def forget(self, webhook_id: str) -> None:
+        """Undo first_time when handling failed, so Polar's retry is handled, not taken for a repeat."""
+        async with self._conn() as conn:
+            await conn.execute(f"DELETE FROM {self.s}.polar_webhook_deliveries WHERE webhook_id = %s", (webhook_id,))
+

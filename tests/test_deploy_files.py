@@ -47,3 +47,13 @@ def test_the_sharded_reconciliation_is_an_indexed_job_whose_pods_name_their_shar
     single = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
     sc = single["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == sc["image"] and c["envFrom"] == sc["envFrom"]
+
+
+def test_deployment_takes_the_polar_webhook_secret_from_the_secret_optionally():
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "deployment.yaml").read_text()))
+    dep = next(d for d in docs if d["kind"] == "Deployment")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    ref = env["POLAR_WEBHOOK_SECRET"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "billing-bot", "key": "POLAR_WEBHOOK_SECRET", "optional": True}
+    assert "value" not in env["POLAR_WEBHOOK_SECRET"]  # never a literal secret in the manifest
+    assert "/polar/webhooks" in (ROOT / "deploy" / "deployment.yaml").read_text()

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 import psycopg
 import pytest
 
+from services.cases import CaseService, CheckRequest
 from services.config import parse_config
 from services.db import Database
 from services.investigation import Investigator
@@ -16,18 +17,34 @@ from services.store import CaseStore, Outbox
 from .fakes.polar_server import TOKEN
 from .seed import instance, record
 
-CONFIG = parse_config({})
+CONFIG = parse_config({"levels": {1: {"users": ["U1"]}, 2: {"users": ["U_LEAD"]}, 4: {"users": ["U_VP"]}}})
 
 
 class Recorder:
     def __init__(self):
-        self.issued_calls, self.failed_calls = [], []
+        self.issued_calls, self.failed_calls, self.rechecks, self.pendings = [], [], [], []
 
     async def issued(self, case, refs, remainder):
         self.issued_calls.append((case["id"], refs, remainder))
 
     async def failed(self, case, reason, offer):
         self.failed_calls.append((case["id"], reason, offer))
+
+    async def rechecked(self, outcome):
+        self.rechecks.append(outcome)
+
+    async def pending(self, case, refs):
+        self.pendings.append((case["id"], refs))
+
+
+async def authority(user):
+    from handlers.cases import authority_from_levels
+    levels = tuple(n for n, lv in CONFIG.levels.items() if user in lv.users)
+    return authority_from_levels(CONFIG, user, levels)
+
+
+def service(db) -> CaseService:
+    return CaseService(CaseStore(db), Investigator(CONFIG, db), CONFIG, authority)
 
 
 def seed(db):
@@ -55,11 +72,12 @@ class World:
 
     async def __aenter__(self):
         self.db = await Database.connect(self.db_url)
-        self.cases = CaseStore(self.db)
+        self.service = service(self.db)
+        self.cases = self.service.store
         await self.cases.migrate()
         self.client = PolarClient(self.polar.url, TOKEN, backoff=0.05)
         self.rec = Recorder()
-        self.issuer = Issuer(self.cases, self.client, CONFIG, self.rec, lookup_delay_s=0.05)
+        self.issuer = Issuer(self.service, self.client, CONFIG, self.rec, lookup_delay_s=0.05)
         return self
 
     async def __aexit__(self, *exc):
@@ -67,13 +85,10 @@ class World:
         await self.db.close()
 
     async def approved_case(self, periods=("2026-09", "2026-10"), method="refund", kinds=None):
-        report = await Investigator(CONFIG, self.db).check("i-7f3a", list(periods))
-        data = report.as_json()
-        case = await self.cases.create_case(report=data, covered=report.result.covered, requested_by="U1",
-                                            ticket_id="T-1", channel_id=None, approvers={}, method=method,
-                                            remind_after_s=None)
-        return await self.cases.transition(case["id"], ("pending",), "approved", "U_LEAD", "approved",
-                                           decided_by="U_LEAD")
+        opened = await self.service.open(CheckRequest("i-7f3a", list(periods), "U1", "T-1"))
+        out = await self.service.approve(opened.case.id, "U_LEAD", method)
+        assert out.ok, out
+        return out.case
 
 
 def corrections(db_url):
@@ -150,7 +165,7 @@ def test_invoice_credit_events_are_idempotent(db, db_url, polar):
             case = await w.approved_case(periods=("2026-10",), method="invoice_credit")
             done = await w.issuer.issue(case["id"])
             # a retry of the whole ingest (say, after a lost response) is harmless
-            events = await w.issuer._compensating_events(done, f"billing-bot-case-{case['id']}")
+            events = await w.issuer._compensating_events(done, f"billing-bot-case-{case['id']}", done["issued_cents"])
             again = await w.client.ingest_events(events)
             return done, events, again
     done, events, again = run(go())
@@ -210,7 +225,7 @@ def test_killed_between_intent_and_call_resumes_with_one_refund(db, db_url, pola
         async with World(db_url, polar) as w:
             case = await w.approved_case(periods=("2026-10",))
             # the first process claimed the case and wrote its intent, then died
-            await w.cases.transition(case["id"], ("approved",), "issuing", "billing-bot", "issuing")
+            await w.cases.move(case["id"], "start_issuing", "billing-bot")
             order = next(o for o in polar.orders if o["created_at"].startswith("2026-11-01"))
             await Outbox(w.cases).intend(case["id"], "refund", order["id"], "2026-10", 1028)
             if refund_already_made:  # ... or died after Polar made the refund, before recording it
@@ -261,4 +276,31 @@ def test_a_later_check_does_not_credit_what_an_issued_case_covered(db, db_url, p
     assert again.result.credit_cents == 0 and again.result.findings == []
     assert again.result.credited_before == [{"case_id": case["id"], "credit_cents": 1028,
                                              "kinds": ["duplicate_charge", "stuck_instance", "wrong_tier"],
+                                             "state": "issued",
                                              "text": f"credited before: $10.28 in case {case['id']}"}]
+
+
+def test_the_remainder_a_capped_refund_left_is_credited_once_as_invoice_credit(db, db_url, polar):
+    seed(db)
+    orders(polar, oct_=1500, oct_refunded=1000)  # the order can take 500 of 1,028 cents
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            parent = await w.issuer.issue(case.id)
+            refused = await w.service.credit_remainder(parent.id, "U_NOBODY")
+            out = await w.service.credit_remainder(parent.id, "U1")
+            again = await w.service.credit_remainder(parent.id, "U_LEAD")
+            child = await w.issuer.issue(out.case.id)
+            return parent, refused, out, again, child
+    parent, refused, out, again, child = run(go())
+    assert parent.state == "issued" and parent.remainder_cents == 528
+    assert refused.status == "refused" and refused.needed_level == 1
+    assert out.ok and out.case.parent_case_id == parent.id and out.case.credit_cents == 528
+    assert again.status == "refused" and f"already case #{out.case.id}" in again.reason
+    assert child.state == "issued" and child.issued_cents == 528 and child.method == "invoice_credit"
+    assert [r["amount"] for r in polar.refunds] == [500]
+    rows = corrections(db_url)
+    assert sorted(str(r[3]) for r in rows) == ["5.00", "5.28"]
+    hours = sum(e["metadata"]["hours"] for e in polar.events if e["metadata"].get("case_id") == str(child.id))
+    assert hours < 0  # compensating events on the parent's pieces, scaled to the remainder

@@ -125,8 +125,10 @@ def test_agent_refused_above_50_and_the_lead_pinged_then_lead_approves(bot, slac
     # opened by an agent whose authority does not cover $99.84: the leads are pinged at once
     esc = wait_for(lambda: [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ESC"], what="escalation")
     assert "<!subteam^S_LEADS>" in esc[0]["text"] and "<@U_LEAD>" in esc[0]["text"] and "archives/C_SUPPORT" in esc[0]["text"]
-    dms = {m["channel"] for m in slack.of("chat.postMessage") if m["channel"].startswith("U_")}
-    assert {"U_LEAD", "U_LEAD2"} <= dms
+    # the DMs follow the escalation post: wait for them rather than race them
+    dms = wait_for(lambda: {"U_LEAD", "U_LEAD2"} <= {m["channel"] for m in slack.of("chat.postMessage")
+                                                     if m["channel"].startswith("U_")}, what="DMs to the leads")
+    assert dms
     bot.action("case_approve", case_id, "U_AGENT")
     refusal = wait_for(lambda: slack.of("chat.postEphemeral"), what="refusal")[0]
     assert refusal["user"] == "U_AGENT" and "needs level 2 (Support lead)" in refusal["text"]

@@ -1,74 +1,70 @@
-"""Adjust: a modal to lower the amount; the level is recomputed from the new amount."""
+"""Adjust: a modal to lower the amount; the service recomputes the level with the exposure."""
 from __future__ import annotations
 
 from decimal import Decimal, InvalidOperation
 
 from bot import slack_io
-from bot.context import BotContext
+from bot.blocks import adjust_modal
+from bot.context import ctx_of
+from handlers.cases import state_refusal
 from handlers.timeline import fmt_money
-from services.approvals import authority_of
 
 CALLBACK = "case_adjust_modal"
+MAX_DIGITS = 10  # more than any credit: a longer number is a typo, not an amount
 
 
-def adjust_modal(case: dict) -> dict:
-    return {"type": "modal", "callback_id": CALLBACK, "private_metadata": str(case["id"]),
-            "title": {"type": "plain_text", "text": f"Adjust case #{case['id']}"},
-            "submit": {"type": "plain_text", "text": "Lower the credit"},
-            "blocks": [{"type": "input", "block_id": "amount",
-                        "label": {"type": "plain_text", "text": f"New credit (at most {fmt_money(case['credit_cents'])})"},
-                        "element": {"type": "plain_text_input", "action_id": "value",
-                                    "initial_value": f"{case['credit_cents'] / 100:.2f}"}}]}
-
-
-def parse_amount(text: str, current_cents: int) -> tuple[int | None, str | None]:
-    raw = (text or "").strip().lstrip("$").replace(",", "")
-    try:
-        amount = Decimal(raw)
-    except InvalidOperation:
-        return None, f"not an amount: {text!r} (like 12.34)"
-    if not amount.is_finite() or amount != amount.quantize(Decimal("0.01")):
+def parse_amount(text: str) -> tuple[int | None, str | None]:
+    """Dollars and cents as a person types them: 12, 12.3, 12.34 or $12.34. Nothing else."""
+    raw = (text or "").strip().removeprefix("$").strip()
+    whole, dot, frac = raw.partition(".")
+    if not (whole.isascii() and whole.isdigit() and (not dot or (frac.isascii() and frac.isdigit()))):
+        return None, "not an amount: type dollars and cents, like 12.34"
+    if len(whole) > MAX_DIGITS or len(frac) > 2:
         return None, "use dollars and cents, like 12.34"
-    cents = int(amount * 100)
+    try:
+        cents = int(Decimal(raw) * 100)
+    except InvalidOperation:
+        return None, "not an amount: type dollars and cents, like 12.34"
     if cents <= 0:
         return None, "the credit must be more than $0.00 (reject the case instead)"
-    if cents > current_cents:
-        return None, f"an adjustment can only lower the credit: at most {fmt_money(current_cents)}"
     return cents, None
 
 
-def register(app, ctx: BotContext) -> None:
-    @app.action("case_adjust")
-    async def adjust(ack, body):
-        await ack()
-        ctx.spawn(slack_io.open_modal_for_pending(
-            ctx, body, adjust_modal, lambda case: "This case is no longer waiting for a decision."))
+async def open_adjust(ack, body, client, context) -> None:
+    """Opened at once, while Slack's trigger is valid (3 s), not behind background work."""
+    await ack()
+    ctx = ctx_of(context)
+    user, channel, case_id, _ = slack_io.button_ids(body)
+    case = await ctx.cases.store.get(case_id)
+    if case is None or case.state != "pending":
+        ctx.spawn(slack_io.ephemeral(ctx, channel, user, state_refusal(case) if case else "No such case."))
+        return
+    await client.views_open(trigger_id=body["trigger_id"], view=adjust_modal(case))
 
-    @app.view(CALLBACK)
-    async def submitted(ack, body, view):
-        case_id = int(view["private_metadata"])
-        user = body["user"]["id"]
-        case = await ctx.cases.get(case_id)
-        text = view["state"]["values"]["amount"]["value"]["value"]
-        if case is None or case["state"] != "pending":
-            await ack(response_action="errors", errors={"amount": "this case is no longer waiting for a decision"})
-            return
-        authority = await authority_of(ctx.config, ctx.groups, user)
-        if not authority.has_money:
-            await ack(response_action="errors", errors={"amount": "only an approver (levels 1, 2 or 4) may adjust"})
-            return
-        cents, error = parse_amount(text, case["credit_cents"])
-        if error:
-            await ack(response_action="errors", errors={"amount": error})
-            return
-        row = await ctx.cases.adjust(case_id, cents, ctx.config.required_level(cents), user)
-        if row is None:
-            await ack(response_action="errors", errors={"amount": "the case changed meanwhile; reopen it"})
-            return
-        await ack()
 
-        async def announce():
-            await slack_io.refresh_case_message(ctx, row)
-            await slack_io.post_thread(ctx, row, f"<@{user}> lowered the credit from {fmt_money(case['credit_cents'])} "
-                                                 f"to {fmt_money(cents)} (needs level {row['required_level']}).")
-        ctx.spawn(announce())
+async def submit_adjust(ack, body, view, context) -> None:
+    ctx = ctx_of(context)
+    case_id = int(view["private_metadata"])
+    user = body["user"]["id"]
+    cents, error = parse_amount(view["state"]["values"]["amount"]["value"]["value"])
+    if error:
+        await ack(response_action="errors", errors={"amount": error})
+        return
+    before = await ctx.cases.store.get(case_id)
+    out = await ctx.cases.adjust(case_id, user, cents)
+    if not out.ok:
+        why = out.reason
+        if out.needed_level:
+            why += f". Level {ctx.config.level_label(out.needed_level)} can decide this case"
+        await ack(response_action="errors", errors={"amount": why[:2000]})
+        return
+    await ack()
+    ctx.metrics.decisions.labels("adjusted").inc()
+    ctx.spawn(slack_io.show_outcome(ctx, out, user, out.case.channel_id, (
+        f"<@{user}> lowered the credit from {fmt_money(before.credit_cents)} to {fmt_money(cents)} "
+        f"(needs level {out.case.required_level}).")), f"adjustment of case {case_id}")
+
+
+def register(app) -> None:
+    app.action("case_adjust")(open_adjust)
+    app.view(CALLBACK)(submit_adjust)

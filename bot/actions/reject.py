@@ -1,57 +1,43 @@
-"""Reject: a modal asks for the reason; one atomic pending -> rejected."""
+"""Reject: a modal asks for the reason; the service needs the same authority as approving."""
 from __future__ import annotations
 
 from bot import slack_io
-from bot.actions.approve import already_decided
-from bot.context import BotContext
-from services.approvals import authority_of
+from bot.blocks import escape, reject_modal
+from bot.context import ctx_of
+from handlers.cases import can, state_refusal
 
 CALLBACK = "case_reject_modal"
 
 
-def reject_modal(case: dict) -> dict:
-    return {"type": "modal", "callback_id": CALLBACK, "private_metadata": str(case["id"]),
-            "title": {"type": "plain_text", "text": f"Reject case #{case['id']}"},
-            "submit": {"type": "plain_text", "text": "Reject"},
-            "blocks": [{"type": "input", "block_id": "reason", "label": {"type": "plain_text", "text": "Reason"},
-                        "element": {"type": "plain_text_input", "action_id": "value", "multiline": True,
-                                    "min_length": 3}}]}
+async def open_reject(ack, body, client, context) -> None:
+    await ack()
+    ctx = ctx_of(context)
+    user, channel, case_id, _ = slack_io.button_ids(body)
+    case = await ctx.cases.store.get(case_id)
+    if case is None or not can("reject", case.state):
+        ctx.spawn(slack_io.ephemeral(ctx, channel, user, state_refusal(case) if case else "No such case."))
+        return
+    await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(case))
 
 
-def register(app, ctx: BotContext) -> None:
-    @app.action("case_reject")
-    async def reject(ack, body):
-        await ack()
-        ctx.spawn(slack_io.open_modal_for_pending(
-            ctx, body, reject_modal, lambda case: already_decided(case) if case else "No such case."))
+async def submit_reject(ack, body, view, context) -> None:
+    ctx = ctx_of(context)
+    case_id = int(view["private_metadata"])
+    user = body["user"]["id"]
+    reason = (view["state"]["values"]["reason"]["value"]["value"] or "").strip()
+    out = await ctx.cases.reject(case_id, user, reason)
+    if not out.ok:
+        why = out.reason
+        if out.needed_level:
+            why += f". Level {ctx.config.level_label(out.needed_level)} can decide this case"
+        await ack(response_action="errors", errors={"reason": why[:2000]})
+        return
+    await ack()
+    ctx.metrics.decisions.labels("rejected").inc()
+    ctx.spawn(slack_io.show_outcome(ctx, out, user, out.case.channel_id, f"Rejected by <@{user}>: {escape(reason)}"),
+              f"rejection of case {case_id}")
 
-    @app.view(CALLBACK)
-    async def submitted(ack, body, view):
-        case_id = int(view["private_metadata"])
-        user = body["user"]["id"]
-        reason = (view["state"]["values"]["reason"]["value"]["value"] or "").strip()
-        case = await ctx.cases.get(case_id)
-        if case is None or case["state"] != "pending":
-            await ack(response_action="errors", errors={"reason": "this case is no longer waiting for a decision"})
-            return
-        authority = await authority_of(ctx.config, ctx.groups, user)
-        if not authority.covers(case["credit_cents"]):
-            await ack(response_action="errors",
-                      errors={"reason": f"rejecting needs the authority to approve it (level {case['required_level']})"})
-            return
-        if len(reason) < 3:
-            await ack(response_action="errors", errors={"reason": "say why, in a few words"})
-            return
-        row = await ctx.cases.transition(case_id, ("pending",), "rejected", user, "rejected", {"reason": reason},
-                                         decided_by=user, reason=reason)
-        await ack()
 
-        async def announce():
-            if row is None:
-                await slack_io.ephemeral(ctx, case.get("channel_id"), user,
-                                         already_decided(await ctx.cases.get(case_id)))
-                return
-            ctx.metrics.decisions.labels("rejected").inc()
-            await slack_io.refresh_case_message(ctx, row)
-            await slack_io.post_thread(ctx, row, f"Rejected by <@{user}>: {reason}")
-        ctx.spawn(announce())
+def register(app) -> None:
+    app.action("case_reject")(open_reject)
+    app.view(CALLBACK)(submit_reject)

@@ -1,4 +1,5 @@
-"""Validate requests and responses against the subset of Polar's OpenAPI document we keep in tests/data."""
+"""Validate requests, responses and webhook payloads against the subset of Polar's OpenAPI document we
+keep in tests/data."""
 from __future__ import annotations
 
 import json
@@ -51,6 +52,14 @@ def response_errors(path_template: str, method: str, status: int, body) -> list[
         return []
     return _errors(_pointer("paths", path_template, method, "responses", str(status), "content",
                             "application/json", "schema"), body)
+
+
+def webhook_errors(event_type: str, payload) -> list[str]:
+    """What is off in a webhook payload of this type, by the document's `webhooks` section."""
+    if event_type not in spec().get("webhooks", {}):
+        return [f"webhook type {event_type!r} is not in the OpenAPI subset (scripts/extract_polar_subset.py)"]
+    return _errors(_pointer("webhooks", event_type, "post", "requestBody", "content", "application/json", "schema"),
+                   payload)
 
 
 def query_errors(path_template: str, method: str, query: dict[str, list[str]]) -> list[str]:

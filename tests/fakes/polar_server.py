@@ -3,20 +3,44 @@
 Every request the bot sends is checked against Polar's OpenAPI document (query names, bodies,
 auth and version headers) and every response we send is checked too; `violations` collects
 anything off, and the tests assert it stays empty. Faults can be queued per route.
+
+Refunds have Polar's statuses. A refund is created with `next_refund_status` (default
+`succeeded`), or the next status queued with `queue_refund_statuses`; `settle_refund` later moves a
+pending one to `succeeded`, `failed` or `canceled`. As in Polar, an order's `refunded_amount` and
+`refundable_amount` move only when a refund succeeds (and move back when a succeeded one is
+reverted). `refund_outside` is a refund Polar makes on its own (no metadata of ours), as it does
+to prevent a chargeback.
+
+Webhooks: each change queues the deliveries Polar would send (`refund.created`, `refund.updated`,
+`order.updated`, `order.refunded`), their payloads validated against the document's `webhooks`
+schemas. `webhook_endpoint(url, secret)` says where they go; `deliver()` sends the queued ones, or
+`auto_deliver=True` sends them from a thread of their own, as Polar's workers do, never inside the
+API request that caused them. `send` signs a message with the Standard Webhooks scheme exactly as
+Polar does (the `standardwebhooks` signer given base64 of the secret, so the HMAC key is the
+secret's UTF-8 bytes) and can also send it forged, stale, or without its headers; sending the
+same message again is a duplicate delivery (same webhook-id, new timestamp, as Polar's retries).
 """
 from __future__ import annotations
 
+import base64
+import json
+import queue
 import re
 import threading
 import uuid
-from dataclasses import dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+import httpx
+from standardwebhooks.webhooks import Webhook
 
 from . import openapi
 from .http import FakeApi, DropConnection, FakeServer, Request, Response
 
 ORG_ID = "1dbfc517-0bbf-4301-9ba8-555ca42b9737"
 TOKEN = "polar_oat_test_token"
+WEBHOOK_SECRET = "polar_whs_test_0123456789abcdef"
+REFUND_STATUSES = ("pending", "succeeded", "failed", "canceled")
 
 ROUTES = [
     (re.compile(r"^/v1/customers/external/(?P<external_id>[^/]+)$"), "/v1/customers/external/{external_id}"),
@@ -45,6 +69,35 @@ class Fault:
     times: int = 1
 
 
+@dataclass(frozen=True)
+class WebhookMessage:
+    """One webhook event as Polar sends it: its webhook-id and the exact JSON text it signs."""
+
+    id: str
+    type: str
+    body: str
+
+    @property
+    def payload(self) -> dict:
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One POST of a message to the endpoint and what the endpoint answered."""
+
+    message_id: str
+    type: str
+    how: str  # "signed", "forged", "old", "unsigned"
+    status: int
+    body: str
+
+
+def sign(secret: str, msg_id: str, timestamp: datetime, body: str) -> str:
+    """The webhook-signature header Polar sends: its signer is handed base64 of the secret."""
+    return Webhook(base64.b64encode(secret.encode()).decode()).sign(msg_id, timestamp, body)
+
+
 class FakePolar(FakeApi):
     def __init__(self, latency_s: float = 0.0):
         self.lock = threading.RLock()
@@ -56,6 +109,17 @@ class FakePolar(FakeApi):
         self.faults: list[Fault] = []
         self.violations: list[str] = []
         self.server = FakeServer(self.handle, latency_s)
+        # refund statuses: the queue first, then the default
+        self.next_refund_status = "succeeded"
+        self.refund_status_queue: list[str] = []
+        # webhooks
+        self.webhook_url: str | None = None
+        self.webhook_secret: str | None = None
+        self.outbox: list[WebhookMessage] = []  # every message Polar would send, in order
+        self.delivered: set[str] = set()  # message ids deliver() has sent
+        self.deliveries: list[Delivery] = []
+        self._auto: queue.Queue | None = None
+        self._auto_thread: threading.Thread | None = None
 
     # --- setup helpers --------------------------------------------------------------------------
 
@@ -102,6 +166,12 @@ class FakePolar(FakeApi):
         }
         self.orders.append(o)
         return o
+
+    def add_refund(self, order: dict, amount: int, status: str = "succeeded", metadata: dict | None = None,
+                   reason: str = "service_disruption") -> dict:
+        """A refund made earlier, as if through POST /v1/refunds/ (its webhooks are queued too)."""
+        with self.lock:
+            return self._make_refund(order, amount, reason, metadata or {}, status)
 
     def fail(self, method: str, route: str, kind: str = "status", status: int = 500, retry_after: str | None = None,
              times: int = 1):
@@ -179,8 +249,10 @@ class FakePolar(FakeApi):
             items.sort(key=lambda o: o["created_at"], reverse=sorting[0].startswith("-"))
             return self._page(req, [_public(o) for o in items])
         if template == "/v1/refunds/" and method == "get":
-            items = [r for r in self.refunds if _match(req, "order_id", r["order_id"])]
-            return self._page(req, items)
+            items = [r for r in self.refunds if _match(req, "order_id", r["order_id"]) and _match(req, "id", r["id"])]
+            if req.q("succeeded") == "true":  # Polar: only `true` filters; false or absent lists all
+                items = [r for r in items if r["status"] == "succeeded"]
+            return self._page(req, [_public(r) for r in items])
         if template == "/v1/refunds/" and method == "post":
             return self._create_refund(req.json())
         if template == "/v1/events/ingest":
@@ -214,18 +286,165 @@ class FakePolar(FakeApi):
         if body["amount"] > order["refundable_amount"]:
             return Response(422, {"detail": [{"loc": ["body", "amount"], "msg": "Amount exceeds refundable amount",
                                               "type": "value_error"}]})
+        refund = self._make_refund(order, body["amount"], body["reason"], body.get("metadata") or {},
+                                   self._take_refund_status(), bool(body.get("revoke_benefits", False)))
+        return Response(201, _public(refund))
+
+    def _take_refund_status(self) -> str:
+        status = self.refund_status_queue.pop(0) if self.refund_status_queue else self.next_refund_status
+        assert status in REFUND_STATUSES, status
+        return status
+
+    def _make_refund(self, order: dict, amount: int, reason: str, metadata: dict, status: str,
+                     revoke_benefits: bool = False, dispute: dict | None = None) -> dict:
+        """A refund as Polar records it; webhooks in Polar's order (the ledger's order.updated, then
+        refund.created, then order.refunded when the money moved)."""
         refund = {
-            "created_at": now_iso(), "modified_at": None, "id": str(uuid.uuid4()), "metadata": body.get("metadata") or {},
-            "status": "succeeded", "reason": body["reason"], "amount": body["amount"], "tax_amount": 0,
+            "created_at": now_iso(), "modified_at": None, "id": str(uuid.uuid4()), "metadata": metadata,
+            "status": status, "reason": reason, "amount": amount, "tax_amount": 0,
             "currency": "usd", "organization_id": ORG_ID, "order_id": order["id"], "subscription_id": None,
-            "customer_id": order["customer_id"], "revoke_benefits": bool(body.get("revoke_benefits", False)),
-            "dispute": None,
+            "customer_id": order["customer_id"], "revoke_benefits": revoke_benefits, "dispute": dispute,
         }
         self.refunds.append(refund)
-        order["refunded_amount"] += body["amount"]
-        order["refundable_amount"] -= body["amount"]
-        order["status"] = "refunded" if order["refundable_amount"] == 0 else "partially_refunded"
-        return Response(201, refund)
+        if status == "succeeded":
+            self._move_order(order, amount)
+        self.emit("refund.created", refund)
+        if status == "succeeded":
+            self.emit("order.refunded", order)
+        return refund
+
+    def _move_order(self, order: dict, amount: int) -> None:
+        """Money moved (or, negative, moved back): the order's amounts and its order.updated."""
+        order["refunded_amount"] += amount
+        order["refundable_amount"] -= amount
+        order["modified_at"] = now_iso()
+        order["status"] = ("paid" if order["refunded_amount"] == 0 else
+                           "refunded" if order["refundable_amount"] == 0 else "partially_refunded")
+        self.emit("order.updated", order)
+
+    # --- refund outcomes ----------------------------------------------------------------------------
+
+    def queue_refund_statuses(self, *statuses: str) -> None:
+        """The statuses the next refunds are created with, in order (then next_refund_status)."""
+        assert all(s in REFUND_STATUSES for s in statuses), statuses
+        with self.lock:
+            self.refund_status_queue.extend(statuses)
+
+    def refund_by_id(self, refund_id: str) -> dict:
+        return next(r for r in self.refunds if r["id"] == refund_id)
+
+    def settle_refund(self, refund_id: str, status: str) -> dict:
+        """A refund's later outcome: pending -> succeeded / failed / canceled, or a succeeded refund
+        reverted (failed / canceled), which Polar's ledger undoes. Queues Polar's webhooks."""
+        assert status in ("succeeded", "failed", "canceled"), status
+        with self.lock:
+            refund = self.refund_by_id(refund_id)
+            before = refund["status"]
+            assert before in ("pending", "succeeded") and before != status, f"{before} -> {status}"
+            order = next(o for o in self.orders if o["id"] == refund["order_id"])
+            refund["status"] = status
+            refund["modified_at"] = now_iso()
+            if status == "succeeded":
+                self._move_order(order, refund["amount"])
+            elif before == "succeeded":
+                self._move_order(order, -refund["amount"])
+            self.emit("refund.updated", refund)
+            if status == "succeeded":
+                self.emit("order.refunded", order)
+            return refund
+
+    def refund_outside(self, order_id: str, amount: int | None = None, status: str = "succeeded",
+                       reason: str = "dispute_prevention", disputed: bool = True) -> dict:
+        """A refund Polar makes on its own, without our metadata: to prevent a chargeback it refunds
+        the order (by default all that is left) and the dispute shows as `prevented`."""
+        with self.lock:
+            order = next(o for o in self.orders if o["id"] == order_id)
+            amount = order["refundable_amount"] if amount is None else amount
+            dispute = None
+            if disputed:
+                dispute = {
+                    "created_at": now_iso(), "modified_at": None, "id": str(uuid.uuid4()), "status": "prevented",
+                    "resolved": False, "closed": True, "amount": amount, "tax_amount": 0, "currency": "usd",
+                    "reason": "fraudulent", "evidence_due_by": None, "past_due": False, "order_id": order_id,
+                    "payment_id": str(uuid.uuid4()),
+                }
+            return self._make_refund(order, amount, reason, {}, status, dispute=dispute)
+
+    # --- webhooks -----------------------------------------------------------------------------------
+
+    def webhook_endpoint(self, url: str, secret: str = WEBHOOK_SECRET, auto_deliver: bool = False) -> None:
+        """Where Polar sends webhooks; with auto_deliver, each is sent as it happens, from a thread."""
+        self.webhook_url, self.webhook_secret = url, secret
+        if auto_deliver and self._auto is None:
+            self._auto = queue.Queue()
+            self._auto_thread = threading.Thread(target=self._auto_loop, daemon=True)
+            self._auto_thread.start()
+
+    def message(self, event_type: str, data: dict) -> WebhookMessage:
+        """A webhook message, its payload checked against the document's schema for the type."""
+        payload = {"type": event_type, "timestamp": now_iso(), "data": _public(data)}
+        self.violations.extend(f"webhook {event_type}: {e}" for e in openapi.webhook_errors(event_type, payload))
+        return WebhookMessage(f"msg_{uuid.uuid4().hex}", event_type, json.dumps(payload))
+
+    def emit(self, event_type: str, data: dict) -> WebhookMessage:
+        """Queue a message Polar would send now."""
+        msg = self.message(event_type, data)
+        with self.lock:
+            self.outbox.append(msg)
+        if self._auto is not None:
+            self._auto.put(msg)
+        return msg
+
+    def messages(self, event_type: str | None = None) -> list[WebhookMessage]:
+        with self.lock:
+            return [m for m in self.outbox if event_type is None or m.type == event_type]
+
+    def deliver(self) -> list[Delivery]:
+        """Send every queued message not yet sent, in order. Never call it while holding the lock:
+        the bot may call our API while it handles a delivery."""
+        with self.lock:
+            todo = [m for m in self.outbox if m.id not in self.delivered]
+            self.delivered.update(m.id for m in todo)
+        return [self.send(m) for m in todo]
+
+    def _auto_loop(self) -> None:
+        while True:
+            msg = self._auto.get()
+            if msg is None:
+                return
+            with self.lock:
+                if msg.id in self.delivered:
+                    continue
+                self.delivered.add(msg.id)
+            try:
+                self.send(msg)
+            except httpx.HTTPError:
+                pass  # the bot is not listening (yet); polling is the fallback, as with Polar
+
+    def send(self, msg: WebhookMessage, *, how: str = "signed", age: timedelta = timedelta(0),
+             secret: str | None = None) -> Delivery:
+        """POST one message to the endpoint. how: "signed" (as Polar does; again = a duplicate
+        delivery), "forged" (signed with another secret), "old" (signed, webhook-timestamp `age`
+        ago, default 10 minutes), "unsigned" (no webhook-* headers)."""
+        assert self.webhook_url, "call webhook_endpoint(url, secret) first"
+        secret = secret or self.webhook_secret
+        when = datetime.now(timezone.utc) - (age or (timedelta(minutes=10) if how == "old" else timedelta(0)))
+        headers = {"content-type": "application/json", "user-agent": "polar.sh webhooks"}
+        if how != "unsigned":
+            key = secret if how != "forged" else "forged-" + secret
+            headers.update({"webhook-id": msg.id, "webhook-timestamp": str(int(when.timestamp())),
+                            "webhook-signature": sign(key, msg.id, when, msg.body)})
+        response = httpx.post(self.webhook_url, content=msg.body.encode(), headers=headers, timeout=10)
+        delivery = Delivery(msg.id, msg.type, how, response.status_code, response.text)
+        with self.lock:
+            self.deliveries.append(delivery)
+        return delivery
+
+    def stop(self):
+        if self._auto is not None:
+            self._auto.put(None)
+            self._auto_thread.join(timeout=5)
+        super().stop()
 
 
 def _match(req: Request, name: str, value) -> bool:

@@ -18,7 +18,14 @@ class FakeSlack(FakeApi):
         self.calls: list[tuple[str, dict]] = []
         self.lock = threading.Lock()
         self._ts = itertools.count(1)
+        self.faults: dict[str, list[str]] = {}  # method -> Slack errors to answer, in order
+        self.down: set[str] = set()  # methods answering 'service_unavailable' until brought back
         self.server = FakeServer(self.handle, latency_s)
+
+    def fail(self, method: str, error: str, times: int = 1) -> None:
+        """The next `times` calls of `method` answer {"ok": false, "error": error}, as Slack does."""
+        with self.lock:
+            self.faults.setdefault(method, []).extend([error] * times)
 
     @property
     def api_url(self) -> str:
@@ -45,6 +52,11 @@ class FakeSlack(FakeApi):
                     payload[k] = json.loads(payload[k])
         with self.lock:
             self.calls.append((method, payload))
+            if method in self.down:
+                return Response(503, {"ok": False, "error": "service_unavailable"})
+            queued = self.faults.get(method)
+            if queued:
+                return Response(200, {"ok": False, "error": queued.pop(0)})
         return Response(200, self.answer(method, payload))
 
     def answer(self, method: str, p: dict) -> dict:

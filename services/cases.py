@@ -1,0 +1,331 @@
+"""The case service: the only way a case changes. Read this file to see what can happen to a case.
+
+Every person's decision goes the same way: read the person's authority (Slack groups, outside any
+transaction), then, in one transaction under the customer's and the instance's locks, re-read the
+case, check that the evidence it was built on is unchanged (SPEC 2.2), refresh the customer's
+exposure (SPEC 3), ask the pure policy (handlers/cases.py), and make the one conditional UPDATE
+with its audit event. Money moves only after that transaction commits (services/issuing.py), and
+Slack is told by the caller afterwards: nothing here depends on Slack answering.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from typing import Awaitable, Callable, Literal
+
+from handlers.cases import (
+    Authority, Case, Decision, can, may_adjust, may_approve, may_reject, may_retry, may_switch_method, other_method,
+    state_refusal,
+)
+from handlers.settings import Config
+from services.approvals import MembershipUnknown
+from services.investigation import CaseReport, Investigator
+from services.store import CaseStore, CaseTx, Draft
+
+log = logging.getLogger(__name__)
+RECHECK_ATTEMPTS = 3  # the evidence changing under a check this many times in a row is an outage, not a race
+
+
+class _Undo(Exception):
+    """Raised inside a locked transaction to roll it back and return an outcome."""
+
+    def __init__(self, outcome: "Outcome"):
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+class StaleEvidence(Exception):
+    """The evidence kept changing while the case was being claimed."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a request did. `status`: done; refused (with the reason a person reads); changed (the
+    evidence had changed: the case was checked again and waits for a new decision); missing."""
+
+    status: Literal["done", "refused", "changed", "missing", "existing"]
+    case: Case | None = None
+    reason: str = ""
+    needed_level: int = 0
+    previous: Case | None = None  # for changed: the case as it was before the new check
+    report: CaseReport | None = None  # for a newly opened case: the check it came from
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "done"
+
+
+@dataclass(frozen=True)
+class CheckRequest:
+    instance_id: str
+    periods: list[str] | None
+    user: str
+    ticket_id: str | None = None
+    channel_id: str | None = None
+    response_url: str | None = None
+
+
+class CaseService:
+    def __init__(self, store: CaseStore, investigator: Investigator, config: Config,
+                 authority: Callable[[str], Awaitable[Authority]],
+                 approvers: Callable[[int], Awaitable[dict]] | None = None):
+        self.store = store
+        self.investigator = investigator
+        self.config = config
+        self.authority = authority  # raises MembershipUnknown when Slack groups cannot be confirmed
+        self.approvers = approvers  # who holds a level, snapshotted on the case for the audit
+        self.issuer = None  # set by the composition root: something with `async submit(case_id)`
+
+    # --- opening -----------------------------------------------------------------------------------
+
+    async def open(self, req: CheckRequest) -> Outcome:
+        """Check the instance and open a case, unless an open case already holds its time in these
+        periods (then that case is shown). The claim re-verifies the evidence under the locks."""
+        for _ in range(RECHECK_ATTEMPTS):
+            report = await self.investigator.check(req.instance_id, req.periods)
+            data = report.as_json()
+            inst = report.result.instance
+            covered = report.result.covered
+            requester_covers = await self._covers(req.user, data["credit_cents"])
+            approvers = (await self.approvers(data["required_level"])
+                         if self.approvers and data["required_level"] else {})
+            async with self.store.locked(inst.customer_id, inst.instance_id) as tx:
+                existing = await tx.open_case_over(inst.instance_id, data["periods"])
+                if existing is not None:
+                    return Outcome("existing", existing, report=report)
+                if data["credit_cents"] > 0 and (
+                        await tx.fingerprint(inst.instance_id, inst.org_id, data["periods"]) != report.fingerprint
+                        or await tx.held_elsewhere(covered, None)):
+                    continue  # a record or another case changed since the check read: check again
+                exposure = await tx.exposure(inst.customer_id, self.config.exposure_window, None) \
+                    if data["credit_cents"] > 0 else 0
+                level = self.config.required_level(data["credit_cents"] + exposure) if data["credit_cents"] else 0
+                data["required_level"] = level
+                needs_others = data["credit_cents"] > 0 and not requester_covers(data["credit_cents"] + exposure)
+                case = await tx.insert(
+                    Draft(report=data, covered=covered, fingerprint=report.fingerprint, requested_by=req.user,
+                          ticket_id=req.ticket_id, channel_id=req.channel_id, response_url=req.response_url,
+                          method=self.config.polar.credit_method, approvers=approvers),
+                    required_level=level, exposure_cents=exposure,
+                    remind_after_s=self.config.remind_every.total_seconds() if needs_others else None)
+            log.info("case %s opened for %s by %s: %s cents, level %s", case.id, case.instance_id, req.user,
+                     case.credit_cents, case.required_level)
+            return Outcome("done", case, report=report)
+        raise StaleEvidence(f"the billing records of {req.instance_id} kept changing while the case was opened")
+
+    async def _covers(self, user: str, cents: int) -> Callable[[int], bool]:
+        try:
+            authority = await self.authority(user)
+        except MembershipUnknown:
+            return lambda cents: False  # unknown: others are pinged, which is the safe side
+        return authority.covers
+
+    async def attach_message(self, case: Case, channel_id: str, ts: str) -> Case:
+        return await self.store.set_message(case.id, channel_id, ts)
+
+    # --- decisions ---------------------------------------------------------------------------------
+
+    async def approve(self, case_id: int, user: str, method: str | None = None) -> Outcome:
+        """Approve (optionally switching the method): the money moves after this commits."""
+        def apply(tx: CaseTx, case: Case):
+            return tx.move(case.id, "approve", user, {"credit_cents": case.credit_cents,
+                                                      "method": method or case.method},
+                           decided_by=user, method=method or case.method)
+        out = await self._decide(case_id, user, "approve", lambda c, a: may_approve(c, a, self.config), apply,
+                                 verify=True)
+        if out.ok:
+            log.info("case %s approved by %s for %s cents (%s)", case_id, user, out.case.credit_cents, out.case.method)
+            await self._submit(case_id)
+        return out
+
+    async def adjust(self, case_id: int, user: str, cents: int) -> Outcome:
+        """Lower the amount; the needed level is recomputed with the exposure."""
+        async def apply(tx: CaseTx, case: Case):
+            level = self.config.required_level(cents + case.exposure_cents)
+            row = await tx.store_adjust(case.id, cents, level, user)
+            return row
+        return await self._decide(case_id, user, "adjust", lambda c, a: may_adjust(c, a, self.config, cents), apply)
+
+    async def reject(self, case_id: int, user: str, reason: str) -> Outcome:
+        reason = reason.strip()
+        if len(reason) < 3:
+            return Outcome("refused", reason="say why, in a few words")
+
+        async def policy_with_money(tx: CaseTx, case: Case, authority: Authority) -> Decision:
+            return may_reject(case, authority, self.config, await tx.moved_cents(case.id))
+
+        def apply(tx: CaseTx, case: Case):
+            return tx.move(case.id, "reject", user, {"reason": reason}, decided_by=user, reason=reason)
+        return await self._decide(case_id, user, "reject", None, apply, async_policy=policy_with_money)
+
+    async def retry(self, case_id: int, user: str, failure: int | None = None, switch: bool = False) -> Outcome:
+        """Issue the unpaid part of a failed case again, by the same or the other method. `failure`
+        is the number of the failure whose button was pressed: an old one does nothing."""
+        action = "switch_method" if switch else "retry"
+        policy = (lambda c, a: may_switch_method(c, a, self.config, failure)) if switch else \
+            (lambda c, a: may_retry(c, a, self.config, failure))
+
+        def apply(tx: CaseTx, case: Case):
+            method = other_method(case.method) if switch else case.method
+            return tx.move(case.id, action, user, {"method": method}, method=method)
+        out = await self._decide(case_id, user, action, policy, apply)
+        if out.ok:
+            await self._submit(case_id)
+        return out
+
+    async def _decide(self, case_id: int, user: str, action: str, policy, apply, *, verify: bool = False,
+                      async_policy=None) -> Outcome:
+        case = await self.store.get(case_id)
+        if case is None:
+            return Outcome("missing", reason=f"Case #{case_id} does not exist.")
+        if not can(action, case.state):
+            return Outcome("refused", case, state_refusal(case))
+        try:
+            authority = await self.authority(user)
+        except MembershipUnknown as exc:
+            await self.store.event(case_id, user, "refused", {"action": action, "reason": str(exc)})
+            log.info("case %s: %s by %s refused: %s", case_id, action, user, exc)
+            return Outcome("refused", case, str(exc), case.required_level)
+        changed = False
+        async with self.store.locked(case.customer_id, case.instance_id) as tx:
+            case = await tx.get(case_id)
+            if not can(action, case.state):
+                return Outcome("refused", case, state_refusal(case))
+            if verify and not await self._evidence_holds(tx, case):
+                changed = True
+            else:
+                case = await self._refresh_exposure(tx, case)
+                decision = (await async_policy(tx, case, authority)) if async_policy else policy(case, authority)
+                if not decision.allowed:
+                    if decision.needed_level:  # a lack of authority is audited; a mistyped amount is not
+                        await tx.event(case_id, user, "refused", {
+                            "action": action, "reason": decision.reason, "credit_cents": case.credit_cents,
+                            "deciding_cents": case.deciding_cents, "levels": list(authority.levels)})
+                        log.info("case %s: %s by %s refused: %s", case_id, action, user, decision.reason)
+                    return Outcome("refused", case, decision.reason, decision.needed_level)
+                moved = await apply(tx, case)
+        if changed:
+            return await self.recheck(case, actor=user)
+        if moved is None:  # cannot happen under the lock, but never pretend
+            return Outcome("refused", await self.store.get(case_id), state_refusal(await self.store.get(case_id)))
+        return Outcome("done", moved)
+
+    async def _evidence_holds(self, tx: CaseTx, case: Case) -> bool:
+        fp = await tx.fingerprint(case.instance_id, case.org_id, case.periods)
+        return fp == case.fingerprint and not await tx.held_elsewhere(await tx.case_pieces(case.id), case.id)
+
+    async def _refresh_exposure(self, tx: CaseTx, case: Case) -> Case:
+        exposure = await tx.exposure(case.customer_id, self.config.exposure_window, case.id)
+        level = self.config.required_level(case.credit_cents + exposure)
+        if exposure != case.exposure_cents or level != case.required_level:
+            case = await tx.set_exposure(case.id, exposure, level) or replace(case, exposure_cents=exposure,
+                                                                              required_level=level)
+        return case
+
+    async def credit_remainder(self, parent_id: int, user: str) -> Outcome:
+        try:
+            return await self._credit_remainder(parent_id, user)
+        except _Undo as undo:  # the child case was never created: the transaction rolled back
+            return undo.outcome
+
+    async def _credit_remainder(self, parent_id: int, user: str) -> Outcome:
+        """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4): a
+        case of its own (its own billing_corrections row and letter), linked to the case it
+        completes, decided by someone whose authority covers it, at most once."""
+        parent = await self.store.get(parent_id)
+        if parent is None:
+            return Outcome("missing", reason=f"Case #{parent_id} does not exist.")
+        if parent.state != "issued" or not parent.remainder_cents:
+            return Outcome("refused", parent, f"Case #{parent_id} has no unpaid remainder to credit.")
+        try:
+            authority = await self.authority(user)
+        except MembershipUnknown as exc:
+            return Outcome("refused", parent, str(exc), parent.required_level)
+        async with self.store.locked(parent.customer_id, parent.instance_id) as tx:
+            existing = await tx.remainder_of(parent_id)
+            if existing is not None:
+                return Outcome("refused", existing, f"The remainder of case #{parent_id} is already case "
+                                                    f"#{existing.id} ({existing.state}).")
+            exposure = await tx.exposure(parent.customer_id, self.config.exposure_window, None)
+            report = {**parent.report, "credit_cents": parent.remainder_cents,
+                      "credit_by_period": {}, "remainder_of": parent_id}
+            level = self.config.required_level(parent.remainder_cents + exposure)
+            draft = Draft(report=report, covered=[], fingerprint=parent.fingerprint or "",
+                          requested_by=parent.requested_by, ticket_id=parent.ticket_id, channel_id=parent.channel_id,
+                          response_url=parent.response_url, method="invoice_credit", approvers={})
+            child = await tx.insert(draft, required_level=level, exposure_cents=exposure, remind_after_s=None,
+                                    parent_case_id=parent_id, credit_cents=parent.remainder_cents)
+            decision = may_approve(child, authority, self.config)
+            if not decision.allowed:
+                if decision.needed_level:
+                    await tx.event(parent_id, user, "refused", {"action": "credit_remainder", "reason": decision.reason})
+                raise _Undo(Outcome("refused", parent, decision.reason, decision.needed_level))
+            child = await tx.set_message(child.id, parent.channel_id, parent.message_ts)
+            moved = await tx.move(child.id, "approve", user, {"credit_cents": child.credit_cents,
+                                                             "method": "invoice_credit", "remainder_of": parent_id},
+                                  decided_by=user, method="invoice_credit")
+        log.info("case %s: remainder of case %s (%s cents) approved by %s as invoice credit", moved.id, parent_id,
+                 moved.credit_cents, user)
+        await self._submit(moved.id)
+        return Outcome("done", moved)
+
+    # --- the evidence changed ----------------------------------------------------------------------
+
+    async def recheck(self, case: Case, actor: str = "billing-bot") -> Outcome:
+        """Check the instance again and put the new amount on the case, which then waits for a new
+        decision (or expires when nothing is left to credit). Nothing is approved meanwhile."""
+        for _ in range(RECHECK_ATTEMPTS):
+            report = await self.investigator.check(case.instance_id, list(case.periods), exclude_case=case.id)
+            data = report.as_json()
+            async with self.store.locked(case.customer_id, case.instance_id) as tx:
+                if await tx.fingerprint(case.instance_id, case.org_id, case.periods) != report.fingerprint \
+                        or await tx.held_elsewhere(report.result.covered, case.id):
+                    continue
+                exposure = await tx.exposure(case.customer_id, self.config.exposure_window, case.id)
+                level = self.config.required_level(data["credit_cents"] + exposure) if data["credit_cents"] else 0
+                data["required_level"] = level
+                new = await tx.replace_evidence(
+                    case.id, Draft(report=data, covered=report.result.covered, fingerprint=report.fingerprint,
+                                   requested_by=case.requested_by, ticket_id=case.ticket_id,
+                                   channel_id=case.channel_id, response_url=case.response_url, method=case.method,
+                                   approvers={}),
+                    required_level=level, exposure_cents=exposure, actor=actor,
+                    detail={"was_cents": case.credit_cents, "now_cents": data["credit_cents"]})
+            if new is None:
+                now = await self.store.get(case.id)
+                return Outcome("refused", now, state_refusal(now))
+            log.info("case %s: the evidence changed; %s -> %s cents, waits for a new decision", case.id,
+                     case.credit_cents, new.credit_cents)
+            return Outcome("changed", new, "The billing evidence changed since this case was opened: it was "
+                                           "checked again and needs a new decision.", new.required_level,
+                           previous=case)
+        raise StaleEvidence(f"the billing records of {case.instance_id} kept changing")
+
+    # --- issuing (services/issuing.py moves the money; these are its changes of state) --------------
+
+    async def start_issuing(self, case: Case) -> Case | None:
+        return await self.store.move(case.id, "start_issuing", "billing-bot", {"method": case.method})
+
+    async def verify_before_money(self, case: Case) -> Outcome | None:
+        """The last look before any money of this case moves (SPEC 2.2): None when the evidence
+        still holds, else the outcome of checking the case again."""
+        async with self.store.locked(case.customer_id, case.instance_id) as tx:
+            if await self._evidence_holds(tx, case):
+                return None
+        return await self.recheck(case)
+
+    async def finish_issued(self, case: Case, **kw) -> Case | None:
+        done = await self.store.finish_issued(case, **kw)
+        if done is not None:
+            log.info("case %s issued: %s cents (%s)", case.id, done.issued_cents, done.polar_reference)
+        return done
+
+    async def fail(self, case: Case, reason: str) -> Case | None:
+        row = await self.store.move(case.id, "mark_failed", "billing-bot", {"reason": reason}, reason=reason)
+        if row is not None:
+            log.warning("case %s: issuing failed: %s", case.id, reason)
+        return row
+
+    async def _submit(self, case_id: int) -> None:
+        if self.issuer is not None:
+            await self.issuer.submit(case_id)
