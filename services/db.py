@@ -7,8 +7,8 @@ only billing_corrections in the control-plane schema; its own state lives in its
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
-from pathlib import Path
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import AsyncIterator
 
 import psycopg

@@ -15,6 +15,7 @@ from services.reconcile_shards import claim_post, merge_if_complete, save_shard
 from services.store import Store
 
 from .fakes.slack_server import BOT_TOKEN, FakeSlack
+from .seed import instance, record
 from .test_reconcile import run, seed_all_kinds
 from .test_reconcile_oracle import make_day
 
@@ -141,7 +142,6 @@ def test_a_date_after_today_is_refused_with_one_line(db_url, bot_env):
 
 def test_systematic_counts_come_from_the_latest_day_not_the_latest_run(db, db_url):
     for i in range(3):  # the same duplicate for three customers on 10-05
-        from .seed import instance, record
         instance(db, f"i-s{i}", org=f"o-s{i}", customer=f"c-s{i}", heartbeat="2026-10-05 23:59")
         for rid in (10 * i + 1, 10 * i + 2):
             record(db, rid, f"i-s{i}", "2026-10-05 08:00", "2026-10-05 09:00", "2.08", org=f"o-s{i}",
