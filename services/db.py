@@ -188,8 +188,8 @@ class Database:
             return {}
         s = self.schema
         cur = await conn.execute(
-            "SELECT 1 FROM information_schema.columns WHERE table_schema = %s AND table_name = 'reconcile_runs'"
-            " AND column_name = 'shard'", (s,))
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'shard' AND NOT attisdropped",
+            (f"{s}.reconcile_runs",))
         whole = "WHERE shard IS NULL" if await cur.fetchone() else ""  # before migration 010 every run was whole
         cur = await conn.execute(
             f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"

@@ -195,3 +195,32 @@ def test_a_day_streamed_in_partitions_equals_the_oracle(db, db_url, monkeypatch,
     got = {(a.kind, a.instance_id or a.org_id): (a.customer_id, a.record_ids, a.overcharge_cents)
            for a in parted.anomalies}
     assert got == want and keyed(parted) == keyed(whole)
+
+
+def test_a_failed_post_is_handed_back_and_the_retried_shard_posts_it_once(db, db_url, tmp_path):
+    seed_all_kinds(db)
+    slack = FakeSlack().start()
+    try:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("channels: {alerts: C_ALERTS}\n")
+        env = {"DATABASE_URL": db_url, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_API_URL": slack.api_url,
+               "BILLING_BOT_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
+
+        def shard(k):
+            return subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-10-05", "--post",
+                                   "--shard", f"{k}/2", "--run", "cron-2"], env=env, capture_output=True, text=True,
+                                  timeout=120)
+        assert shard(0).returncode == 0 and slack.of("chat.postMessage") == []  # half the day: nothing to post
+        slack.fail("chat.postMessage", "channel_not_found")
+        failed = shard(1)  # completes the day, claims the post, and Slack refuses it
+        assert failed.returncode == 1 and "channel_not_found" in failed.stderr
+        assert shard(1).returncode == 0  # the Job's retry of that shard
+        assert shard(0).returncode == 0  # a late retry of the other one posts nothing more
+        ok = [p for p in slack.of("chat.postMessage") if p.get("channel") == "C_ALERTS"]
+        assert len(ok) == 2  # the refused attempt and the one post
+        assert "*9 anomalies*" in json.dumps(ok[-1]["blocks"])
+        posted = db.execute("SELECT count(*) FROM billing_bot.reconcile_runs WHERE run_key = 'cron-2'"
+                            " AND shard IS NULL AND posted_at IS NOT NULL").fetchone()[0]
+        assert posted == 1
+    finally:
+        slack.stop()
