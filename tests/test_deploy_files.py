@@ -47,6 +47,23 @@ def test_the_sharded_reconciliation_is_an_indexed_job_whose_pods_name_their_shar
     single = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
     sc = single["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
     assert c["image"] == sc["image"] and c["envFrom"] == sc["envFrom"]
+    _known_to_kubernetes(cron, "V1CronJob")  # no misspelt field that the API server would drop
+
+
+def _known_to_kubernetes(data: dict, klass: str) -> None:
+    """Every key is a field of the official client's model of that kind, recursively."""
+    import kubernetes.client.models as models
+
+    cls = getattr(models, klass)
+    fields = {v: k for k, v in cls.attribute_map.items()}
+    for key, value in data.items():
+        assert key in fields, f"{klass} has no field {key!r}"
+        typ = cls.openapi_types[fields[key]]
+        if isinstance(value, dict) and typ.startswith("V1"):
+            _known_to_kubernetes(value, typ)
+        elif isinstance(value, list) and typ.startswith("list[V1"):
+            for item in value:
+                _known_to_kubernetes(item, typ[len("list["):-1])
 
 
 def test_deployment_takes_the_polar_webhook_secret_from_the_secret_optionally():
