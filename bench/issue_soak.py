@@ -57,6 +57,15 @@ class Quiet:
     async def pending(self, case, refs):
         pass
 
+    async def outside(self, case, amount, reason):
+        pass
+
+    async def reverted(self, case, refund_id, amount, status):
+        pass
+
+    async def remainder_offered(self, parent, child):
+        pass
+
 
 def seed(url: str, runs: int) -> None:
     with psycopg.connect(url, autocommit=True) as conn:

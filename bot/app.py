@@ -16,20 +16,21 @@ from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import home, scheduler
-from bot.actions import adjust, approve, open_case, reject, remainder, retry
+from bot.actions import adjust, approve, open_case, reject, retry
 from bot.commands import billing_check, billing_report
 from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
 from bot.views import check_modal
 from services.approvals import GROUP_CACHE_S, STALE_LIMIT_S, GroupMembers, authority_of, holders
+from services.background import Background
 from services.cases import CaseService
 from services.config import Config, ConfigError, Env
 from services.issuing import Issuer
 from services.store import CaseStore
 
 log = logging.getLogger(__name__)
-LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, remainder, open_case, home)
+LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, open_case, home)
 
 
 def build_app(ctx: BotContext) -> AsyncApp:
@@ -66,7 +67,8 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
             return {"name": c.name, "email": c.email}
         # Refund outcomes arrive by webhook; without a secret, or past 10 minutes, they are read back.
         service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer),
-                                poll_pending_after_s=600.0 if env.polar_webhook_secret else 0.0)
+                                poll_pending_after_s=float(os.environ.get("BILLING_BOT_POLL_PENDING_S", 600))
+                                if env.polar_webhook_secret else 0.0)
     return ctx
 
 
@@ -128,12 +130,13 @@ async def _serve(env: Env, config: Config) -> None:
         ctx = build_context(env, config, rt, client)
         app = build_app(ctx)
         tick = float(os.environ.get("BILLING_BOT_REMINDER_TICK_S", "30"))
-        loops = [asyncio.create_task(scheduler.run_forever(ctx, tick))]
+        loops = Background(name="bot loop")
+        loops.spawn(scheduler.run_forever(ctx, tick), "reminders")
         issuer = ctx.cases.issuer
         if issuer is not None:  # every replica sweeps what a crash or an outage left unfinished
             sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
             sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
-            loops.append(asyncio.create_task(issuer.run_sweeper(sweep_every, sweep_age)))
+            loops.spawn(issuer.run_sweeper(sweep_every, sweep_age), "issuing sweeper")
         runner = web.AppRunner(web_app(ctx, app))
         await runner.setup()
         await web.TCPSite(runner, "0.0.0.0", env.port).start()
@@ -145,8 +148,7 @@ async def _serve(env: Env, config: Config) -> None:
             else:
                 await asyncio.Event().wait()
         finally:
-            for loop in loops:
-                loop.cancel()
+            loops.cancel()
             await runner.cleanup()
 
 

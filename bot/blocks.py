@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 from handlers.cases import Case, other_method
+from handlers.coverage import coverage_line, kind_title
+from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money
 from templates import render
 
@@ -83,14 +85,52 @@ def case_message(case, config, customer_name: str | None = None) -> dict:
     text = render("case_message.json.j2", case=view, findings=shown, more_findings=len(findings) - len(shown),
                   customer_name=customer_name, level_text=level_text(config, case["required_level"]),
                   status_line=status_line(view))
-    msg = enforce_limits(json.loads(text))
+    msg = json.loads(text)
+    notes = refund_room_notes(view["report"]) if view["state"] == "pending" and view["method"] == "refund" else []
+    for note in notes:
+        msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
     if view.get("exposure_cents"):
         note = (f"Needs level {config.level_label(view['required_level'])} for "
                 f"{fmt_money(view['credit_cents'] + view['exposure_cents'])}: this credit plus "
                 f"{fmt_money(view['exposure_cents'])} credited to or awaiting {escape(view['customer_id'])} "
                 f"in the last {config.exposure_window.days} days.")
         msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
-    return msg
+    return enforce_limits(msg)
+
+
+def refund_room_notes(report: dict) -> list[str]:
+    """Before approval: where a refund would exceed what its order can still take (SPEC 4), so the
+    approver is not surprised by a capped refund."""
+    notes = []
+    room = report.get("refund_room") or {}
+    for period, cents in sorted((report.get("credit_by_period") or {}).items()):
+        r = room.get(period)
+        if r is None or not cents:
+            continue
+        if r["invoice"] is None:
+            notes.append(f":information_source: {period} is not invoiced yet: a refund is not possible; approve it "
+                         "as invoice credit (it appears on the next invoice).")
+        elif cents > r["refundable_cents"]:
+            notes.append(f":information_source: Order {escape(r['invoice'])} ({period}) can still refund "
+                         f"{fmt_money(r['refundable_cents'])} of the {fmt_money(cents)} for {period}: the rest "
+                         "would be offered as invoice credit.")
+    return notes
+
+
+def escaped_report(report: dict) -> dict:
+    """The report with every piece of text that came from outside (control-plane log lines, Polar,
+    people) escaped, so none of it can ping @channel or forge a link in Slack."""
+    def esc_list(items):
+        return [escape(x) for x in items or []]
+    out = dict(report)
+    out["findings"] = [{**f, "summary": escape(f["summary"]), "evidence": esc_list(f["evidence"])}
+                       for f in report.get("findings", [])]
+    out["notes"] = esc_list(report.get("notes"))
+    out["systematic_reasons"] = esc_list(report.get("systematic_reasons"))
+    out["credited_before"] = [{**c, "text": escape(c.get("text", ""))} for c in report.get("credited_before", [])]
+    if report.get("coverage"):
+        out["coverage"] = {**report["coverage"], "why": esc_list(report["coverage"].get("why"))}
+    return out
 
 
 def _view(case) -> dict:
@@ -99,29 +139,36 @@ def _view(case) -> dict:
                                      "required_level", "systematic", "ticket_id", "requested_by", "decided_by",
                                      "reason", "issued_cents", "polar_reference", "customer_id")}
     view["exposure_cents"] = case.get("exposure_cents") or 0
+    view["report"] = escaped_report(view["report"])
     if view["ticket_id"]:
         view["ticket_id"] = escape(view["ticket_id"])
     return view
 
 
 def evidence_messages(report: dict, limit: int = MAX_TEXT) -> list[str]:
-    """The full evidence for the thread, split into messages under Slack's text limit."""
+    """The full evidence for the thread, split into messages under Slack's text limit. It opens with
+    the coverage, so the thread never reads as an all-clear the check could not give."""
+    report = escaped_report(report)
+    cov = report.get("coverage")
     out: list[str] = []
     current = ""
+    lines = [coverage_line(cov)]
+    if cov and cov.get("state") == "partial":
+        lines += [f"• {w}" for w in cov.get("why", [])]
     for f in report["findings"]:
-        lines = [f"*{f['kind']}* {fmt_money(f['credit_cents'])} ({f['hours']} h; records "
-                 f"{', '.join(map(str, f['record_ids'][:40]))}{' …' if len(f['record_ids']) > 40 else ''})"]
+        hours = f["hours"].rstrip("0").rstrip(".")
+        lines.append(f"*{kind_title(f['kind'])}* {fmt_money(f['credit_cents'])} ({hours} h; "
+                     f"{id_ranges(f['record_ids'])})")
+        lines.append(f["summary"])
         lines += [f"• {e}" for e in f["evidence"]]
-        for line in lines:
-            line = cut_text(line, limit - 10)
-            if len(current) + len(line) + 1 > limit:
-                out.append(current)
-                current = ""
-            current += line + "\n"
-    for n in report.get("notes", []):
-        current += f"_Note: {n}_\n"
-    for why in report.get("systematic_reasons", []):
-        current += f":rotating_light: systematic: {why}\n"
+    lines += [f"_Note: {n}_" for n in report.get("notes", [])]
+    lines += [f":rotating_light: systematic: {why}" for why in report.get("systematic_reasons", [])]
+    for line in lines:
+        line = cut_text(line, limit - 10)
+        if len(current) + len(line) + 1 > limit:
+            out.append(current)
+            current = ""
+        current += line + "\n"
     if current:
         out.append(current)
     return out
@@ -173,16 +220,6 @@ def failure_message(case: Case, reason: str, offer_other_method: bool) -> dict:
     text = f":x: Issuing case #{case.id} failed: {escape(reason)}"
     return {"text": cut_text(text, 4000), "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": cut_text(text)}},
                                                      {"type": "actions", "elements": buttons}]}
-
-
-def remainder_offer(case: Case, remainder_cents: int) -> dict:
-    """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4)."""
-    text = (f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount was "
-            "reached). It stays on the case: a lead decides whether to credit it on the next invoice.")
-    button = {"type": "button", "action_id": "case_remainder", "value": str(case.id),
-              "text": {"type": "plain_text", "text": f"Credit the remaining {fmt_money(remainder_cents)} as invoice credit"}}
-    return {"text": text, "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": text}},
-                                     {"type": "actions", "elements": [button]}]}
 
 
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:

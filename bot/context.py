@@ -5,7 +5,6 @@ plain module-level function a test can call with a mocked `ack`.
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from dataclasses import dataclass, field
 
@@ -14,6 +13,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from handlers.settings import Config
 from services.approvals import GroupMembers
+from services.background import Background
 from services.cases import CaseService
 from services.config import Env
 
@@ -45,31 +45,15 @@ class BotContext:
     groups: GroupMembers
     cases: CaseService
     metrics: Metrics = field(default_factory=Metrics)
-    background_limit: int = 4  # case jobs at once: acks stay fast in a burst, the DB pool is not exhausted
-    _tasks: set = field(default_factory=set)
-    _slots: asyncio.Semaphore | None = None
+    # case jobs at once: acks stay fast in a burst, and the database pool is not exhausted
+    background: Background = field(default_factory=lambda: Background(limit=4, name="listener work"))
 
-    def spawn(self, coro, what: str = "background work") -> None:
-        """The one way listeners run slow work: bounded, tracked, and a failure is logged, never lost."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.background_limit)
-
-        async def bounded():
-            async with self._slots:
-                return await coro
-        task = asyncio.create_task(bounded())
-        task.what = what
-        self._tasks.add(task)
-        task.add_done_callback(self._done)
-
-    def _done(self, task) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("%s failed", getattr(task, "what", "background work"), exc_info=task.exception())
+    def spawn(self, coro, what: str = "listener work") -> None:
+        """The listeners' slow part, bounded; a failure is logged with what it was."""
+        self.background.spawn(coro, what)
 
     async def drain(self, timeout_s: float) -> None:
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        await self.background.drain(timeout_s)
 
 
 def ctx_of(context) -> BotContext:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from bot import slack_io
-from bot.blocks import failure_message, remainder_offer
+from bot.blocks import case_message, failure_message
 from bot.context import BotContext
 from handlers.cases import Case
 from handlers.timeline import fmt_money
@@ -40,8 +40,9 @@ class SlackNotifier:
                     f":white_check_mark: Issued {fmt_money(case.issued_cents)} by {case.method.replace('_', ' ')} "
                     f"(approved by <@{case.decided_by}>). Polar: {', '.join(refs)}.\n*Root cause*\n{cause}"))
                 if remainder_cents:
-                    msg = remainder_offer(case, remainder_cents)
-                    await slack_io.post_thread(ctx, case, msg["text"], blocks=msg["blocks"])
+                    await slack_io.post_thread(ctx, case, (
+                        f":warning: {fmt_money(remainder_cents)} could not be refunded (the order's refundable amount "
+                        "was reached). It is offered as invoice credit in its own case, below."))
                 await store.event(case.id, "billing-bot", "issue_announced", {})
             except Exception as exc:
                 failed.append(f"thread note: {type(exc).__name__}")
@@ -110,4 +111,23 @@ class SlackNotifier:
         await slack_io.post_thread(self.ctx, case, (
             f":information_source: Polar refunded {fmt_money(amount_cents)} on this order outside the bot "
             f"(reason: {reason}). It is not part of this case; check the order before crediting more."))
+
+    async def reverted(self, case: Case, refund_id: str, amount_cents: int, status: str) -> None:
+        text = (f":rotating_light: Polar reversed refund {refund_id} of {fmt_money(amount_cents)} ({status}) after "
+                "reporting it succeeded: the customer does not have that money. The credit is recorded as issued; "
+                "check the order in Polar and open a new check if it must be credited again.")
+        await slack_io.post_thread(self.ctx, case, text)
+        if case.decided_by:
+            await self.ctx.client.chat_postMessage(channel=case.decided_by, text=f"Case #{case.id}: {text}")
+
+    async def remainder_offered(self, parent: Case, child: Case) -> None:
+        """The remainder's case, posted in its parent's thread, with its own buttons and pings."""
+        ctx = self.ctx
+        if not parent.channel_id or not parent.message_ts:
+            return
+        msg = case_message(child, ctx.config)
+        posted = await ctx.client.chat_postMessage(channel=parent.channel_id, thread_ts=parent.message_ts,
+                                                   text=msg["text"], blocks=msg["blocks"])
+        child = await ctx.cases.attach_message(child, parent.channel_id, posted["ts"])
+        await slack_io.ping_level(ctx, child, f"The remainder of case #{parent.id}, as invoice credit.")
 

@@ -40,8 +40,8 @@ def button_ids(body: dict) -> tuple[str, str | None, int, int | None]:
 
 
 async def refresh_case_message(ctx: BotContext, case: Case) -> None:
-    if not case.channel_id or not case.message_ts or case.parent_case_id:
-        return  # a remainder's case lives in its parent's thread; the parent's message stays the parent's
+    if not case.channel_id or not case.message_ts:
+        return
     msg = case_message(case, ctx.config)
     await ctx.client.chat_update(channel=case.channel_id, ts=case.message_ts, text=msg["text"], blocks=msg["blocks"])
 

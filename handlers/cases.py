@@ -41,8 +41,10 @@ TRANSITIONS: dict[Action, Move] = {
     "approve": Move(("pending",), "approved", "person", "Approve: the money may move"),
     "adjust": Move(("pending",), "pending", "person", "lower the amount; the level is recomputed"),
     "reject": Move(("pending", "failed"), "rejected", "person", "no credit (failed: only if no money moved)"),
-    "expire": Move(("pending",), "expired", "bot", "a fresh check found nothing left to credit"),
-    "recheck": Move(("pending", "approved"), "pending", "bot", "the evidence changed: new amount, decide again"),
+    "expire": Move(("pending", "approved", "issuing", "failed"), "expired", "bot",
+                   "a fresh check found nothing left to credit, and no money had moved"),
+    "recheck": Move(("pending", "approved", "issuing", "failed"), "pending", "bot",
+                    "the evidence changed before money moved: new amount (never below what moved), decide again"),
     "start_issuing": Move(("approved",), "issuing", "bot", "a worker claims the approved case"),
     "mark_issued": Move(("issuing",), "issued", "bot", "Polar confirmed all of the money"),
     "mark_failed": Move(("approved", "issuing"), "failed", "bot", "Polar refused, or no order to refund"),
@@ -138,6 +140,9 @@ class Authority:
     levels: tuple[int, ...]
     limit: Decimal | None  # None with money levels: any amount
     has_money: bool
+    # Why more authority could not be confirmed (a Slack group that could not be read and could
+    # give more): a refusal for authority says so, since it may be wrong.
+    unconfirmed: str = ""
 
     def covers(self, cents: int) -> bool:
         if not self.has_money:
@@ -186,6 +191,8 @@ def _decide(action: Action, case: Case, authority: Authority, config: Config) ->
     if config.four_eyes and authority.user == case.requested_by:
         return Decision(False, "four-eyes is on: someone other than the requester must decide this case", needed)
     if not authority.covers(case.deciding_cents):
+        if authority.unconfirmed:
+            return Decision(False, authority.unconfirmed, needed)
         amount = fmt_money(case.deciding_cents)
         why = (f"{amount} with the customer's other recent credits" if case.exposure_cents else amount)
         return Decision(False, f"to {_VERB[action]} this case needs authority over {why}, more than you have", needed)
@@ -199,8 +206,9 @@ def may_approve(case: Case, authority: Authority, config: Config) -> Decision:
 def may_reject(case: Case, authority: Authority, config: Config, moved_cents: int = 0) -> Decision:
     d = _decide("reject", case, authority, config)
     if d.allowed and case.state == "failed" and moved_cents > 0:
-        return Decision(False, f"{fmt_money(moved_cents)} of this case already reached the customer: "
-                               "retry or switch the method for the rest instead")
+        return Decision(False, f"{fmt_money(moved_cents)} of this case already reached the customer, or may have "
+                               "(Polar confirmed it, has it pending, or never answered): retry or switch the method "
+                               "for the rest instead")
     return d
 
 

@@ -4,6 +4,7 @@ policies of handlers/cases.py."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Awaitable, Callable
 
 from handlers.cases import Authority, authority_from_levels
@@ -65,15 +66,16 @@ async def levels_of(config: Config, groups: GroupMembers, user: str) -> tuple[tu
 
 
 async def authority_of(config: Config, groups: GroupMembers, user: str) -> Authority:
-    """The highest money limit among the user's levels (SPEC 3). A group that cannot be read only
-    matters when it could give more than the user is known to have: then MembershipUnknown."""
+    """The highest money limit among the user's levels (SPEC 3). A group that cannot be read does
+    not block what the user is known to be allowed; where it could give more, the authority says
+    why it could not be confirmed, and a decision above the known limit is refused with that."""
     levels, unknown = await levels_of(config, groups, user)
     known = authority_from_levels(config, user, levels)
     for number, exc in sorted(unknown, key=lambda u: -u[0]):  # name the group that matters most
         maybe = authority_from_levels(config, user, levels + (number,))
         if maybe.has_money and (not known.has_money or (known.limit is not None
                                                         and (maybe.limit is None or maybe.limit > known.limit))):
-            raise exc
+            return replace(known, unconfirmed=str(exc))
     return known
 
 

@@ -26,14 +26,6 @@ log = logging.getLogger(__name__)
 RECHECK_ATTEMPTS = 3  # the evidence changing under a check this many times in a row is an outage, not a race
 
 
-class _Undo(Exception):
-    """Raised inside a locked transaction to roll it back and return an outcome."""
-
-    def __init__(self, outcome: "Outcome"):
-        super().__init__(outcome.reason)
-        self.outcome = outcome
-
-
 class StaleEvidence(Exception):
     """The evidence kept changing while the case was being claimed."""
 
@@ -101,7 +93,9 @@ class CaseService:
                     if data["credit_cents"] > 0 else 0
                 level = self.config.required_level(data["credit_cents"] + exposure) if data["credit_cents"] else 0
                 data["required_level"] = level
-                needs_others = data["credit_cents"] > 0 and not requester_covers(data["credit_cents"] + exposure)
+                # others are pinged when the requester cannot decide it: too little authority, or four-eyes
+                needs_others = data["credit_cents"] > 0 and (self.config.four_eyes or
+                                                             not requester_covers(data["credit_cents"] + exposure))
                 case = await tx.insert(
                     Draft(report=data, covered=covered, fingerprint=report.fingerprint, requested_by=req.user,
                           ticket_id=req.ticket_id, channel_id=req.channel_id, response_url=req.response_url,
@@ -168,7 +162,7 @@ class CaseService:
         def apply(tx: CaseTx, case: Case):
             method = other_method(case.method) if switch else case.method
             return tx.move(case.id, action, user, {"method": method}, method=method)
-        out = await self._decide(case_id, user, action, policy, apply)
+        out = await self._decide(case_id, user, action, policy, apply, verify=True)
         if out.ok:
             await self._submit(case_id)
         return out
@@ -191,8 +185,9 @@ class CaseService:
             case = await tx.get(case_id)
             if not can(action, case.state):
                 return Outcome("refused", case, state_refusal(case))
-            if verify and not await self._evidence_holds(tx, case):
+            if verify and case.parent_case_id is None and not await self._evidence_holds(tx, case):
                 changed = True
+                floor = await tx.moved_cents(case.id)
             else:
                 case = await self._refresh_exposure(tx, case)
                 decision = (await async_policy(tx, case, authority)) if async_policy else policy(case, authority)
@@ -205,7 +200,7 @@ class CaseService:
                     return Outcome("refused", case, decision.reason, decision.needed_level)
                 moved = await apply(tx, case)
         if changed:
-            return await self.recheck(case, actor=user)
+            return await self.recheck(case, actor=user, floor_cents=floor)
         if moved is None:  # cannot happen under the lock, but never pretend
             return Outcome("refused", await self.store.get(case_id), state_refusal(await self.store.get(case_id)))
         return Outcome("done", moved)
@@ -222,58 +217,36 @@ class CaseService:
                                                                               required_level=level)
         return case
 
-    async def credit_remainder(self, parent_id: int, user: str) -> Outcome:
-        try:
-            return await self._credit_remainder(parent_id, user)
-        except _Undo as undo:  # the child case was never created: the transaction rolled back
-            return undo.outcome
-
-    async def _credit_remainder(self, parent_id: int, user: str) -> Outcome:
+    async def offer_remainder(self, parent: Case) -> Case | None:
         """What the order's refundable amount left unpaid, offered as invoice credit (SPEC 4): a
-        case of its own (its own billing_corrections row and letter), linked to the case it
-        completes, decided by someone whose authority covers it, at most once."""
-        parent = await self.store.get(parent_id)
-        if parent is None:
-            return Outcome("missing", reason=f"Case #{parent_id} does not exist.")
+        pending case of its own (its own decision, corrections row and letter), linked to the case
+        it completes, at most one; whoever approves it needs authority over it plus exposure."""
         if parent.state != "issued" or not parent.remainder_cents:
-            return Outcome("refused", parent, f"Case #{parent_id} has no unpaid remainder to credit.")
-        try:
-            authority = await self.authority(user)
-        except MembershipUnknown as exc:
-            return Outcome("refused", parent, str(exc), parent.required_level)
+            return None
         async with self.store.locked(parent.customer_id, parent.instance_id) as tx:
-            existing = await tx.remainder_of(parent_id)
+            existing = await tx.remainder_of(parent.id)
             if existing is not None:
-                return Outcome("refused", existing, f"The remainder of case #{parent_id} is already case "
-                                                    f"#{existing.id} ({existing.state}).")
+                return existing
             exposure = await tx.exposure(parent.customer_id, self.config.exposure_window, None)
-            report = {**parent.report, "credit_cents": parent.remainder_cents,
-                      "credit_by_period": {}, "remainder_of": parent_id}
+            report = {**parent.report, "credit_cents": parent.remainder_cents, "credit_by_period": {},
+                      "remainder_of": parent.id}
             level = self.config.required_level(parent.remainder_cents + exposure)
             draft = Draft(report=report, covered=[], fingerprint=parent.fingerprint or "",
                           requested_by=parent.requested_by, ticket_id=parent.ticket_id, channel_id=parent.channel_id,
                           response_url=parent.response_url, method="invoice_credit", approvers={})
-            child = await tx.insert(draft, required_level=level, exposure_cents=exposure, remind_after_s=None,
-                                    parent_case_id=parent_id, credit_cents=parent.remainder_cents)
-            decision = may_approve(child, authority, self.config)
-            if not decision.allowed:
-                if decision.needed_level:
-                    await tx.event(parent_id, user, "refused", {"action": "credit_remainder", "reason": decision.reason})
-                raise _Undo(Outcome("refused", parent, decision.reason, decision.needed_level))
-            child = await tx.set_message(child.id, parent.channel_id, parent.message_ts)
-            moved = await tx.move(child.id, "approve", user, {"credit_cents": child.credit_cents,
-                                                             "method": "invoice_credit", "remainder_of": parent_id},
-                                  decided_by=user, method="invoice_credit")
-        log.info("case %s: remainder of case %s (%s cents) approved by %s as invoice credit", moved.id, parent_id,
-                 moved.credit_cents, user)
-        await self._submit(moved.id)
-        return Outcome("done", moved)
+            child = await tx.insert(draft, required_level=level, exposure_cents=exposure,
+                                    remind_after_s=self.config.remind_every.total_seconds(),
+                                    parent_case_id=parent.id, credit_cents=parent.remainder_cents)
+        log.info("case %s: the remainder of case %s (%s cents) offered as invoice credit", child.id, parent.id,
+                 child.credit_cents)
+        return child
 
     # --- the evidence changed ----------------------------------------------------------------------
 
-    async def recheck(self, case: Case, actor: str = "billing-bot") -> Outcome:
+    async def recheck(self, case: Case, actor: str = "billing-bot", floor_cents: int = 0) -> Outcome:
         """Check the instance again and put the new amount on the case, which then waits for a new
-        decision (or expires when nothing is left to credit). Nothing is approved meanwhile."""
+        decision (or expires when nothing is left to credit and nothing moved). Nothing is approved
+        meanwhile. floor_cents: what already reached the customer; the case never asks for less."""
         for _ in range(RECHECK_ATTEMPTS):
             report = await self.investigator.check(case.instance_id, list(case.periods), exclude_case=case.id)
             data = report.as_json()
@@ -289,8 +262,9 @@ class CaseService:
                                    requested_by=case.requested_by, ticket_id=case.ticket_id,
                                    channel_id=case.channel_id, response_url=case.response_url, method=case.method,
                                    approvers={}),
-                    required_level=level, exposure_cents=exposure, actor=actor,
-                    detail={"was_cents": case.credit_cents, "now_cents": data["credit_cents"]})
+                    required_level=level, exposure_cents=exposure, actor=actor, floor_cents=floor_cents,
+                    detail={"was_cents": case.credit_cents, "now_cents": data["credit_cents"],
+                            "moved_cents": floor_cents})
             if new is None:
                 now = await self.store.get(case.id)
                 return Outcome("refused", now, state_refusal(now))
@@ -306,13 +280,16 @@ class CaseService:
     async def start_issuing(self, case: Case) -> Case | None:
         return await self.store.move(case.id, "start_issuing", "billing-bot", {"method": case.method})
 
-    async def verify_before_money(self, case: Case) -> Outcome | None:
-        """The last look before any money of this case moves (SPEC 2.2): None when the evidence
-        still holds, else the outcome of checking the case again."""
+    async def verify_before_money(self, case: Case, moved_cents: int = 0) -> Outcome | None:
+        """The last look before money of this case moves (SPEC 2.2), however it got here (a first
+        issuing, a resumed one, a retry): None when the evidence still holds, else the outcome of
+        checking the case again, which never asks for less than what already moved."""
+        if case.parent_case_id is not None:
+            return None  # a remainder's amount was fixed when its parent's evidence was last verified
         async with self.store.locked(case.customer_id, case.instance_id) as tx:
             if await self._evidence_holds(tx, case):
                 return None
-        return await self.recheck(case)
+        return await self.recheck(case, floor_cents=moved_cents)
 
     async def finish_issued(self, case: Case, **kw) -> Case | None:
         done = await self.store.finish_issued(case, **kw)

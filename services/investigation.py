@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
+from handlers.coverage import Coverage, Evidence, coverage
 from handlers.model import CaseInput, CaseResult, LogEvent, Pod, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps
 from handlers.timeline import HOUR_US, fmt_duration, from_us
@@ -19,6 +20,7 @@ from services.kube import KubeSource, describe_error
 from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  # noqa: F401  (re-exported)
                              validate_day, validate_instance_id, validate_period)
 from services.polar import Customer, PolarClient, PolarNotFound
+from handlers.orders import refund_room
 from services.store import evidence_fingerprint
 
 SOURCE_TIMEOUT_S = 20.0
@@ -37,11 +39,14 @@ class CaseReport:
     sources: dict[str, str]
     customer: Customer | None
     throttle_text: str
+    coverage: Coverage  # what could be judged; first in every output (SPEC 5)
     fingerprint: str = ""  # of the database evidence, read in the same snapshot (SPEC 2.2)
+    refund_room: dict | None = None  # per period: the invoicing order and what it can still refund
 
     def as_json(self) -> dict:
         r = self.result
         return {
+            "coverage": self.coverage.as_json(),
             "instance_id": r.instance.instance_id,
             "org_id": r.instance.org_id,
             "customer_id": r.instance.customer_id,
@@ -58,6 +63,7 @@ class CaseReport:
             "notes": r.notes,
             "credited_before": r.credited_before,
             "credit_by_period": r.credit_by_period,
+            "refund_room": self.refund_room,
             "customer": ({"name": self.customer.name, "email": self.customer.email, "polar_id": self.customer.id}
                          if self.customer else None),
         }
@@ -103,7 +109,7 @@ class Investigator:
 
             # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
             # totals only on the days where this instance still has billed time.
-            pods, events, sources["kubernetes"] = await kube_task
+            pods, events, sources["kubernetes"], kube_problems = await kube_task
             case = CaseInput(
                 instance=inst, records=records, periods=periods, throttle=throttle,
                 rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
@@ -113,46 +119,64 @@ class Investigator:
             days = [from_us(d) for d in days_for_daily_limit(walk)]
             org_intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit) if days else None
 
-        customer, usage, sources["polar"], polar_notes = await polar_task
+        customer, usage, sources["polar"], polar_notes, orders = await polar_task
         case.polar_events = usage
         result = finish(walk, org_intervals)
         result.required_level = self.config.required_level(result.credit_cents)
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
                     f"idle {fmt_duration(throttle.idle_timeout)}" + ("" if from_row else " (defaults: no throttle_settings row)"))
-        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text,
-                          fingerprint=fingerprint)
+        cov = coverage(Evidence(
+            periods=tuple(periods),
+            records_in_periods=sum(1 for r in records if r.billing_period in periods),
+            pods_problem=kube_problems["pods"], logs_problem=kube_problems["logs"],
+            polar_problem=None if usage is not None else sources["polar"],
+            tier_from_pod=any(p.tier for p in pods), true_tier=result.true_tier,
+            tier_on_card=result.true_tier in self.config.rate_card,
+            finding_kinds=frozenset(f.kind for f in result.findings)))
+        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
+                          fingerprint=fingerprint,
+                          refund_room=refund_room(orders, list(periods)) if orders is not None else None)
 
-    async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str]:
+    async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
+        """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""
         if self.kube is None:
-            return [], [], self.kube_problem or "not configured"
+            problem = self.kube_problem or "not configured"
+            return [], [], problem, {"pods": problem, "logs": problem}
         since = inst.created_at - HOUR_US if inst.created_at is not None else None
         pods_r, logs_r = await asyncio.gather(
             _bounded(self.kube.instance_pods(inst.instance_id)),
             _bounded(self.kube.control_plane_events(since)), return_exceptions=True)
         problems = []
+        parts: dict[str, str | None] = {"pods": None, "logs": None}
         pods: list[Pod] = []
         events: list[LogEvent] = []
         if isinstance(pods_r, BaseException):
             problems.append(f"instance pods: {describe_error(pods_r)}")
+            parts["pods"] = "failed: " + problems[-1]
         else:
             pods = pods_r
         if isinstance(logs_r, BaseException):
             problems.append(f"control-plane logs: {describe_error(logs_r)}")
+            parts["logs"] = "failed: " + problems[-1]
         else:
             events = logs_r[0]
-        return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok"
+        return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok", parts
 
     async def _polar(self, customer_id: str, instance_id: str
-                     ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str]]:
-        """The customer (for the email) and the instance's metering events (for duplicates).
-        The events are the evidence: the source is 'ok' when they were read."""
+                     ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str], list[dict] | None]:
+        """The customer (for the email), the instance's metering events (for duplicates) and the
+        customer's orders (what each can still refund). The events are the evidence: the source is
+        'ok' when they were read."""
         if self.polar is None:
-            return None, None, self.polar_problem or "not configured", []
-        cust_r, events_r = await asyncio.gather(
+            return None, None, self.polar_problem or "not configured", [], None
+        cust_r, events_r, orders_r = await asyncio.gather(
             _bounded(self.polar.customer_by_external_id(customer_id)),
             _bounded(self.polar.usage_events(customer_id, self.config.polar.usage_event_name, instance_id)),
+            _bounded(self.polar.orders(customer_id)),
             return_exceptions=True)
+        # what each order can still refund, shown before approval (not evidence: a failure is a note)
+        orders = None if isinstance(orders_r, BaseException) else orders_r
         notes = []
         customer = None
         if isinstance(cust_r, PolarNotFound):
@@ -162,8 +186,8 @@ class Investigator:
         else:
             customer = cust_r
         if isinstance(events_r, BaseException):
-            return customer, None, f"failed: usage events: {_describe(events_r)}", notes
-        return customer, events_r, "ok", notes
+            return customer, None, f"failed: usage events: {_describe(events_r)}", notes, orders
+        return customer, events_r, "ok", notes, orders
 
 
 async def _bounded(coro: Awaitable):

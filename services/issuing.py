@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import Decimal
 from typing import Protocol
 
@@ -32,6 +32,7 @@ from handlers.cases import Case
 from handlers.orders import invoicing_order  # noqa: F401  (re-exported for tests)
 from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
+from services.background import Background
 from services.cases import CaseService, Outcome
 from services.polar import PolarClient, PolarError, PolarUnavailable
 from services.store import Outbox
@@ -58,6 +59,10 @@ class Notifier(Protocol):
 
     async def outside(self, case: Case, amount_cents: int, reason: str) -> None: ...
 
+    async def reverted(self, case: Case, refund_id: str, amount_cents: int, status: str) -> None: ...
+
+    async def remainder_offered(self, parent: Case, child: Case) -> None: ...
+
 
 @dataclass
 class Progress:
@@ -75,8 +80,7 @@ class Issuer:
     lookup_delay_s: float = 0.5
     workers: int = 3  # issuings at once per process; the pool (8) keeps room for checks and Slack
     poll_pending_after_s: float = 600.0  # read back pending refunds after this (0: every sweep)
-    _tasks: set = field(default_factory=set)
-    _slots: asyncio.Semaphore | None = None
+    background: Background | None = None  # the issuing workers, bounded to `workers`
 
     @property
     def store(self):
@@ -88,20 +92,14 @@ class Issuer:
 
     async def submit(self, case_id: int) -> None:
         """Issue in the background, bounded; the caller (a Slack listener) returns at once."""
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.workers)
-
-        async def run():
-            async with self._slots:
-                await self.issue_logged(case_id)
-        task = asyncio.create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        if self.background is None:
+            self.background = Background(limit=self.workers, name="issuing")
+        self.background.spawn(self.issue_logged(case_id), f"issuing case {case_id}")
 
     async def drain(self, timeout_s: float) -> None:
         """Wait for in-flight issuing (shutdown); whatever is cut off, the sweeper resumes."""
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        if self.background is not None:
+            await self.background.drain(timeout_s)
 
     async def issue_logged(self, case_id: int) -> Case | None:
         try:
@@ -117,13 +115,22 @@ class Issuer:
             await self.issue_logged(case_id)
         return ids
 
-    async def resume_unfinished(self, older_than_s: float = 0) -> list[int]:
-        return await self.sweep_once(older_than_s)
+    async def resume_unfinished(self, older_than_s: float = 0, max_rounds: int = 100) -> list[int]:
+        """Sweep until nothing unfinished is left (a sweep takes a batch), or a round finds only
+        cases it already tried (held by a live worker elsewhere: that worker finishes them)."""
+        done: list[int] = []
+        for _ in range(max_rounds):
+            ids = await self.sweep_once(older_than_s)
+            fresh = [i for i in ids if i not in done]
+            done += fresh
+            if not fresh:
+                break
+        return done
 
     async def run_sweeper(self, every_s: float, older_than_s: float = 60.0) -> None:
         while True:
             try:
-                await self.sweep_once(older_than_s)
+                await self.resume_unfinished(older_than_s)  # batch after batch, so a backlog clears in one tick
             except Exception:
                 log.exception("issuing sweep failed; the next one retries")
             await asyncio.sleep(every_s)
@@ -145,12 +152,18 @@ class Issuer:
             if not case.notified:
                 await self._announce(case)
             return case
-        if case.state == "approved":
-            if not await self.outbox.for_case(case.id) and case.parent_case_id is None:
-                changed = await self.cases.verify_before_money(case)
+        if case.state in ("approved", "issuing"):
+            # The last look at the evidence before money moves, however the worker got here (first
+            # run, resumed after a crash, a retry): not while money is in flight (pending, or sent
+            # without an answer), which must be settled first, and not when all of it moved.
+            rows = await self._settled_issuances(case)
+            in_flight = any(i["state"] == "pending" or (i["state"] == "intent" and i["attempts"] > 0) for i in rows)
+            if not in_flight and _paid(rows) < case.credit_cents:
+                changed = await self.cases.verify_before_money(case, _paid(rows))
                 if changed is not None:
                     await self._tell(self.notifier.rechecked(changed), case)
                     return changed.case
+        if case.state == "approved":
             case = await self.cases.start_issuing(case)
             if case is None:
                 return None
@@ -173,6 +186,10 @@ class Issuer:
             return case
         done = await self._finalize(case, progress)
         if done is not None:
+            if done.remainder_cents:
+                child = await self.cases.offer_remainder(done)
+                if child is not None:
+                    await self._tell(self.notifier.remainder_offered(done, child), done)
             await self._announce(done)
         return done
 
@@ -197,10 +214,12 @@ class Issuer:
 
     async def settle_refund(self, intent: dict, refund: dict) -> str:
         """Record what Polar says of a refund: succeeded -> confirmed, pending, failed/canceled ->
-        failed (no money moved). Returns the outbox state. Used by the webhooks too."""
+        failed (no money moved). Returns the intent's state afterwards (a late or stale report
+        changes nothing: Outbox.settle). Used by the webhooks too."""
         state = SETTLED.get(refund.get("status") or "succeeded", "pending")
         await self.outbox.settle(intent["id"], state, refund["id"], refund.get("status"))
-        return state
+        now = next(i for i in await self.outbox.for_case(intent["case_id"]) if i["id"] == intent["id"])
+        return now["state"]
 
     async def on_polar_event(self, event, webhook_id: str) -> None:
         """A verified Polar webhook (services/polar_webhooks.py): a refund the bot made moved on,
@@ -210,12 +229,20 @@ class Issuer:
         if not isinstance(event, RefundUpdate):
             return  # order.refunded repeats what the refund events say
         case_id = int(event.case_id) if event.case_id and event.case_id.isdigit() else None
-        intent = await self.outbox.by_refund(event.refund_id, case_id, event.order_id) if case_id else None
-        if intent is not None:
+        if case_id is not None:
+            intent = await self.outbox.by_refund(event.refund_id, case_id, event.order_id)
+            if intent is None:  # one of ours, tried before a retry: history, not the current refund
+                log.info("case %s: Polar reports refund %s %s, no longer the case's refund (webhook %s)",
+                         case_id, event.refund_id, event.status, webhook_id)
+                return
+            if intent["state"] == "confirmed" and event.status in ("failed", "canceled"):
+                await self._reverted(intent, event)
+                return
+            before = intent["state"]
             state = await self.settle_refund(intent, {"id": event.refund_id, "status": event.status})
             log.info("case %s: Polar reports refund %s %s (webhook %s)", intent["case_id"], event.refund_id,
                      event.status, webhook_id)
-            if state != "pending":
+            if state != before and state != "pending":
                 await self.submit(intent["case_id"])  # finish the case, or fail it with Polar's word
             return
         for other in await self.store.cases_with_order(event.order_id):
@@ -226,6 +253,17 @@ class Issuer:
                             event.amount_cents, event.order_id, event.reason)
                 case = await self.store.get(other)
                 await self._tell(self.notifier.outside(case, event.amount_cents, event.reason), case)
+
+    async def _reverted(self, intent: dict, event) -> None:
+        """Polar reversed a refund it had reported succeeded: the money went back. The case keeps
+        its record of what was issued (history is not rewritten), but the reversal is recorded,
+        told in the thread and to the approver, and the books check flags the mismatch."""
+        if await self.store.event_once(intent["case_id"], "polar", "refund_reverted", event.refund_id, {
+                "refund_id": event.refund_id, "amount_cents": event.amount_cents, "status": event.status}):
+            log.error("case %s: Polar reversed refund %s of %s cents (%s)", intent["case_id"], event.refund_id,
+                      event.amount_cents, event.status)
+            case = await self.store.get(intent["case_id"])
+            await self._tell(self.notifier.reverted(case, event.refund_id, event.amount_cents, event.status), case)
 
     # --- refunds -------------------------------------------------------------------------------------
 
@@ -254,21 +292,26 @@ class Issuer:
         if unpaid <= 0:
             return Progress(_refs(rows), _paid(rows))
         orders = await self.polar.orders(case.customer_id)
-        plan, missing = [], []
+        by_order: dict[str, list] = {}  # periods one order invoiced are refunded together, once
+        missing = []
         for period, target_cents in sorted(self._split(case).items()):
             order = invoicing_order(orders, period)
             if order is None:
                 missing.append(period)
             else:
-                plan.append((period, order, target_cents))
+                entry = by_order.setdefault(order["id"], [order, [], 0])
+                entry[1].append(period)
+                entry[2] += target_cents
         if missing:
             raise IssueFailed(f"{', '.join(missing)} not invoiced yet, so there is no order to refund. "
                               "Issue it as invoice credit instead (it appears on the next invoice).",
                               offer_other_method=True)
         reason = "duplicate" if set(case.kinds) == {"duplicate_charge"} else "service_disruption"
         left = unpaid
-        for period, order, target_cents in plan:
-            intent = by_target.get(order["id"])
+        for order, periods, target_cents in by_order.values():
+            period = ",".join(periods)
+            rows = await self.outbox.for_case(case.id)
+            intent = next((i for i in rows if i["target"] == order["id"]), None)
             if intent is not None and intent["state"] in ("confirmed", "pending"):
                 continue
             if intent is not None and intent["state"] == "intent":
@@ -288,7 +331,12 @@ class Issuer:
                 raise IssueFailed(f"Polar reports the refund {refund['id']} of {fmt_money(amount)} on {period} as "
                                   f"{refund.get('status')}: no money moved for it.", offer_other_method=True)
         rows = await self.outbox.for_case(case.id)
-        return Progress(_refs(rows), _paid(rows), pending=any(i["state"] == "pending" for i in rows))
+        pending = any(i["state"] == "pending" for i in rows)
+        if not pending and _paid(rows) == 0:
+            raise IssueFailed("the orders that invoiced these periods have nothing left to refund (already fully "
+                              "refunded): nothing was paid. Issue it as invoice credit instead.",
+                              offer_other_method=True)
+        return Progress(_refs(rows), _paid(rows), pending=pending)
 
     async def _find_refund(self, order_id: str, case_id: int, refund_id: str | None = None) -> dict | None:
         refunds = await self.polar.refunds_for_order(order_id)

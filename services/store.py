@@ -127,15 +127,27 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
                     FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
                     JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
                     WHERE c.instance_id = %(i)s)""" if has_cases else "''")
+    periods = sorted(periods)
+    y, m = int(periods[-1][:4]), int(periods[-1][5:7])
+    after = f"{y + (m == 12):04d}-{m % 12 + 1:02d}-01T00:00:00Z"  # the end of the last checked period
+    # Only what can change the checked periods: the instance's records that start before their end
+    # (a later record can neither duplicate nor stop nor throttle earlier time), and its heartbeat
+    # only while it falls before the end of those records (after them, the idle window they could
+    # meet does not move): a running instance's heartbeats and new months do not block approvals.
     cur = await conn.execute(
-        f"""SELECT md5(concat_ws('|',
-              (SELECT row(i.*)::text FROM instances i WHERE i.instance_id = %(i)s),
-              (SELECT string_agg(row(r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used,
-                                     r.total_charge, r.billing_period, r.start_time, r.end_time)::text, ','
-                                 ORDER BY r.id) FROM billing_records r WHERE r.instance_id = %(i)s),
+        f"""WITH recs AS (
+              SELECT r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used, r.total_charge,
+                     r.billing_period, r.start_time, r.end_time
+              FROM billing_records r WHERE r.instance_id = %(i)s AND r.start_time < %(after)s::timestamptz)
+            SELECT md5(concat_ws('|',
+              (SELECT row(i.instance_id, i.org_id, i.customer_id, i.tier, i.status, i.created_at, i.started_at,
+                          i.stopped_at, CASE WHEN i.last_heartbeat >= (SELECT max(end_time) FROM recs) THEN NULL
+                                             ELSE i.last_heartbeat END)::text
+               FROM instances i WHERE i.instance_id = %(i)s),
+              (SELECT string_agg(row(r.*)::text, ',' ORDER BY r.id) FROM recs r),
               (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = %(o)s),
               {credited})) AS fp""",
-        {"i": instance_id, "o": org_id, "periods": list(periods)})
+        {"i": instance_id, "o": org_id, "periods": periods, "after": after})
     return (await cur.fetchone())["fp"]
 
 
@@ -240,20 +252,20 @@ class CaseTx:
                     [(case_id, p["kind"], p["record_id"], p["start"], p["end"], p["extra_events"]) for p in covered])
 
     async def replace_evidence(self, case_id: int, draft: Draft, *, required_level: int, exposure_cents: int,
-                               actor: str, detail: dict) -> Case | None:
-        """The evidence changed: the case takes the new check's amount, pieces and fingerprint and
-        waits for a decision again (or expires when nothing is left)."""
-        credit = draft.report["credit_cents"]
+                               actor: str, detail: dict, floor_cents: int = 0) -> Case | None:
+        """The evidence changed: the case takes the new check's amount (never below what already
+        moved, floor_cents), pieces and fingerprint and waits for a decision again, or expires
+        when nothing is left and nothing moved."""
+        credit = max(draft.report["credit_cents"], floor_cents)
         to_state = "pending" if credit > 0 else "expired"
         action: Action = "recheck" if credit > 0 else "expire"
-        sources = [s for s in TRANSITIONS["recheck"].sources if to_state == "pending" or s == "pending"]
         cur = await self.conn.execute(
             f"""UPDATE {self.s}.cases SET state = %s, proposed_cents = %s, credit_cents = %s, required_level = %s,
                   kinds = %s, report = %s, fingerprint = %s, exposure_cents = %s, decided_by = NULL,
-                  decided_at = NULL, method = coalesce(method, %s), updated_at = now()
+                  decided_at = NULL, updated_at = now()
                 WHERE id = %s AND state = ANY(%s) RETURNING *""",
             (to_state, credit, credit, required_level, [f["kind"] for f in draft.report["findings"]],
-             json.dumps(draft.report), draft.fingerprint, exposure_cents, draft.method, case_id, sources))
+             json.dumps(draft.report), draft.fingerprint, exposure_cents, case_id, list(TRANSITIONS[action].sources)))
         row = await cur.fetchone()
         if row is None:
             return None
@@ -288,10 +300,11 @@ class CaseTx:
         return await self.store._adjust(self.conn, case_id, cents, level, actor)
 
     async def moved_cents(self, case_id: int) -> int:
-        """What Polar already confirmed for this case, any method."""
+        """What may have reached the customer for this case, any method: confirmed by Polar, pending
+        in Polar, or sent without an answer (an intent tried, its outcome unknown)."""
         cur = await self.conn.execute(
-            f"SELECT coalesce(sum(amount_cents), 0) AS cents FROM {self.s}.issuances"
-            " WHERE case_id = %s AND state = 'confirmed'", (case_id,))
+            f"SELECT coalesce(sum(amount_cents), 0) AS cents FROM {self.s}.issuances WHERE case_id = %s"
+            " AND (state IN ('confirmed', 'pending') OR (state = 'intent' AND attempts > 0))", (case_id,))
         return int((await cur.fetchone())["cents"])
 
     async def case_pieces(self, case_id: int) -> list[dict]:
@@ -563,19 +576,28 @@ class Outbox:
             await conn.execute(f"UPDATE {self.s}.issuances SET state = 'failed', last_error = %s, updated_at = now()"
                                " WHERE id = %s AND state = 'intent'", (error, issuance_id))
 
-    async def settle(self, issuance_id: int, state: str, polar_ref: str, refund_status: str | None) -> None:
-        """What Polar says of the refund. A confirmed refund never goes back (Polar's events can
-        arrive out of order; a succeeded refund is final)."""
+    async def settle(self, issuance_id: int, state: str, polar_ref: str, refund_status: str | None) -> bool:
+        """What Polar says of the intent's refund. Only news of the intent's own refund counts (a
+        reopened intent's earlier refunds are history); a confirmed refund never goes back here (a
+        reversal is told, not undone: services/issuing.py); and a refund Polar already reported
+        failed is not revived by an older 'pending' that arrives late. True when it changed."""
         async with self.store._conn() as conn:
-            await conn.execute(
-                f"UPDATE {self.s}.issuances SET state = %s, polar_ref = %s, refund_status = %s, updated_at = now()"
-                " WHERE id = %s AND state <> 'confirmed'", (state, polar_ref, refund_status, issuance_id))
+            cur = await conn.execute(
+                f"""UPDATE {self.s}.issuances SET state = %s, polar_ref = %s, refund_status = %s, updated_at = now()
+                    WHERE id = %s AND state <> 'confirmed' AND NOT (%s = ANY(old_refs))
+                      AND (polar_ref IS NULL OR polar_ref = %s)
+                      AND NOT (state = 'failed' AND %s = 'pending')
+                    RETURNING id""",
+                (state, polar_ref, refund_status, issuance_id, polar_ref, polar_ref, state))
+            return await cur.fetchone() is not None
 
     async def reopen(self, issuance_id: int, cents: int) -> dict:
-        """A failed intent tried again (a retry after Polar refused or failed it): a new amount."""
+        """A failed intent tried again (a retry after Polar refused or failed it): a new amount; its
+        earlier refund becomes history."""
         async with self.store._conn() as conn:
             cur = await conn.execute(
                 f"UPDATE {self.s}.issuances SET state = 'intent', amount_cents = %s, polar_ref = NULL,"
+                " old_refs = CASE WHEN polar_ref IS NULL THEN old_refs ELSE array_append(old_refs, polar_ref) END,"
                 " refund_status = NULL, failure_told = false, attempts = 0, updated_at = now()"
                 " WHERE id = %s AND state = 'failed' RETURNING *", (cents, issuance_id))
             return await cur.fetchone()
@@ -585,12 +607,15 @@ class Outbox:
             await conn.execute(f"UPDATE {self.s}.issuances SET failure_told = true WHERE id = %s", (issuance_id,))
 
     async def by_refund(self, refund_id: str, case_id: int | None, order_id: str | None) -> dict | None:
-        """The intent a Polar refund belongs to: by its id, else by (case, order)."""
+        """The intent a Polar refund of ours belongs to: the one whose refund it is, else the
+        case's intent on that order still waiting for its refund's id (a POST whose answer was lost).
+        A refund the intent tried before a retry matches nothing: its news is history."""
         async with self.store._conn() as conn:
             cur = await conn.execute(
-                f"SELECT * FROM {self.s}.issuances WHERE polar_ref = %s"
-                f" OR (case_id = %s AND target = %s AND method = 'refund') ORDER BY (polar_ref IS NOT DISTINCT FROM %s) DESC LIMIT 1",
-                (refund_id, case_id, order_id, refund_id))
+                f"SELECT * FROM {self.s}.issuances WHERE method = 'refund' AND NOT (%s = ANY(old_refs))"
+                " AND (polar_ref = %s OR (polar_ref IS NULL AND case_id = %s AND target = %s))"
+                " ORDER BY (polar_ref IS NOT DISTINCT FROM %s) DESC LIMIT 1",
+                (refund_id, refund_id, case_id, order_id, refund_id))
             return await cur.fetchone()
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
+from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
+from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money
 
 _DIR = Path(__file__).parent
@@ -16,6 +18,10 @@ def _env(autoescape: bool) -> Environment:
                       trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["money"] = fmt_money
     env.filters["tojson"] = lambda v: json.dumps(v, ensure_ascii=False)
+    env.filters["kind_title"] = kind_title
+    env.filters["id_ranges"] = id_ranges
+    # the same coverage and next-step sentences in the report, the case message and the thread
+    env.globals.update(check_again=check_again, coverage_line=coverage_line, no_findings_text=no_findings_text, next_step=next_step)
     return env
 
 

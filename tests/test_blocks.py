@@ -62,3 +62,96 @@ def test_evidence_thread_is_split_under_the_text_limit():
 def test_lowered_amount_is_shown_against_the_proposal():
     c = case() | {"credit_cents": 400}
     assert "(lowered from $6.00)" in str(case_message(c, CONFIG))
+
+
+# --- coverage first, and no all-clear without it ------------------------------------------------
+
+COMPLETE = {"state": "complete", "kinds": [], "why": []}
+PARTIAL = {"state": "partial", "kinds": ["stuck_instance", "wrong_tier"],
+           "why": ["stuck_instance: pod termination and deletion not seen (kubernetes failed: instance pods: HTTP 500)",
+                   "wrong_tier: the pod's tier label (the true tier's first source) not read (kubernetes failed: "
+                   "instance pods: HTTP 500); the tier used, gpu, may be wrong"]}
+NO_RECORDS = {"state": "no_records", "kinds": [], "why": ["no billing records in 2099-01: there is no charge to judge"]}
+
+
+def nothing_found(coverage):
+    c = case("expired")
+    c["report"] = report(n_findings=0) | {"credit_cents": 0, "required_level": 0, "periods": ["2099-01"],
+                                          "sources": {"database": "ok", "kubernetes": "ok", "polar": "ok"}}
+    if coverage is not None:
+        c["report"]["coverage"] = coverage
+    return c | {"credit_cents": 0, "proposed_cents": 0, "required_level": 0}
+
+
+def section_texts(msg):
+    return [b["text"]["text"] for b in msg["blocks"] if b["type"] == "section" and "text" in b]
+
+
+def test_coverage_is_the_first_thing_after_the_header():
+    c = case()
+    c["report"]["coverage"] = PARTIAL
+    msg = case_message(c, CONFIG)
+    assert msg["blocks"][0]["type"] == "header"
+    first = msg["blocks"][1]["text"]["text"]
+    assert first.startswith(":warning: Coverage: PARTIAL: not fully judged: stuck_instance, wrong_tier.")
+    assert "• stuck_instance: pod termination and deletion not seen" in first
+    assert "The credit covers only what could be judged: check again when polar answers before approving" in first
+    # a finding of a kind not fully judged says so where it is shown
+    assert any(t.startswith("*Billed while stopped, paused or idle (stuck_instance)* — *$2.00*  _(not fully judged)_")
+               for t in section_texts(msg))
+
+
+def test_only_complete_coverage_says_no_wrong_charges_and_checks_out():
+    complete = " ".join(section_texts(case_message(nothing_found(COMPLETE), CONFIG)))
+    assert "No wrong charges found: every billed hour in 2099-01 checks out." in complete
+    assert "Next: nothing to credit: every charge in these periods is right" in complete
+    for cov in (PARTIAL, NO_RECORDS, None):
+        text = " ".join(section_texts(case_message(nothing_found(cov), CONFIG)))
+        assert "checks out" not in text and "every charge in these periods is right" not in text, cov
+    partial = " ".join(section_texts(case_message(nothing_found(PARTIAL), CONFIG)))
+    assert "not an all-clear" in partial and "do not tell the customer the bill is right" in partial
+    none = " ".join(section_texts(case_message(nothing_found(NO_RECORDS), CONFIG)))
+    assert ":grey_question: Coverage: no records: no billing records in 2099-01" in none
+    assert "Next: nothing to credit: i-7f3a has no billing records in 2099-01." in none
+    # a case stored before coverage existed is not an all-clear either
+    old = case_message(nothing_found(None), CONFIG)
+    assert section_texts(old)[0].startswith(":warning: Coverage: not recorded")
+
+
+def test_evidence_thread_opens_with_coverage_and_plain_kind_names():
+    r = report(n_findings=2) | {"coverage": PARTIAL}
+    msgs = evidence_messages(r)
+    assert msgs[0].startswith("Coverage: PARTIAL: not fully judged: stuck_instance, wrong_tier.\n• stuck_instance: ")
+    assert "*Billed more than once (duplicate_charge)* $1.00 (1 h; records #1-#99)" in msgs[0]
+    assert "*Billed while stopped, paused or idle (stuck_instance)* $2.00" in msgs[0]
+
+
+def test_wrong_charges_credited_before_are_not_an_all_clear():
+    c = nothing_found(COMPLETE)
+    c["report"]["credited_before"] = [{"case_id": 3, "credit_cents": 208, "kinds": ["duplicate_charge"],
+                                       "text": "credited before: $2.08 in case 3"}]
+    text = " ".join(section_texts(case_message(c, CONFIG)))
+    assert "checks out" not in text
+    assert "Nothing left to credit: what was billed wrongly in 2099-01 was credited before." in text
+    assert "Next: nothing left to credit: what was billed wrongly was credited before, in the case listed here." in text
+
+
+def test_before_approval_the_message_says_what_each_order_can_still_refund():
+    c = case()
+    c["report"] = {**c["report"], "credit_by_period": {"2026-09": 100, "2026-10": 500},
+                   "refund_room": {"2026-09": {"invoice": None, "refundable_cents": 0},
+                                   "2026-10": {"invoice": "INV-0003", "refundable_cents": 250}}}
+    text = str(case_message(c, CONFIG))
+    assert "Order INV-0003 (2026-10) can still refund $2.50 of the $5.00" in text
+    assert "2026-09 is not invoiced yet" in text
+    roomy = case()
+    roomy["report"] = {**roomy["report"], "credit_by_period": {"2026-10": 500},
+                       "refund_room": {"2026-10": {"invoice": "INV-1", "refundable_cents": 500}}}
+    assert "can still refund" not in str(case_message(roomy, CONFIG))
+    assert "can still refund" not in str(case_message(c | {"state": "approved"}, CONFIG))
+
+
+def test_exposure_that_raises_the_level_is_shown():
+    c = case() | {"exposure_cents": 4500, "required_level": 2, "customer_id": "c-acme"}
+    text = str(case_message(c, CONFIG))
+    assert "Needs level 2 (Support lead) for $51.00: this credit plus $45.00" in text

@@ -129,3 +129,128 @@ def test_stop_windows_from_the_cluster(db, kube, polar, bot_env):
     assert [(f["kind"], f["credit_cents"], f["hours"]) for f in out["findings"]] == [("stuck_instance", 416, "2.0000")]
     evidence = " ".join(out["findings"][0]["evidence"])
     assert "stop requested by alice" in evidence and "pod i-k8s-0 terminated 2026-10-08 15:30 UTC" in evidence
+
+
+# --- honest answers: coverage first, plain evidence, a next step --------------------------------
+
+def lines_of(proc):
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.splitlines()
+
+
+def assert_dollars_and_cents(text):
+    """Every amount a person reads is dollars and cents; only rates keep the card's digits."""
+    import re
+    for amount in re.findall(r"\$[\d,]+(?:\.\d+)?(?:/h)?", text):
+        assert amount.endswith("/h") or re.fullmatch(r"\$[\d,]+\.\d\d", amount), amount
+
+
+def test_a_period_without_records_is_not_an_all_clear(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    lines = lines_of(check(bot_env, "i-7f3a", "--period", "2099-01"))
+    assert lines[0] == "Coverage: no records: no billing records in 2099-01: there is no charge to judge."
+    text = "\n".join(lines)
+    assert "checks out" not in text
+    assert "Findings: none. No wrong charges found because nothing was billed: there are no billing records in 2099-01." in lines
+    assert lines[-1] == ("Next: nothing to credit: i-7f3a has no billing records in 2099-01. Check the instance id and "
+                         "the period against the customer's invoice.")
+    out = json.loads(check(bot_env, "i-7f3a", "--period", "2099-01", "--json").stdout)
+    assert out["coverage"] == {"state": "no_records", "kinds": [],
+                               "why": ["no billing records in 2099-01: there is no charge to judge"]}
+    assert out["findings"] == [] and out["credit_cents"] == 0
+
+
+def seed_clean(db, kube, polar):
+    """Billed right: small at the small rate, the pod still running."""
+    instance(db, "i-clean", tier="small", heartbeat="2026-10-09 00:00")
+    record(db, 20, "i-clean", "2026-10-08 08:00", "2026-10-08 10:00", "0.166", tier="small", rate="0.083")
+    kube.add_pod("orzbob-instances", "i-clean-0", {"instance-id": "i-clean", "org-id": "o-acme", "tier": "small"})
+    kube.add_control_plane(CP_LINES)
+    polar.add_customer("c-acme")
+
+
+def test_only_a_complete_check_says_it_checks_out(db, kube, polar, bot_env):
+    seed_clean(db, kube, polar)
+    lines = lines_of(check(bot_env, "i-clean", "--period", "2026-10"))
+    assert lines[0] == ("Coverage: complete: the database, Kubernetes and Polar answered; every kind of wrong charge "
+                        "was judged.")
+    assert "Findings: none. No wrong charges found: every billed hour in 2026-10 checks out." in lines
+    assert lines[-1] == "Next: nothing to credit: every charge in these periods is right, and the customer can be told so."
+    out = json.loads(check(bot_env, "i-clean", "--period", "2026-10", "--json").stdout)
+    assert out["coverage"] == {"state": "complete", "kinds": [], "why": []}
+
+
+def test_failed_sources_name_the_kinds_that_could_not_be_judged(db, kube, polar, bot_env):
+    seed_clean(db, kube, polar)
+    kube.fail_paths[r"/namespaces/orzbob-instances/pods$"] = 500
+    kube.fail_paths[r"/log$"] = 500
+    env = dict(bot_env, POLAR_API_URL="http://127.0.0.1:9")  # nothing listens there
+    out = json.loads(check(env, "i-clean", "--period", "2026-10", "--json").stdout)
+    cov = out["coverage"]
+    assert cov["state"] == "partial" and cov["kinds"] == ["duplicate_charge", "stuck_instance", "wrong_tier"]
+    assert [w.split(":")[0] for w in cov["why"]] == ["duplicate_charge", "stuck_instance", "stuck_instance", "wrong_tier"]
+    assert "kubernetes failed: instance pods: HTTP 500" in cov["why"][1]
+    assert "kubernetes failed: control-plane logs: HTTP 500" in cov["why"][2]
+    assert out["findings"] == []
+    lines = lines_of(check(env, "i-clean", "--period", "2026-10"))
+    assert lines[0] == "Coverage: PARTIAL: not fully judged: duplicate_charge, stuck_instance, wrong_tier."
+    # the same reasons as the JSON (which control-plane pod's log failed first may differ between runs)
+    assert [line.split(" (kubernetes")[0].split(" (polar")[0] for line in lines[1:5]] == [
+        "  - " + w.split(" (kubernetes")[0].split(" (polar")[0] for w in cov["why"]]
+    assert lines[5] == ""
+    text = "\n".join(lines)
+    assert "checks out" not in text and "not an all-clear" in text
+    assert lines[-1] == ("Next: nothing to credit from what could be judged, but do not tell the customer the bill is "
+                         "right: duplicate_charge, stuck_instance, wrong_tier could not be fully judged; check again when "
+                         "kubernetes and polar answer.")
+
+
+def test_text_report_leads_with_coverage_and_ends_with_who_approves(db, kube, polar, bot_env):
+    seed_worked_example(db, kube, polar)
+    lines = lines_of(check(bot_env, "i-7f3a", "--period", "2026-10"))
+    assert lines[0].startswith("Coverage: complete:")
+    assert "  1. Billed more than once (duplicate_charge): $4.16  (2 h, record #2)" in lines
+    assert "     - exact duplicate: record #2 duplicates #1, 10-05 08:00–10:00 UTC, 2 h" in lines
+    assert "     1.5 h charged as gpu ($2.08/h) although the instance is small ($0.083/h): $3.00 overcharged" in lines
+    assert lines[-1] == ("Next: someone at level 1 (Support agent) or higher can approve $10.28 in Slack "
+                         "(/billing-check i-7f3a 2026-10 opens the case with Approve / Adjust / Reject; recent credits "
+                         "to the same customer can raise the level there).")
+    assert_dollars_and_cents("\n".join(lines))
+
+
+def test_hourly_records_collapse_and_overlaps_are_named(db, kube, polar, bot_env):
+    from datetime import datetime, timezone
+    instance(db, "i-hr", tier="small", heartbeat="2026-10-09 00:00")
+    for h in range(24):  # 10-05, hourly, after the pod ended the day before
+        record(db, 1001 + h, "i-hr", f"2026-10-05 {h:02d}:00", f"2026-10-05 {h:02d}:59", "0.0817", tier="small",
+               rate="0.083")
+    record(db, 1100, "i-hr", "2026-10-04 20:00", "2026-10-04 22:00", "0.166", tier="small", rate="0.083")
+    record(db, 1101, "i-hr", "2026-10-04 21:00", "2026-10-04 23:00", "0.166", tier="small", rate="0.083")
+    kube.add_pod("orzbob-instances", "i-hr-0", {"instance-id": "i-hr", "org-id": "o-acme", "tier": "small"},
+                 terminated_at=datetime(2026, 10, 4, 23, 10, tzinfo=timezone.utc))
+    kube.add_control_plane(CP_LINES)
+    polar.add_customer("c-acme")
+    proc = check(bot_env, "i-hr", "--period", "2026-10")
+    lines = lines_of(proc)
+    assert ("     - records #1001-#1024, 10-05 00:00–23:59 UTC, 23.6 h: pod i-hr-0 terminated 2026-10-04 23:10 UTC"
+            in lines), proc.stdout
+    assert ("     - partial overlap: record #1101 (billed 10-04 21:00–23:00 UTC) overlaps #1100, 10-04 21:00–22:00 UTC, 1 h"
+            in lines), proc.stdout
+    assert "more records" not in proc.stdout and "…and" not in proc.stdout
+    assert_dollars_and_cents(proc.stdout)
+    out = json.loads(check(bot_env, "i-hr", "--period", "2026-10", "--json").stdout)
+    stuck = next(f for f in out["findings"] if f["kind"] == "stuck_instance")
+    assert stuck["record_ids"] == list(range(1001, 1025)) and stuck["credit_cents"] == 196  # 24 x $0.0817
+
+
+def test_the_cli_does_not_claim_to_tell_engineering(db, kube, polar, bot_env):
+    instance(db, "i-9b", tier="small", heartbeat="2026-10-07 00:00")
+    record(db, 10, "i-9b", "2026-10-06 08:00", "2026-10-06 09:00", "0.083", tier="small", rate="0.083")
+    record(db, 11, "i-9b", "2026-10-06 08:00", "2026-10-06 09:00", "0.083", tier="small", rate="0.083")
+    kube.add_control_plane({"cp-0": ["2026/10/06 08:30:00 Failed to pause instance i-9b: context deadline exceeded"]})
+    polar.add_customer("c-acme")
+    proc = check(bot_env, "i-9b", "--period", "2026-10")
+    assert "engineering is told" not in proc.stdout
+    assert ("Systematic: the CLI tells no one; in Slack this case would also go to engineering (level 3), whatever the "
+            "amount, and the approval would still need level 1 (Support agent).") in lines_of(proc)
+    assert "  - throttle failed to pause i-9b at 2026-10-06 08:30 UTC: context deadline exceeded" in lines_of(proc)

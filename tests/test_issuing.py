@@ -23,6 +23,7 @@ CONFIG = parse_config({"levels": {1: {"users": ["U1"]}, 2: {"users": ["U_LEAD"]}
 class Recorder:
     def __init__(self):
         self.issued_calls, self.failed_calls, self.rechecks, self.pendings = [], [], [], []
+        self.outsides, self.reverts, self.remainders = [], [], []
 
     async def issued(self, case, refs, remainder):
         self.issued_calls.append((case["id"], refs, remainder))
@@ -35,6 +36,15 @@ class Recorder:
 
     async def pending(self, case, refs):
         self.pendings.append((case["id"], refs))
+
+    async def outside(self, case, amount, reason):
+        self.outsides.append((case["id"], amount))
+
+    async def reverted(self, case, refund_id, amount, status):
+        self.reverts.append((case["id"], refund_id, amount))
+
+    async def remainder_offered(self, parent, child):
+        self.remainders.append((parent["id"], child["id"]))
 
 
 async def authority(user):
@@ -280,7 +290,7 @@ def test_a_later_check_does_not_credit_what_an_issued_case_covered(db, db_url, p
                                              "text": f"credited before: $10.28 in case {case['id']}"}]
 
 
-def test_the_remainder_a_capped_refund_left_is_credited_once_as_invoice_credit(db, db_url, polar):
+def test_the_remainder_a_capped_refund_left_is_offered_once_as_invoice_credit(db, db_url, polar):
     seed(db)
     orders(polar, oct_=1500, oct_refunded=1000)  # the order can take 500 of 1,028 cents
 
@@ -288,19 +298,19 @@ def test_the_remainder_a_capped_refund_left_is_credited_once_as_invoice_credit(d
         async with World(db_url, polar) as w:
             case = await w.approved_case(periods=("2026-10",))
             parent = await w.issuer.issue(case.id)
-            refused = await w.service.credit_remainder(parent.id, "U_NOBODY")
-            out = await w.service.credit_remainder(parent.id, "U1")
-            again = await w.service.credit_remainder(parent.id, "U_LEAD")
-            child = await w.issuer.issue(out.case.id)
-            return parent, refused, out, again, child
-    parent, refused, out, again, child = run(go())
+            child = await w.cases.get(parent.id + 1)
+            again = await w.service.offer_remainder(parent)  # a second offer is the same case
+            refused = await w.service.approve(child.id, "U_NOBODY")
+            out = await w.service.approve(child.id, "U1")
+            issued = await w.issuer.issue(child.id)
+            return parent, child, again, refused, out, issued
+    parent, child, again, refused, out, issued = run(go())
     assert parent.state == "issued" and parent.remainder_cents == 528
+    assert child.parent_case_id == parent.id and child.state == "pending" and child.method == "invoice_credit"
+    assert child.credit_cents == 528 and again.id == child.id
     assert refused.status == "refused" and refused.needed_level == 1
-    assert out.ok and out.case.parent_case_id == parent.id and out.case.credit_cents == 528
-    assert again.status == "refused" and f"already case #{out.case.id}" in again.reason
-    assert child.state == "issued" and child.issued_cents == 528 and child.method == "invoice_credit"
+    assert out.ok and issued.state == "issued" and issued.issued_cents == 528
     assert [r["amount"] for r in polar.refunds] == [500]
-    rows = corrections(db_url)
-    assert sorted(str(r[3]) for r in rows) == ["5.00", "5.28"]
+    assert sorted(str(r[3]) for r in corrections(db_url)) == ["5.00", "5.28"]
     hours = sum(e["metadata"]["hours"] for e in polar.events if e["metadata"].get("case_id") == str(child.id))
     assert hours < 0  # compensating events on the parent's pieces, scaled to the remainder

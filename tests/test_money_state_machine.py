@@ -82,6 +82,15 @@ class FlakyNotifier:
     async def pending(self, case, refs):
         await self._maybe_fail()
 
+    async def outside(self, case, amount, reason):
+        await self._maybe_fail()
+
+    async def reverted(self, case, refund_id, amount, status):
+        await self._maybe_fail()
+
+    async def remainder_offered(self, parent, child):
+        await self._maybe_fail()
+
 
 def seed(conn, polar):
     # i-a: one duplicated hour in October ($2.08). i-b: 30 duplicated hours in October ($62.40, a lead's).

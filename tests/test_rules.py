@@ -30,7 +30,7 @@ def test_exact_duplicate_is_wholly_duplicate():
     r = run([rec(1, "10-05 08:00", "10-05 10:00"), rec(2, "10-05 08:00", "10-05 10:00")])
     assert credits(r) == {"duplicate_charge": 416}
     assert r.findings[0].record_ids == [2]
-    assert "record #2 duplicates #1" in r.findings[0].evidence
+    assert r.findings[0].evidence == ["exact duplicate: record #2 duplicates #1, 10-05 08:00–10:00 UTC, 2 h"]
 
 
 def test_partial_overlap_credits_only_the_overlap_of_the_higher_id():

@@ -41,3 +41,5 @@ ALTER TABLE {schema}.issuances ADD COLUMN IF NOT EXISTS failure_told boolean NOT
 -- one remainder case per case at most
 CREATE UNIQUE INDEX IF NOT EXISTS cases_one_remainder_idx ON {schema}.cases (parent_case_id)
   WHERE parent_case_id IS NOT NULL;
+-- refunds an intent tried before it was reopened: news of them is history, never the current refund
+ALTER TABLE {schema}.issuances ADD COLUMN IF NOT EXISTS old_refs text[] NOT NULL DEFAULT '{}';
