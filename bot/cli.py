@@ -66,9 +66,14 @@ def _parser() -> argparse.ArgumentParser:
                        description="Reconcile one UTC day's billing records (SPEC 5.2).")
     r.add_argument("--date", help="UTC day YYYY-MM-DD (default: yesterday)")
     r.add_argument("--json", action="store_true")
-    r.add_argument("--post", action="store_true", help="post the summary to the alerts channel")
+    r.add_argument("--post", action="store_true", help="post the summary to the alerts channel (sharded: once, "
+                   "by the shard that completes the day)")
     r.add_argument("--demo", action="store_true",
                    help="allow --post from the embedded demo database (without DATABASE_URL)")
+    r.add_argument("--shard", metavar="K/N", help="reconcile only the orgs of shard K of N (by a hash of org_id);"
+                   " the shards' results are merged in the database")
+    r.add_argument("--run", metavar="KEY", help="names a sharded run, so its shards find each other"
+                   " (default: the day and N; the Indexed Job passes its uid)")
     rp = sub.add_parser("report", help="credits issued since a day", epilog=EPILOG, formatter_class=fmt)
     rp.add_argument("--since", required=True, help="YYYY-MM-DD")
     rp.add_argument("--csv", action="store_true")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import AsyncIterator
 from urllib.parse import urlsplit
 
@@ -22,6 +23,12 @@ from handlers.timeline import to_us
 from services.config import ConfigError, Throttle
 
 STATEMENT_TIMEOUT_MS = 15_000
+_RECORD_COLUMNS = ("id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge, billing_period,"
+                   " (extract(epoch FROM start_time) * 1000000)::bigint, (extract(epoch FROM end_time) * 1000000)::bigint")
+RECORDS_FOR_PERIODS_SQL = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text().replace(
+    "{columns}", _RECORD_COLUMNS)
+ORG_DAY_FIRST_BOUND = timedelta(hours=3)
+ORG_DAYS_SQL = (Path(__file__).parent / "sql" / "org_days.sql").read_text()
 # A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
 # cheaper than building a datetime per row in Python.
 _US = "(extract(epoch FROM {0}) * 1000000)::bigint"
@@ -151,13 +158,19 @@ class Database:
                         None, None, None, None)
 
     @staticmethod
-    async def records(conn, instance_id: str) -> list[Record]:
+    async def records(conn, instance_id: str, periods: list[str] | None = None,
+                      run_gap: timedelta = timedelta(seconds=60)) -> list[Record]:
+        """The instance's records, in id order: its whole history, or with periods, only the history
+        that can change those periods' findings (RECORDS_FOR_PERIODS_SQL says which)."""
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        await cur.execute(
-            "SELECT id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge,"
-            f" billing_period, {_US.format('start_time')}, {_US.format('end_time')}"
-            " FROM billing_records WHERE instance_id = %s ORDER BY id",
-            (instance_id,))
+        if periods is None:
+            await cur.execute(f"SELECT {_RECORD_COLUMNS} FROM billing_records WHERE instance_id = %s ORDER BY id",
+                              (instance_id,))
+        else:
+            # the instance's history passes through narrow in-memory steps: room for 100k+ records
+            await cur.execute("SET LOCAL work_mem = '32MB'")
+            await cur.execute(RECORDS_FOR_PERIODS_SQL,
+                              {"instance": instance_id, "periods": periods, "gap": run_gap}, prepare=False)
         return [Record(*r) for r in await cur.fetchall()]
 
     @staticmethod
@@ -173,40 +186,32 @@ class Database:
 
     @staticmethod
     async def org_intervals(conn, org_id: str, days: list[datetime], limit: timedelta) -> list[OrgInterval]:
-        """Each instance's billed time on the given UTC days, de-duplicated per instance (SPEC 2.2
-        step 4 applies step 1 per instance), for the days whose raw billed time passes the limit.
+        """The org's billed time on the given UTC days as each instance's de-duplicated spans (SPEC 2.2
+        step 4 applies step 1 per instance), up to the moment each day passes the limit: exactly what
+        the daily-limit rule needs to find that moment, and nothing after it.
 
-        De-duplication only lowers billed time, so a day whose raw sum stays within the limit
-        cannot reach it and needs no detail. range_agg (PostgreSQL 14+) merges each instance's
-        records into disjoint spans, so a busy org day comes back as a few rows per instance.
+        One set-based statement (sql/org_days.sql) for all the days, reading each day's records only
+        up to a bound: first the day's first ORG_DAY_FIRST_BOUND, then twice as far for the days that
+        did not pass the limit before it. A busy org passes it early and is read for a few hours; a
+        quiet one has few rows to read again. Days that never reach the limit come back empty.
         """
         if not days:
             return []
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        await cur.execute(
-            """
-            WITH recs AS (
-              SELECT instance_id, start_time, end_time FROM billing_records
-              WHERE org_id = %(org)s AND start_time < %(hi)s AND end_time > %(lo)s AND end_time > start_time
-            ), pieces AS (  -- each record cut at UTC midnights (the session runs in UTC)
-              SELECT r.instance_id, d AS day, greatest(r.start_time, d) AS s,
-                     least(r.end_time, d + interval '1 day') AS e
-              FROM recs r, generate_series(date_trunc('day', greatest(r.start_time, %(lo)s)),
-                                           least(r.end_time, %(hi)s) - interval '1 microsecond',
-                                           interval '1 day') AS d
-              WHERE d = ANY(%(days)s)
-            ), over_limit AS (
-              SELECT day FROM pieces GROUP BY day HAVING sum(e - s) > %(limit)s
-            ), merged AS (
-              SELECT instance_id, range_agg(tstzrange(s, e)) AS spans
-              FROM pieces WHERE day IN (SELECT day FROM over_limit)
-              GROUP BY instance_id, day
-            )
-            SELECT instance_id, """ + _US.format("lower(span)") + ", " + _US.format("upper(span)") + """
-            FROM merged, unnest(spans) AS span
-            """,
-            {"org": org_id, "days": days, "lo": min(days), "hi": max(days) + timedelta(days=1), "limit": limit})
-        return [OrgInterval(r[0], 0, r[1], r[2]) for r in await cur.fetchall()]
+        await cur.execute("SET LOCAL work_mem = '32MB'")  # a busy org's days sort in memory
+        whole = timedelta(days=1)
+        pending = {d: min(ORG_DAY_FIRST_BOUND, whole) for d in sorted(set(days))}
+        out: list[OrgInterval] = []
+        while pending:
+            await cur.execute(ORG_DAYS_SQL, {"org": org_id, "days": list(pending),
+                                             "bounds": [d + b for d, b in pending.items()], "limit": limit},
+                              prepare=False)
+            passed = set()
+            for lo, instance_id, s, e in await cur.fetchall():
+                passed.add(lo)
+                out.append(OrgInterval(instance_id, 0, s, e))
+            pending = {d: min(b * 2, whole) for d, b in pending.items() if b < whole and to_us(d) not in passed}
+        return out
 
     # --- the bot's own schema (read side used by checks) ------------------------------------------
 
@@ -240,14 +245,21 @@ class Database:
         return covers, cases
 
     async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
-        """Finding kind -> customers the latest reconciliation saw it for, if that run's day is in
-        the checked periods (SPEC 2.4)."""
+        """Finding kind -> customers the reconciliation of the latest reconciled day saw it for, if
+        that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:
+        reconciling an old day again must not replace the counts. Only whole-day runs count (one
+        process, or the merge of all shards); of several runs of that day, the last."""
         if not await self._has_table(conn, "reconcile_kind_customers"):
             return {}
         s = self.schema
         cur = await conn.execute(
+            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'shard' AND NOT attisdropped",
+            (f"{s}.reconcile_runs",))
+        whole = "WHERE shard IS NULL" if await cur.fetchone() else ""  # before migration 010 every run was whole
+        cur = await conn.execute(
             f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
-            f" WHERE run_id = (SELECT max(id) FROM {s}.reconcile_runs) AND period = ANY(%s)", (periods,))
+            f" WHERE run_id = (SELECT id FROM {s}.reconcile_runs {whole} ORDER BY day DESC, id DESC LIMIT 1)"
+            " AND period = ANY(%s)", (periods,))
         return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
 
 

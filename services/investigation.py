@@ -99,7 +99,9 @@ class Investigator:
             kube_task = asyncio.create_task(self._kube(inst))
             polar_task = asyncio.create_task(self._polar(inst.customer_id, instance_id))
 
-            records = await self.db.records(conn, instance_id)
+            # only the history that can change the checked periods (a run reaching into them, the
+            # records overlapping theirs), not every record the instance ever had
+            records = await self.db.records(conn, instance_id, periods)
             throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
             covers, prior_cases = await self.db.prior_credits(conn, instance_id, exclude_case)
             fingerprint = await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)

@@ -7,6 +7,7 @@ how many customers (the systematic rule of SPEC 2.4 reads that, so it is never c
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -16,11 +17,19 @@ from psycopg.rows import tuple_row
 
 from handlers.timeline import fmt_money, to_cents
 from services.config import Config
-from services.inputs import validate_day
+from services.inputs import InputError, validate_day
 
 SQL = (Path(__file__).parent / "sql" / "reconcile.sql").read_text()
 RECONCILE_TIMEOUT_MS = 600_000
 RECONCILE_WORK_MEM = "64MB"
+# rows of the day one statement takes at most: measured to stay within RECONCILE_WORK_MEM on plain
+# and metering-storm days (bench/storm_bench.py). Each partition reads the day's index entries again,
+# so smaller partitions cost more scans (100k-150k were alike at 400k rows, 50k slower); 120k keeps
+# a quarter of a 400k day, a shard of four, in one statement.
+PARTITION_ROWS = 120_000
+# the day's rows of this shard, to choose the number of partitions (the GiST index answers it)
+COUNT_SQL = ("SELECT count(*) FROM billing_records WHERE tstzrange(start_time, end_time) && tstzrange(%(lo)s, %(hi)s)"
+             " AND (%(shard_n)s = 1 OR (hashtext(org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)")
 
 KIND_ORDER = ["daily_limit", "continuous_limit", "rate_mismatch", "charge_mismatch", "duplicate", "overlap",
               "billed_after_stop", "billed_while_idle", "usage_mismatch"]
@@ -43,6 +52,11 @@ class Anomaly:
     record_ids: list[int]
     overcharge_cents: int
     detail: str
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Anomaly":
+        return cls(d["kind"], d["instance_id"], d["org_id"], d["customer_id"], list(d["record_ids"]),
+                   int(d["overcharge_cents"]), d["detail"])
 
     def as_json(self) -> dict:
         return {"kind": self.kind, "instance_id": self.instance_id, "org_id": self.org_id,
@@ -77,39 +91,72 @@ class Reconciliation:
 
 
 def parse_day(text: str | None, now: datetime | None = None) -> date:
-    """The --date argument, or yesterday (UTC)."""
+    """The --date argument, or yesterday (UTC). A day after today has nothing billed yet: its
+    "0 anomalies" would read as an all clear, and its run would become the latest day (SPEC 5.2)."""
+    today = (now or datetime.now(timezone.utc)).date()
     if text is None:
-        return (now or datetime.now(timezone.utc)).date() - timedelta(days=1)
-    return validate_day(text)
+        return today - timedelta(days=1)
+    day = validate_day(text)
+    if day > today:
+        raise InputError(f"date {day.isoformat()} is after today ({today.isoformat()} UTC): nothing to reconcile yet")
+    return day
 
 
-def _params(day: date, config: Config) -> dict:
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """--shard K/N: this process's part of the day, 0 <= K < N; none: the whole day (0/1)."""
+    if text is None:
+        return 0, 1
+    k, sep, n = text.partition("/")
+    if not (sep and k.isdigit() and n.isdigit() and 0 <= int(k) < int(n) <= 1024):
+        raise InputError(f"malformed shard {text!r}: expected K/N with 0 <= K < N <= 1024, like 0/4")
+    return int(k), int(n)
+
+
+def sort_anomalies(anomalies: list[Anomaly]) -> list[Anomaly]:
+    return sorted(anomalies, key=lambda a: (KIND_ORDER.index(a.kind), -a.overcharge_cents, a.org_id,
+                                            a.instance_id or ""))
+
+
+def _params(day: date, config: Config, shard: tuple[int, int] = (0, 1)) -> dict:
     lo = datetime.combine(day, time(0), timezone.utc)
     thr = config.throttle_defaults
     return {
         "lo": lo, "hi": lo + timedelta(days=1), "day": day,
         "tiers": list(config.rate_card), "rates": [config.rate_card[t] for t in config.rate_card],
         "def_cont": thr.continuous_limit, "def_daily": thr.daily_limit, "def_idle": thr.idle_timeout,
-        "tolerance": config.usage_tolerance_hours,
+        "tolerance": config.usage_tolerance_hours, "shard_k": shard[0], "shard_n": shard[1],
     }
 
 
-async def reconcile_day(conn, day: date, config: Config) -> Reconciliation:
-    """Run the reconciliation on an open connection (session in UTC)."""
+async def reconcile_day(conn, day: date, config: Config, shard: tuple[int, int] = (0, 1)) -> Reconciliation:
+    """Run the reconciliation on an open connection (session in UTC), for the orgs of one shard.
+
+    A big day is streamed in org-hash partitions of about PARTITION_ROWS rows, one statement each in
+    the same snapshot: every kind is per instance or per org, so partitions never need each other,
+    and each one's sorts and materialised rows stay within work_mem instead of spilling to disk."""
     cur = conn.cursor(row_factory=tuple_row)
     # a batch job over a whole day: a longer limit than the interactive reads get, and room for its
     # sorts (about 200 bytes a record) in memory rather than in temporary files
     await cur.execute(f"SET LOCAL statement_timeout = {RECONCILE_TIMEOUT_MS}")
     await cur.execute(f"SET LOCAL work_mem = '{RECONCILE_WORK_MEM}'")
-    await cur.execute(SQL, _params(day, config), prepare=False)
+    # the planner cannot see through the statement's CTEs and expects a handful of rows; a hash
+    # aggregate sized for that spills the multirange states of a storm day to disk, a sort fits
+    await cur.execute("SET LOCAL enable_hashagg = off")
+    params = _params(day, config, shard)
+    await cur.execute(COUNT_SQL, params, prepare=False)
+    (rows,) = await cur.fetchone()
+    parts = max(1, -(-rows // PARTITION_ROWS))
+    k, n = shard
     anomalies = []
-    for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():
-        # a record split into two own pieces is listed once
-        anomalies.append(Anomaly(kind, instance_id, org_id, customer_id, sorted(set(record_ids or [])),
-                                 to_cents(Decimal(overcharge or 0)) if overcharge and overcharge > 0 else 0,
-                                 detail or ""))
-    anomalies.sort(key=lambda a: (KIND_ORDER.index(a.kind), -a.overcharge_cents, a.org_id, a.instance_id or ""))
-    return Reconciliation(day, anomalies)
+    for j in range(parts):
+        # partition j of shard k of n: the orgs whose hash is k + n*j modulo n*parts (so k modulo n)
+        await cur.execute(SQL, params | {"shard_k": k + n * j, "shard_n": n * parts}, prepare=False)
+        for kind, instance_id, org_id, customer_id, record_ids, overcharge, detail in await cur.fetchall():
+            # a record split into two own pieces is listed once
+            anomalies.append(Anomaly(kind, instance_id, org_id, customer_id, sorted(set(record_ids or [])),
+                                     to_cents(Decimal(overcharge or 0)) if overcharge and overcharge > 0 else 0,
+                                     detail or ""))
+    return Reconciliation(day, sort_anomalies(anomalies))
 
 
 def render_text(rec: Reconciliation) -> str:
@@ -128,24 +175,52 @@ def render_text(rec: Reconciliation) -> str:
 async def run_reconcile_cli(env, config: Config, args) -> int:
     from bot.runtime import database_url
     from services.db import Database
+    from services.reconcile_shards import claim_post, merge_if_complete, release_post, save_shard
     from services.store import Store
 
     day = parse_day(args.date)
+    shard = parse_shard(getattr(args, "shard", None))
     url, _embedded = database_url(env)
     db = await Database.connect(url, config.bot_schema)
     try:
         async with db.snapshot() as conn:
-            rec = await reconcile_day(conn, day, config)
-        try:  # feeds the systematic rule; a read-only database must not stop the report
-            await Store(db).record_reconciliation(rec)
-        except Exception as exc:
-            import sys
-            print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
-                  f"{type(exc).__name__}", file=sys.stderr)
-        if args.post:
+            rec = await reconcile_day(conn, day, config, shard)
+        to_post = None
+        if shard[1] == 1:
+            try:  # feeds the systematic rule; a read-only database must not stop the report
+                await Store(db).record_reconciliation(rec)
+            except Exception as exc:
+                print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
+                      f"{type(exc).__name__}", file=sys.stderr)
+            to_post = rec if args.post else None
+        else:
+            # a shard's part is only useful merged: it must be stored, so a failure here fails the shard
+            run_key = getattr(args, "run", None) or f"{day.isoformat()}/{shard[1]}"
+            await save_shard(db, run_key, shard, rec)
+            merged = await merge_if_complete(db, run_key, day, shard[1])
+            if merged is not None and args.post and await claim_post(db, run_key):
+                to_post = merged
+        if to_post is not None:
             from bot.reconcile_post import post_reconciliation
-            await post_reconciliation(env, config, rec, db)
+            try:
+                await post_reconciliation(env, config, to_post, db)
+            except BaseException:
+                if shard[1] > 1:  # hand the post back, so the Job's retry of this shard can post it
+                    await release_post(db, run_key)
+                raise
     finally:
         await db.close()
-    print(json.dumps(rec.as_json(), indent=2) if args.json else render_text(rec))
+    if args.json:
+        write_json(rec, sys.stdout)
+    else:
+        print(render_text(rec))
     return 0
+
+
+def write_json(rec: Reconciliation, out) -> None:
+    """SPEC 5.2's JSON, one anomaly a line: written as it goes, since a storm day's tens of thousands
+    of anomalies built into one indented string cost more memory than the whole reconciliation."""
+    out.write(f'{{"date": {json.dumps(rec.day.isoformat())},\n "anomalies": [')
+    for i, a in enumerate(rec.anomalies):
+        out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(a.as_json()))
+    out.write(f'],\n "totals": {json.dumps(rec.totals())}}}\n')

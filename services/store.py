@@ -93,16 +93,22 @@ class Store:
                                           sorted(allowed_moves()))
         return applied
 
-    async def record_reconciliation(self, rec) -> int:
-        """Store a run's totals and, per finding kind, how many customers it touched (SPEC 2.4)."""
+    async def record_reconciliation(self, rec, *, run_key: str | None = None, shards: int = 1) -> int | None:
+        """Store a whole day's run, its totals and, per finding kind, how many customers it touched
+        (SPEC 2.4). With a run_key (the merge of a sharded run) at most one process stores it: the
+        unique index decides, and the others get None."""
         await self.migrate()
         period = rec.day.strftime("%Y-%m")
         async with self._conn() as conn:
             async with conn.transaction():
                 cur = await conn.execute(
-                    f"INSERT INTO {self.s}.reconcile_runs (day, totals) VALUES (%s, %s) RETURNING id",
-                    (rec.day, json.dumps(rec.totals())))
-                run_id = (await cur.fetchone())["id"]
+                    f"INSERT INTO {self.s}.reconcile_runs (day, totals, run_key, shards) VALUES (%s, %s, %s, %s)"
+                    " ON CONFLICT (run_key) WHERE shard IS NULL AND run_key IS NOT NULL DO NOTHING RETURNING id",
+                    (rec.day, json.dumps(rec.totals()), run_key, shards))
+                row = await cur.fetchone()
+                if row is None:
+                    return None
+                run_id = row["id"]
                 for kind, customers in rec.customers_by_finding_kind().items():
                     await conn.execute(
                         f"INSERT INTO {self.s}.reconcile_kind_customers VALUES (%s, %s, %s, %s)",

@@ -243,6 +243,41 @@ NOT_FROM_CALLS = {
 }
 
 
+def test_the_sharded_reconciliation_is_an_indexed_job_whose_pods_name_their_shard_and_run():
+    cron = yaml.safe_load((ROOT / "deploy" / "reconcile-shards.yaml").read_text())
+    job = cron["spec"]["jobTemplate"]["spec"]
+    assert cron["kind"] == "CronJob" and cron["spec"]["concurrencyPolicy"] == "Forbid"
+    assert job["completionMode"] == "Indexed" and job["completions"] == job["parallelism"]
+    c = job["template"]["spec"]["containers"][0]
+    n = job["completions"]
+    # each pod runs one shard of n, and all pods of one Job share a run key that Kubernetes sets
+    assert c["args"] == ["reconcile", "--post", "--shard", f"$(JOB_COMPLETION_INDEX)/{n}", "--run", "$(RUN_KEY)"]
+    run_key = next(e for e in c["env"] if e["name"] == "RUN_KEY")
+    assert run_key["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/controller-uid']"
+    assert job["template"]["spec"]["restartPolicy"] == "Never" and c["envFrom"][0]["secretRef"]["name"]
+    # the same image and secret as the single-process CronJob
+    single = yaml.safe_load((ROOT / "deploy" / "cronjob.yaml").read_text())
+    sc = single["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]
+    assert c["image"] == sc["image"] and c["envFrom"] == sc["envFrom"]
+    _known_to_kubernetes(cron, "V1CronJob")  # no misspelt field that the API server would drop
+
+
+def _known_to_kubernetes(data: dict, klass: str) -> None:
+    """Every key is a field of the official client's model of that kind, recursively."""
+    import kubernetes.client.models as models
+
+    cls = getattr(models, klass)
+    fields = {v: k for k, v in cls.attribute_map.items()}
+    for key, value in data.items():
+        assert key in fields, f"{klass} has no field {key!r}"
+        typ = cls.openapi_types[fields[key]]
+        if isinstance(value, dict) and typ.startswith("V1"):
+            _known_to_kubernetes(value, typ)
+        elif isinstance(value, list) and typ.startswith("list[V1"):
+            for item in value:
+                _known_to_kubernetes(item, typ[len("list["):-1])
+
+
 def test_deployment_takes_the_polar_webhook_secret_from_the_secret_optionally():
     docs = list(yaml.safe_load_all((ROOT / "deploy" / "deployment.yaml").read_text()))
     dep = next(d for d in docs if d["kind"] == "Deployment")

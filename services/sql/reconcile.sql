@@ -1,7 +1,8 @@
 -- Daily reconciliation (SPEC 5.2): every anomaly of one UTC day in one set-based statement.
 -- Read-only and temp-table free, so it runs on a read replica. Session time zone must be UTC.
 -- Parameters: lo, hi (the day), day, tiers/rates (the rate card), def_cont/def_daily/def_idle
--- (throttle defaults, NULL = off), tolerance (usage hours).
+-- (throttle defaults, NULL = off), tolerance (usage hours), shard_k/shard_n (this process's part of
+-- the day: the orgs whose hash is k modulo n; 0/1 is the whole day).
 -- Amounts count only the part of each record inside the day. Each kind follows SPEC 2's
 -- arithmetic for that kind alone; continuous and daily limits count each billed second once
 -- (step 1's union), charged to the record that billed it first.
@@ -32,6 +33,8 @@ scan AS (
                                                    (SELECT max(continuous_limit) FROM throttle_settings))
                                          + interval '60 seconds', interval '0'), %(hi)s)
     AND r.end_time > r.start_time
+    -- every kind is per instance or per org, so a day split by org needs nothing from other parts
+    AND (%(shard_n)s = 1 OR (hashtext(r.org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)
   WINDOW w AS (PARTITION BY r.instance_id COLLATE "C" ORDER BY r.start_time, r.end_time, r.id
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING)
 ),
@@ -65,16 +68,27 @@ recs AS MATERIALIZED (
 odd AS MATERIALIZED (
   SELECT * FROM recs WHERE NOT isolated
 ),
+-- one pass over the pairs of odd records of an instance that share time: per record, the time no
+-- lower id billed (step 1's own pieces), and the time lower ids that are not exact copies cover
+-- (the overlap kind); keyed by id alone, joined back to odd for the wide columns
+odd_cover AS MATERIALIZED (
+  SELECT o.id, o.instance_id, o.org_id, o.customer_id, o.charge, o.len, o.cutoff, o.run_start, o.cont, o.daily,
+         c.own, c.covered, c.with_ids
+  FROM odd o JOIN (
+    SELECT a.id,
+           tstzmultirange(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)))
+             - coalesce(range_agg(tstzrange(b.s0, b.e0)) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS own,
+           range_agg(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)) * tstzrange(b.s0, b.e0))
+             FILTER (WHERE b.id IS NOT NULL AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)) AS covered,
+           array_agg(b.id) FILTER (WHERE b.id IS NOT NULL AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)) AS with_ids
+    FROM odd a
+    LEFT JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
+    GROUP BY a.id, a.s0, a.e0) c ON c.id = o.id
+),
 odd_pieces AS MATERIALIZED (
   SELECT x.id, x.instance_id, x.org_id, x.customer_id, x.charge, x.len, x.cutoff, x.run_start, x.cont, x.daily,
          (date_part('epoch', lower(p) - %(lo)s) * 1000000)::bigint AS s, (date_part('epoch', upper(p) - %(lo)s) * 1000000)::bigint AS e
-  FROM (SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily,
-               tstzmultirange(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)))
-                 - coalesce(range_agg(tstzrange(b.s0, b.e0)) FILTER (WHERE b.id IS NOT NULL), '{}'::tstzmultirange) AS m
-        FROM odd a
-        LEFT JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
-        GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.cutoff, a.run_start, a.cont, a.daily, a.s0, a.e0) x,
-       unnest(x.m) AS p
+  FROM odd_cover x, unnest(x.own) AS p
 ),
 -- each billed second of an instance once: the isolated records' in-day parts and the odd ones' own
 -- pieces (not materialised: each use is one pass over recs)
@@ -126,22 +140,22 @@ k_dup AS (
 ),
 -- partial overlaps: the part of a record covered by lower-id records that are not exact copies
 overlap_parts AS (
-  SELECT a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len,
-         range_agg(tstzrange(greatest(a.s0, %(lo)s), least(a.e0, %(hi)s)) * tstzrange(b.s0, b.e0)) AS covered,
-         array_agg(b.id) AS with_ids
-  FROM odd a
-  JOIN odd b ON b.instance_id = a.instance_id AND b.id < a.id AND b.s0 < a.e0 AND b.e0 > a.s0
-             AND NOT (b.s0 = a.s0 AND b.e0 = a.e0)
-  GROUP BY a.id, a.instance_id, a.org_id, a.customer_id, a.charge, a.len, a.s0, a.e0
+  SELECT id, instance_id, org_id, customer_id, charge, len, covered, with_ids FROM odd_cover WHERE covered IS NOT NULL
+),
+-- every record an instance's overlaps name, gathered once per instance and joined below: a
+-- correlated subquery here rescanned all of overlap_parts per instance, quadratic on the days
+-- (metering retry storms) when overlaps are most of the rows
+overlap_ids AS (
+  SELECT instance_id, array_agg(DISTINCT x) AS ids
+  FROM (SELECT instance_id, id AS x FROM overlap_parts
+        UNION ALL SELECT instance_id, unnest(with_ids) FROM overlap_parts) z
+  GROUP BY instance_id
 ),
 k_overlap AS (
-  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id),
-         (SELECT array_agg(DISTINCT x) FROM (SELECT o2.id AS x FROM overlap_parts o2 WHERE o2.instance_id = o.instance_id
-                                             UNION ALL SELECT unnest(o2.with_ids) FROM overlap_parts o2
-                                             WHERE o2.instance_id = o.instance_id) z),
+  SELECT 'overlap'::text, o.instance_id, o.org_id, min(o.customer_id), min(i.ids),
          sum(o.charge * (SELECT sum(date_part('epoch', upper(x) - lower(x)) * 1000000) FROM unnest(o.covered) x)::numeric / o.len),
          format('%%s record(s) partly cover time already billed', count(*))
-  FROM overlap_parts o
+  FROM overlap_parts o JOIN overlap_ids i ON i.instance_id = o.instance_id
   GROUP BY o.instance_id, o.org_id
 ),
 -- billed after stopped_at of an instance that is not running, or after last_heartbeat + idle_timeout
@@ -181,7 +195,8 @@ k_usage AS (
          coalesce(b.customer_id, i.customer_id), coalesce(b.ids, '{}'), 0::numeric,
          format('billed %%s h, control plane ran %%s h', round(coalesce(b.hours, 0), 4), round(coalesce(u.hours_used, 0), 4))
   FROM billed_hours b
-  FULL JOIN (SELECT * FROM instance_usage WHERE date = %(day)s) u
+  FULL JOIN (SELECT * FROM instance_usage WHERE date = %(day)s
+               AND (%(shard_n)s = 1 OR (hashtext(org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)) u
     ON u.instance_id = b.instance_id AND u.org_id = b.org_id
   LEFT JOIN instances i ON i.instance_id = coalesce(b.instance_id, u.instance_id)
   WHERE abs(coalesce(b.hours, 0) - coalesce(u.hours_used, 0)) > %(tolerance)s
