@@ -187,6 +187,9 @@ def describe_fatal(exc: BaseException, env: Env | None = None) -> str:
         return f"cannot connect to {where}: {first or type(exc).__name__}"
     if isinstance(exc, psycopg_pool.PoolTimeout):
         return f"no connection to {where} within the pool's timeout ({first or 'PoolTimeout'})"
+    from slack_sdk.errors import SlackApiError
+    if isinstance(exc, SlackApiError):
+        return f"Slack refused {exc.response.api_url.rsplit('/', 1)[-1]}: {exc.response.get('error')}"
     return f"{type(exc).__name__}: {first}"
 
 
