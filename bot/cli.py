@@ -147,10 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             from bot.app import serve
             return serve(env, config, demo=not env.database_url)
         if args.command == "reconcile":
-            from services.reconcile import run_reconcile_cli
             return asyncio.run(run_reconcile_cli(env, config, args))
         if args.command == "report":
-            from services.credits_report import run_report_cli
             return asyncio.run(run_report_cli(env, config, args))
     except (InputError, ConfigError) as exc:
         print(f"billing-bot: {exc}", file=sys.stderr)
@@ -204,6 +202,86 @@ async def _check(env: Env, config: Config, args) -> int:
     else:
         print(render("report.txt.j2", report=report, level_text=config.level_label(report.result.required_level)),
               end="")
+    return 0
+
+
+async def run_reconcile_cli(env, config: Config, args) -> int:
+    from services.embedded import database_url
+    from bot.reconcile_post import post_reconciliation
+    from services.db import Database
+    from services.reconcile_shards import claim_post, merge_if_complete, release_post, save_shard
+    from services.reconcile import add_books_check, parse_day, parse_shard, reconcile_day, render_text, write_json
+    from services.store import Store
+
+    day = parse_day(args.date)
+    shard = parse_shard(getattr(args, "shard", None))
+    url, _embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    polar = _polar_client(env, config)
+    try:
+        async with db.snapshot() as conn:
+            rec = await reconcile_day(conn, day, config, shard)
+        to_post = None
+        if shard[1] == 1:
+            if polar is not None:
+                await add_books_check(rec, db, polar, config.polar.usage_event_name)
+            try:  # feeds the systematic rule; a read-only database must not stop the report
+                await Store(db).record_reconciliation(rec)
+            except Exception as exc:
+                print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
+                      f"{type(exc).__name__}", file=sys.stderr)
+            to_post = rec if args.post else None
+        else:
+            # a shard's part is only useful merged: it must be stored, so a failure here fails the shard
+            run_key = getattr(args, "run", None) or f"{day.isoformat()}/{shard[1]}"
+            await save_shard(db, run_key, shard, rec)
+            merged = await merge_if_complete(db, run_key, day, shard[1])
+            if merged is not None and args.post and await claim_post(db, run_key):
+                if polar is not None:  # the books are the whole day's: checked once, by the shard that posts
+                    await add_books_check(merged, db, polar, config.polar.usage_event_name)
+                to_post = merged
+        if to_post is not None:
+            try:
+                await post_reconciliation(env, config, to_post, db)
+            except BaseException:
+                if shard[1] > 1:  # hand the post back, so the Job's retry of this shard can post it
+                    await release_post(db, run_key)
+                raise
+    finally:
+        await db.close()
+        if polar is not None:
+            await polar.close()
+    if args.json:
+        write_json(rec, sys.stdout)
+    else:
+        print(render_text(rec))
+    return 0
+
+
+def _polar_client(env: Env, config: Config):
+    """Polar for the books check, when configured (the reconciliation itself needs only the database)."""
+    if not (env.polar_api_key or env.polar_api_url_set):
+        return None
+    from services.polar import PolarClient
+    return PolarClient(env.polar_api_url, env.polar_api_key, api_version=config.polar.api_version)
+
+
+async def run_report_cli(env, config, args) -> int:
+    from services.credits_report import credits_report
+    from services.embedded import database_url
+    from services.inputs import validate_day
+    from services.db import Database
+
+    from services.store import CaseStore
+
+    since = validate_day(args.since)
+    url, _embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    try:
+        report = await credits_report(CaseStore(db), since)
+    finally:
+        await db.close()
+    print(report.as_csv() if args.csv else report.as_text(), end="" if args.csv else "\n")
     return 0
 
 

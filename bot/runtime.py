@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
 from services.config import Config, Env
+from services.embedded import database_url, stop_embedded  # noqa: F401  (re-exported for the CLI)
 from services.db import Database
 
 if TYPE_CHECKING:  # loaded in open_runtime: `reconcile` and `report` never need these clients
@@ -26,35 +27,6 @@ class Runtime:
     kube: KubeSource | None
     polar: PolarClient | None
     embedded: object | None = None  # the pgserver handle when the database is the embedded demo
-
-
-# The embedded servers this process started: stopped by stop_embedded() when the command ends
-# (bot/cli.py main), so no PostgreSQL is left running behind a finished command.
-_STARTED: list = []
-
-
-def database_url(env: Env) -> tuple[str, object | None]:
-    """DATABASE_URL (validated), else an embedded PostgreSQL seeded with the demo month."""
-    if env.database_url:
-        from services.db import validate_database_url
-
-        return validate_database_url(env.database_url), None
-    from services.embedded import start_embedded
-
-    server = start_embedded()
-    if not any(s is server or s.folder == server.folder for s in _STARTED):
-        _STARTED.append(server)
-    return server.url, server
-
-
-def stop_embedded() -> None:
-    """Stop the embedded PostgreSQL this process started, if any (idempotent)."""
-    while _STARTED:
-        server = _STARTED.pop()
-        try:
-            server.stop()
-        except Exception:  # stopping is best effort at exit; the next start copes with a running server
-            log.warning("could not stop the embedded PostgreSQL in %s", server.folder, exc_info=True)
 
 
 @asynccontextmanager

@@ -20,6 +20,7 @@ import httpx
 from handlers.books import KIND, correction_case_id, credit_mismatches
 from services.db import Database
 from services.polar import PolarClient, PolarError, PolarUnavailable
+from services.store import Books
 
 POLAR_CONCURRENCY = 8
 
@@ -29,19 +30,11 @@ async def credit_mismatch_anomalies(db: Database, polar: PolarClient, day: date,
     """The day's credit_mismatch anomalies (dicts as handlers.books makes them, by case)."""
     lo = datetime.combine(day, time(0), timezone.utc)
     hi = lo + timedelta(days=1)
-    s = db.schema
+    books = Books(db)
     async with db.snapshot() as conn:
-        if not await db._has_table(conn, "cases"):
-            return []  # no bot schema yet: the bot never issued anything here
-        cur = await conn.execute(
-            f"SELECT id, instance_id, org_id, customer_id, state, issued_cents, method, issued_at, polar_reference"
-            f" FROM {s}.cases WHERE state = 'issued' AND issued_at >= %s AND issued_at < %s ORDER BY id", (lo, hi))
-        cases = {r["id"]: {**r, "issuances": []} for r in await cur.fetchall()}
-        cur = await conn.execute(
-            f"SELECT case_id, method, target, amount_cents, state, polar_ref FROM {s}.issuances"
-            " WHERE case_id = ANY(%s) ORDER BY id", (list(cases),))
-        for i in await cur.fetchall():
-            cases[i["case_id"]]["issuances"].append(i)
+        cases = await books.issued_between(conn, lo, hi)
+        if not cases and not await _has_corrections(conn, lo, hi):
+            return []
         cur = await conn.execute(
             "SELECT id, customer_id, ticket_id, issue_type, credit_amount, resolved_by, resolved_at, notes"
             " FROM billing_corrections WHERE resolved_at >= %s AND resolved_at < %s ORDER BY id", (lo, hi))
@@ -88,9 +81,7 @@ async def credit_mismatch_anomalies(db: Database, polar: PolarClient, day: date,
     others = sorted(n for n in named if n is not None and n not in cases)
     known: dict[int, str] = {}
     if others:
-        async with db.snapshot() as conn:
-            cur = await conn.execute(f"SELECT id, state FROM {s}.cases WHERE id = ANY(%s)", (others,))
-            known = {r["id"]: r["state"] for r in await cur.fetchall()}
+        known = await books.states(others)
 
     out = credit_mismatches(rows, judged.values(), refunds, ingested, known_cases=known)
     for cid, why in sorted(unread.items()):
@@ -101,3 +92,10 @@ async def credit_mismatch_anomalies(db: Database, polar: PolarClient, day: date,
                     "detail": f"not checked: {why}; the credit the bot claims for this case is unconfirmed"})
     out.sort(key=lambda a: (str(a["case_id"]), a["detail"]))
     return out
+
+
+async def _has_corrections(conn, lo, hi) -> bool:
+    cur = await conn.execute("SELECT 1 FROM billing_corrections WHERE resolved_at >= %s AND resolved_at < %s LIMIT 1",
+                             (lo, hi))
+    return await cur.fetchone() is not None
+

@@ -12,7 +12,6 @@ from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
 from handlers.timeline import fmt_money
-from services.inputs import validate_day
 
 
 @dataclass
@@ -83,20 +82,3 @@ async def credits_report(store, since: date) -> CreditsReport:
         since=since, total_cents=sum(_cents(r["credit_amount"]) for r in rows), count=len(rows),
         by_kind=group("issue_type"), by_approver=group("resolved_by"), by_level=by_level,
         top_customers=group("customer_id")[:5], refusals=refusals, rejections=rejections, rows=rows)
-
-
-async def run_report_cli(env, config, args) -> int:
-    from bot.runtime import database_url
-    from services.db import Database
-
-    from services.store import CaseStore
-
-    since = validate_day(args.since)
-    url, _embedded = database_url(env)
-    db = await Database.connect(url, config.bot_schema)
-    try:
-        report = await credits_report(CaseStore(db), since)
-    finally:
-        await db.close()
-    print(report.as_csv() if args.csv else report.as_text(), end="" if args.csv else "\n")
-    return 0

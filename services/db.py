@@ -219,31 +219,6 @@ class Database:
         cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.schema}.{table}",))
         return (await cur.fetchone())["ok"]
 
-    async def prior_credits(self, conn, instance_id: str, exclude_case: int | None = None
-                            ) -> tuple[list[PriorCover], list[PriorCase]]:
-        """Pieces of this instance's records that other cases hold (SPEC 2.2): open cases from
-        opening until rejected or expired, issued ones for good. exclude_case: the case being
-        checked again, whose own pieces are not held against it."""
-        if not await self._has_table(conn, "case_pieces"):
-            return [], []
-        s = self.schema
-        holding = ["pending", "approved", "issuing", "failed", "issued"]  # handlers.cases.HOLDING
-        cur = await conn.execute(
-            f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
-            f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
-            f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
-            (instance_id, holding, exclude_case))
-        covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
-                  for r in await cur.fetchall()]
-        cur = await conn.execute(
-            f"SELECT c.id, c.state, CASE WHEN c.state = 'issued' THEN c.issued_cents ELSE c.credit_cents END AS cents,"
-            f" c.kinds, c.issued_at FROM {s}.cases c"
-            f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
-            (instance_id, holding, exclude_case))
-        cases = [PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()), _us(r["issued_at"]), r["state"])
-                 for r in await cur.fetchall()]
-        return covers, cases
-
     async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
         """Finding kind -> customers the reconciliation of the latest reconciled day saw it for, if
         that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:

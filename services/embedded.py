@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 
-from services.config import ConfigError
+from services.config import ConfigError, Env
 
 SQL_DIR = Path(__file__).parent / "sql"
 DEFAULT_DATA = ".billing-bot/pgdata"
@@ -123,3 +123,32 @@ def ensure_demo_month(conn: psycopg.Connection, month: date, now: datetime | Non
         conn.execute("INSERT INTO public.demo_seed VALUES (%s)", (month,))
     log.info("seeded the demo month %s in %s", month.strftime("%Y-%m"), conn.info.dbname)
     return True
+
+
+# The embedded servers this process started: stopped by stop_embedded() when the command ends
+# (bot/cli.py main), so no PostgreSQL is left running behind a finished command.
+_STARTED: list = []
+
+
+def database_url(env: Env) -> tuple[str, object | None]:
+    """DATABASE_URL (validated), else an embedded PostgreSQL seeded with the demo month."""
+    if env.database_url:
+        from services.db import validate_database_url
+
+        return validate_database_url(env.database_url), None
+    from services.embedded import start_embedded
+
+    server = start_embedded()
+    if not any(s is server or s.folder == server.folder for s in _STARTED):
+        _STARTED.append(server)
+    return server.url, server
+
+
+def stop_embedded() -> None:
+    """Stop the embedded PostgreSQL this process started, if any (idempotent)."""
+    while _STARTED:
+        server = _STARTED.pop()
+        try:
+            server.stop()
+        except Exception:  # stopping is best effort at exit; the next start copes with a running server
+            log.warning("could not stop the embedded PostgreSQL in %s", server.folder, exc_info=True)

@@ -21,7 +21,7 @@ from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  
                              validate_day, validate_instance_id, validate_period)
 from services.polar import Customer, PolarClient, PolarNotFound
 from handlers.orders import refund_room
-from services.store import evidence_fingerprint
+from services.store import evidence_fingerprint, held_pieces
 
 SOURCE_TIMEOUT_S = 20.0
 
@@ -103,7 +103,7 @@ class Investigator:
             # records overlapping theirs), not every record the instance ever had
             records = await self.db.records(conn, instance_id, periods)
             throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
-            covers, prior_cases = await self.db.prior_credits(conn, instance_id, exclude_case)
+            covers, prior_cases = await held_pieces(conn, self.db.schema, instance_id, exclude_case)
             fingerprint = await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)
             systematic_counts = await self.db.systematic_counts(conn, periods)
 

@@ -276,7 +276,6 @@ class Issuer:
     async def _refunds(self, case: Case) -> Progress:
         rows = await self._settled_issuances(case)
         _no_unknown_invoice_credit(rows)
-        by_target = {i["target"]: i for i in rows}
         failed_now = [i for i in rows if i["method"] == "refund" and i["state"] == "failed"
                       and i["refund_status"] in ("failed", "canceled") and not i["failure_told"]]
         if failed_now:

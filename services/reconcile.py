@@ -7,7 +7,6 @@ how many customers (the systematic rule of SPEC 2.4 reads that, so it is never c
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
@@ -32,7 +31,7 @@ COUNT_SQL = ("SELECT count(*) FROM billing_records WHERE tstzrange(start_time, e
              " AND (%(shard_n)s = 1 OR (hashtext(org_id)::bigint & 2147483647) %% %(shard_n)s = %(shard_k)s)")
 
 KIND_ORDER = ["daily_limit", "continuous_limit", "rate_mismatch", "charge_mismatch", "duplicate", "overlap",
-              "billed_after_stop", "billed_while_idle", "usage_mismatch"]
+              "billed_after_stop", "billed_while_idle", "usage_mismatch", "credit_mismatch"]
 
 # Which check finding each anomaly kind would become (SPEC 2.2); None: no finding of its own.
 FINDING_KIND = {
@@ -52,16 +51,20 @@ class Anomaly:
     record_ids: list[int]
     overcharge_cents: int
     detail: str
+    case_id: int | None = None  # credit_mismatch: the case whose books disagree with Polar
 
     @classmethod
     def from_json(cls, d: dict) -> "Anomaly":
         return cls(d["kind"], d["instance_id"], d["org_id"], d["customer_id"], list(d["record_ids"]),
-                   int(d["overcharge_cents"]), d["detail"])
+                   int(d["overcharge_cents"]), d["detail"], d.get("case_id"))
 
     def as_json(self) -> dict:
-        return {"kind": self.kind, "instance_id": self.instance_id, "org_id": self.org_id,
-                "customer_id": self.customer_id, "record_ids": self.record_ids,
-                "overcharge_cents": self.overcharge_cents, "detail": self.detail}
+        out = {"kind": self.kind, "instance_id": self.instance_id, "org_id": self.org_id,
+               "customer_id": self.customer_id, "record_ids": self.record_ids,
+               "overcharge_cents": self.overcharge_cents, "detail": self.detail}
+        if self.case_id is not None:
+            out["case_id"] = self.case_id
+        return out
 
 
 @dataclass
@@ -172,51 +175,6 @@ def render_text(rec: Reconciliation) -> str:
     return "\n".join(lines)
 
 
-async def run_reconcile_cli(env, config: Config, args) -> int:
-    from bot.runtime import database_url
-    from services.db import Database
-    from services.reconcile_shards import claim_post, merge_if_complete, release_post, save_shard
-    from services.store import Store
-
-    day = parse_day(args.date)
-    shard = parse_shard(getattr(args, "shard", None))
-    url, _embedded = database_url(env)
-    db = await Database.connect(url, config.bot_schema)
-    try:
-        async with db.snapshot() as conn:
-            rec = await reconcile_day(conn, day, config, shard)
-        to_post = None
-        if shard[1] == 1:
-            try:  # feeds the systematic rule; a read-only database must not stop the report
-                await Store(db).record_reconciliation(rec)
-            except Exception as exc:
-                print(f"billing-bot: warning: reconciliation not recorded for the systematic rule: "
-                      f"{type(exc).__name__}", file=sys.stderr)
-            to_post = rec if args.post else None
-        else:
-            # a shard's part is only useful merged: it must be stored, so a failure here fails the shard
-            run_key = getattr(args, "run", None) or f"{day.isoformat()}/{shard[1]}"
-            await save_shard(db, run_key, shard, rec)
-            merged = await merge_if_complete(db, run_key, day, shard[1])
-            if merged is not None and args.post and await claim_post(db, run_key):
-                to_post = merged
-        if to_post is not None:
-            from bot.reconcile_post import post_reconciliation
-            try:
-                await post_reconciliation(env, config, to_post, db)
-            except BaseException:
-                if shard[1] > 1:  # hand the post back, so the Job's retry of this shard can post it
-                    await release_post(db, run_key)
-                raise
-    finally:
-        await db.close()
-    if args.json:
-        write_json(rec, sys.stdout)
-    else:
-        print(render_text(rec))
-    return 0
-
-
 def write_json(rec: Reconciliation, out) -> None:
     """SPEC 5.2's JSON, one anomaly a line: written as it goes, since a storm day's tens of thousands
     of anomalies built into one indented string cost more memory than the whole reconciliation."""
@@ -224,3 +182,16 @@ def write_json(rec: Reconciliation, out) -> None:
     for i, a in enumerate(rec.anomalies):
         out.write(("\n  " if i == 0 else ",\n  ") + json.dumps(a.as_json()))
     out.write(f'],\n "totals": {json.dumps(rec.totals())}}}\n')
+
+
+async def add_books_check(rec: Reconciliation, db, polar, usage_event_name: str) -> None:
+    """The bot's own books (issue 13): every credit it claims for the day matched by money in Polar,
+    every refund naming a case matched by an issued case; mismatches as credit_mismatch."""
+    from services.books import credit_mismatch_anomalies
+
+    for a in await credit_mismatch_anomalies(db, polar, rec.day, usage_event_name=usage_event_name):
+        rec.anomalies.append(Anomaly("credit_mismatch", a.get("instance_id"), a.get("org_id") or "",
+                                     a.get("customer_id"), [], 0,
+                                     f"case #{a['case_id']}: {a['detail']}" if a.get("case_id") else a["detail"],
+                                     a.get("case_id")))
+

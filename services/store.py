@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import AsyncIterator, Iterable
 
 from handlers.cases import HOLDING, OPEN, TRANSITIONS, Action, Case, allowed_moves
+from handlers.model import PriorCase, PriorCover
+from handlers.timeline import to_us
 from services.db import Database
 
 MIGRATIONS = Path(__file__).parent / "sql" / "migrations"
@@ -149,6 +151,32 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
               {credited})) AS fp""",
         {"i": instance_id, "o": org_id, "periods": periods, "after": after})
     return (await cur.fetchone())["fp"]
+
+
+async def held_pieces(conn, s: str, instance_id: str, exclude_case: int | None = None
+                      ) -> tuple[list[PriorCover], list[PriorCase]]:
+    """Pieces of this instance's records that other cases hold (SPEC 2.2): open cases from
+    opening until rejected or expired, issued ones for good; read in the caller's snapshot.
+    exclude_case: the case being checked again, whose own pieces are not held against it."""
+    if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                      (f"{s}.case_pieces",))).fetchone())["ok"]:
+        return [], []  # a database the bot never wrote to
+    cur = await conn.execute(
+        f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+        f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
+        f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
+        (instance_id, list(HOLDING), exclude_case))
+    covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
+              for r in await cur.fetchall()]
+    cur = await conn.execute(
+        f"SELECT c.id, c.state, CASE WHEN c.state = 'issued' THEN c.issued_cents ELSE c.credit_cents END AS cents,"
+        f" c.kinds, c.issued_at FROM {s}.cases c"
+        f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
+        (instance_id, list(HOLDING), exclude_case))
+    cases = [PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()),
+                       None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
+             for r in await cur.fetchall()]
+    return covers, cases
 
 
 def _case(row) -> Case | None:
@@ -617,6 +645,32 @@ class Outbox:
                 " ORDER BY (polar_ref IS NOT DISTINCT FROM %s) DESC LIMIT 1",
                 (refund_id, refund_id, case_id, order_id, refund_id))
             return await cur.fetchone()
+
+
+class Books(Store):
+    """What the bot's own books check reads of the bot's tables (services/books.py)."""
+
+    async def issued_between(self, conn, lo, hi) -> dict[int, dict]:
+        """Cases issued in [lo, hi) with their issuances, in the caller's snapshot; {} before the
+        bot's schema exists."""
+        if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                          (f"{self.s}.cases",))).fetchone())["ok"]:
+            return {}
+        cur = await conn.execute(
+            f"SELECT id, instance_id, org_id, customer_id, state, issued_cents, method, issued_at, polar_reference"
+            f" FROM {self.s}.cases WHERE state = 'issued' AND issued_at >= %s AND issued_at < %s ORDER BY id", (lo, hi))
+        cases = {r["id"]: {**r, "issuances": []} for r in await cur.fetchall()}
+        cur = await conn.execute(
+            f"SELECT case_id, method, target, amount_cents, state, polar_ref FROM {self.s}.issuances"
+            " WHERE case_id = ANY(%s) ORDER BY id", (list(cases),))
+        for i in await cur.fetchall():
+            cases[i["case_id"]]["issuances"].append(i)
+        return cases
+
+    async def states(self, case_ids: list[int]) -> dict[int, str]:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT id, state FROM {self.s}.cases WHERE id = ANY(%s)", (case_ids,))
+            return {r["id"]: r["state"] for r in await cur.fetchall()}
 
 
 class WebhookDeliveries(Store):

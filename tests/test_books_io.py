@@ -125,3 +125,30 @@ def test_no_bot_schema_means_no_bot_credits(db_url, polar):
         _row(conn, None, "42.00", notes="refunded by hand")
     assert _anomalies(db_url, polar) == []
     assert polar.server.requests == []
+
+
+def test_reconcile_adds_the_books_check_with_the_case(db, db_url, polar, bot_env):
+    """`billing-bot reconcile` (issue 13): an issued case whose refund Polar no longer holds as
+    succeeded is a credit_mismatch anomaly naming the case."""
+    import json as _json
+    import subprocess
+    import sys
+    from datetime import datetime as _dt, timezone as _tz
+
+    from .test_issuing import approve_and_issue_october, orders as _orders, seed as _seed
+
+    _seed(db)
+    _orders(polar)
+    done, _ = approve_and_issue_october(db_url, polar)
+    assert done.state == "issued"
+    today = _dt.now(_tz.utc).date().isoformat()
+    clean = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", today, "--json"], env=bot_env,
+                           capture_output=True, text=True, timeout=120)
+    assert clean.returncode == 0, clean.stderr
+    assert not [a for a in _json.loads(clean.stdout)["anomalies"] if a["kind"] == "credit_mismatch"]
+    polar.refunds[0]["status"] = "failed"  # Polar no longer holds the money the books claim
+    out = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", today, "--json"], env=bot_env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    found = [a for a in _json.loads(out.stdout)["anomalies"] if a["kind"] == "credit_mismatch"]
+    assert len(found) == 1 and found[0]["case_id"] == done.id and f"case #{done.id}" in found[0]["detail"]
