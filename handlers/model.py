@@ -127,7 +127,10 @@ class PriorCase:
 
 
 @dataclass
-class CaseInput:
+class CheckInput:
+    """What a check runs the rules on (one of the four meanings "case" used to have: this is the
+    evidence; CheckResult is what the rules decided; services.investigation.CheckReport adds the
+    sources and coverage; handlers.cases.Case is the stored case, whose `report` is the JSON)."""
     instance: Instance
     records: list[Record]  # all of the instance's records, any period
     periods: list[str]  # the checked billing periods, 'YYYY-MM'
@@ -176,7 +179,7 @@ class Claim:
 
 
 @dataclass
-class CaseResult:
+class CheckResult:
     instance: Instance
     periods: list[str]
     findings: list[Finding]

@@ -14,7 +14,7 @@ from decimal import Decimal
 from typing import Iterable
 
 from . import duplicates, stuck_instance, throttle, wrong_tier
-from .model import KINDS, CaseInput, CaseResult, Claim, Finding, Piece, PriorCover
+from .model import KINDS, CheckInput, CheckResult, Claim, Finding, Piece, PriorCover
 from .pieces import cut, merge_windows
 from .throttle import RUN_GAP_US
 from .timeline import (
@@ -29,13 +29,13 @@ EVIDENCE_STRETCH_LINES = 12  # per finding; the record_ids list stays complete
 class Walk:
     """The billed time after steps 1 to 3, which need no other instance's data."""
 
-    case: CaseInput
+    case: CheckInput
     claims: dict[str, list[Claim]]
     headline: dict[str, list[str]]
     pieces: list[Piece]
 
 
-def run_case(case: CaseInput) -> CaseResult:
+def run_case(case: CheckInput) -> CheckResult:
     """All five steps, with case.org_intervals for the daily limit."""
     return finish(first_steps(case), case.org_intervals)
 
@@ -55,7 +55,7 @@ def days_for_daily_limit(walk: Walk) -> list[int]:
     return sorted(days)
 
 
-def first_steps(case: CaseInput) -> Walk:
+def first_steps(case: CheckInput) -> Walk:
     inst = case.instance
     thr = case.throttle
     claims: dict[str, list[Claim]] = {k: [] for k in KINDS}
@@ -86,7 +86,7 @@ def first_steps(case: CaseInput) -> Walk:
     return Walk(case, claims, headline, pieces)
 
 
-def finish(walk: Walk, org_intervals) -> CaseResult:
+def finish(walk: Walk, org_intervals) -> CheckResult:
     """Steps 4 and 5, the Polar duplicates of step 1, and the findings."""
     case, claims, headline, pieces = walk.case, walk.claims, walk.headline, walk.pieces
     inst, thr = case.instance, case.throttle
@@ -128,7 +128,7 @@ def finish(walk: Walk, org_intervals) -> CaseResult:
     credit = sum(f.credit_cents for f in findings)
 
     systematic_reasons = _systematic(case, findings)
-    return CaseResult(
+    return CheckResult(
         instance=inst,
         periods=list(case.periods),
         findings=findings,
@@ -156,7 +156,7 @@ def _uncovered(piece: Piece, covers: list[PriorCover]) -> tuple[Time, set[int]]:
     return piece.duration - covered, cases
 
 
-def _findings(case: CaseInput, claims: dict[str, list[Claim]], headline: dict[str, list[str]],
+def _findings(case: CheckInput, claims: dict[str, list[Claim]], headline: dict[str, list[str]],
               extra_credits: list) -> tuple[list[Finding], list[dict], list[dict]]:
     covers_by_record: dict[int, list[PriorCover]] = defaultdict(list)
     for c in case.prior_covers:
@@ -391,7 +391,7 @@ def _ceil(t) -> int:
     return i if i == t else i + 1
 
 
-def _summary(kind: str, case: CaseInput, duration, cents: int, claims: list[Claim], by_id: dict,
+def _summary(kind: str, case: CheckInput, duration, cents: int, claims: list[Claim], by_id: dict,
              extra_events: int) -> str:
     """One plain sentence per finding: what was billed wrongly, how much time, what it is worth."""
     h = _hours(duration)
@@ -420,13 +420,13 @@ def _summary(kind: str, case: CaseInput, duration, cents: int, claims: list[Clai
     return f"{h} h charged as {billed_text} although the instance is {_true_tier_rate(case)}: {money} overcharged"
 
 
-def _true_tier_rate(case: CaseInput) -> str:
+def _true_tier_rate(case: CheckInput) -> str:
     tier, _ = wrong_tier.true_tier(case.instance, case.pods, case.log_events)
     rate = case.rate_card.get(tier)
     return f"{tier} ({_rate(rate)})" if rate is not None else tier
 
 
-def _systematic(case: CaseInput, findings: Iterable[Finding]) -> list[str]:
+def _systematic(case: CheckInput, findings: Iterable[Finding]) -> list[str]:
     """SPEC 2.4: the mechanism failed for this instance in the checked periods, or the latest
     reconciliation saw the same kind for enough customers."""
     reasons = []

@@ -19,7 +19,7 @@ from handlers.cases import (
 )
 from handlers.settings import Config
 from services.approvals import MembershipUnknown
-from services.investigation import CaseReport, Investigator
+from services.investigation import CheckReport, Investigator
 from services.store import CaseStore, CaseTx, Draft
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ class Outcome:
     reason: str = ""
     needed_level: int = 0
     previous: Case | None = None  # for changed: the case as it was before the new check
-    report: CaseReport | None = None  # for a newly opened case: the check it came from
+    report: CheckReport | None = None  # for a newly opened case: the check it came from
 
     @property
     def ok(self) -> bool:

@@ -217,6 +217,9 @@ def load_config(path: str | None = None, environ: Mapping[str, str] | None = Non
     return parse_config(raw, schema=e.get("BILLING_BOT_SCHEMA") or "billing_bot")
 
 
+DEFAULTS = Config(levels={})  # every default of SPEC 5.1 is the dataclasses' own (handlers/settings.py)
+
+
 def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
     raw = _mapping(raw, "config")
     _only(
@@ -241,48 +244,56 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
 
     thr_raw = _mapping(raw.get("throttle_defaults"), "throttle_defaults")
     _only(thr_raw, {"continuous_limit", "daily_limit", "idle_timeout"}, "throttle_defaults")
-    thr_defaults = {"continuous_limit": "8h", "daily_limit": "24h", "idle_timeout": "30m"}
     thr = {}
-    for k, default in thr_defaults.items():
-        v = thr_raw.get(k, default)
+    for k in ("continuous_limit", "daily_limit", "idle_timeout"):
+        if k not in thr_raw:  # the default is the dataclass's (handlers/settings.py), said once
+            thr[k] = getattr(DEFAULTS.throttle_defaults, k)
+            continue
+        v = thr_raw[k]
         thr[k] = None if v is None else parse_duration(v, f"throttle_defaults.{k}")
 
     kube_raw = _mapping(raw.get("kubernetes"), "kubernetes")
     _only(kube_raw, {"instances_namespace", "system_namespace", "control_plane_deployment", "labels"}, "kubernetes")
     labels_raw = _mapping(kube_raw.get("labels"), "kubernetes.labels")
     _only(labels_raw, {"instance", "org", "tier"}, "kubernetes.labels")
+    k8s = KubernetesSettings()
     kube = KubernetesSettings(
-        instances_namespace=_str(kube_raw.get("instances_namespace", "orzbob-instances"), "kubernetes.instances_namespace"),
-        system_namespace=_str(kube_raw.get("system_namespace", "orzbob-system"), "kubernetes.system_namespace"),
-        control_plane_deployment=_str(kube_raw.get("control_plane_deployment", "control-plane"), "kubernetes.control_plane_deployment"),
-        label_instance=_label_key(labels_raw.get("instance", "instance-id"), "kubernetes.labels.instance"),
-        label_org=_label_key(labels_raw.get("org", "org-id"), "kubernetes.labels.org"),
-        label_tier=_label_key(labels_raw.get("tier", "tier"), "kubernetes.labels.tier"),
+        instances_namespace=_str(kube_raw.get("instances_namespace", k8s.instances_namespace),
+                                 "kubernetes.instances_namespace"),
+        system_namespace=_str(kube_raw.get("system_namespace", k8s.system_namespace), "kubernetes.system_namespace"),
+        control_plane_deployment=_str(kube_raw.get("control_plane_deployment", k8s.control_plane_deployment),
+                                      "kubernetes.control_plane_deployment"),
+        label_instance=_label_key(labels_raw.get("instance", k8s.label_instance), "kubernetes.labels.instance"),
+        label_org=_label_key(labels_raw.get("org", k8s.label_org), "kubernetes.labels.org"),
+        label_tier=_label_key(labels_raw.get("tier", k8s.label_tier), "kubernetes.labels.tier"),
     )
 
     polar_raw = _mapping(raw.get("polar"), "polar")
     _only(polar_raw, {"credit_method", "usage_event_name", "api_version"}, "polar")
-    method = polar_raw.get("credit_method", "refund")
+    pol = PolarSettings()
+    method = polar_raw.get("credit_method", pol.credit_method)
     if method not in ("refund", "invoice_credit"):
         raise ConfigError(f"polar.credit_method: expected refund or invoice_credit, got {method!r}")
     polar = PolarSettings(
         credit_method=method,
-        usage_event_name=_str(polar_raw.get("usage_event_name", "compute_hours"), "polar.usage_event_name"),
-        api_version=_str(str(polar_raw.get("api_version", "2026-04")), "polar.api_version"),
+        usage_event_name=_str(polar_raw.get("usage_event_name", pol.usage_event_name), "polar.usage_event_name"),
+        api_version=_str(str(polar_raw.get("api_version", pol.api_version)), "polar.api_version"),
     )
 
     rec_raw = _mapping(raw.get("reconcile"), "reconcile")
     _only(rec_raw, {"usage_tolerance_hours"}, "reconcile")
-    tolerance = parse_money(rec_raw.get("usage_tolerance_hours", "0.1"), "reconcile.usage_tolerance_hours")
+    tolerance = parse_money(rec_raw.get("usage_tolerance_hours", DEFAULTS.usage_tolerance_hours),
+                            "reconcile.usage_tolerance_hours")
 
-    smc = raw.get("systematic_min_customers", 3)
+    smc = raw.get("systematic_min_customers", DEFAULTS.systematic_min_customers)
     if isinstance(smc, bool) or not isinstance(smc, int) or smc < 1:
         raise ConfigError(f"systematic_min_customers: expected a whole number of at least 1, got {smc!r}")
 
-    exposure = raw.get("exposure_window", Config.exposure_window)
+    exposure = raw.get("exposure_window", DEFAULTS.exposure_window)
     exposure = exposure if isinstance(exposure, timedelta) else parse_duration(exposure, "exposure_window")
 
-    remind = parse_duration(raw.get("remind_every", "4h"), "remind_every")
+    remind = raw.get("remind_every", DEFAULTS.remind_every)
+    remind = remind if isinstance(remind, timedelta) else parse_duration(remind, "remind_every")
     if remind <= timedelta(0):
         raise ConfigError("remind_every: must be longer than zero")
 
@@ -291,7 +302,7 @@ def parse_config(raw: Any, schema: str = "billing_bot") -> Config:
 
     return Config(
         levels=_levels(raw.get("levels")),
-        four_eyes=_bool(raw.get("four_eyes", False), "four_eyes"),
+        four_eyes=_bool(raw.get("four_eyes", DEFAULTS.four_eyes), "four_eyes"),
         exposure_window=exposure,
         remind_every=remind,
         channels=channels,

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 from handlers.coverage import Coverage, Evidence, coverage
-from handlers.model import CaseInput, CaseResult, LogEvent, Pod, UsageEvent
+from handlers.model import CheckInput, CheckResult, LogEvent, Pod, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps
 from handlers.timeline import HOUR_US, fmt_duration, from_us
 from services.config import Config
@@ -34,8 +34,8 @@ def default_periods(now: datetime) -> list[str]:
 
 
 @dataclass
-class CaseReport:
-    result: CaseResult
+class CheckReport:
+    result: CheckResult
     sources: dict[str, str]
     customer: Customer | None
     throttle_text: str
@@ -82,7 +82,7 @@ class Investigator:
         self.now = now or (lambda: datetime.now(timezone.utc))
 
     async def check(self, instance_id: str, periods: list[str] | None = None,
-                    exclude_case: int | None = None) -> CaseReport:
+                    exclude_case: int | None = None) -> CheckReport:
         """exclude_case: a case checked again (its own pieces do not count as held by another)."""
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
@@ -110,7 +110,7 @@ class Investigator:
             # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
             # totals only on the days where this instance still has billed time.
             pods, events, sources["kubernetes"], kube_problems = await kube_task
-            case = CaseInput(
+            case = CheckInput(
                 instance=inst, records=records, periods=periods, throttle=throttle,
                 rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
                 prior_cases=prior_cases, systematic_kinds=systematic_counts,
@@ -134,7 +134,7 @@ class Investigator:
             tier_from_pod=any(p.tier for p in pods), true_tier=result.true_tier,
             tier_on_card=result.true_tier in self.config.rate_card,
             finding_kinds=frozenset(f.kind for f in result.findings)))
-        return CaseReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
+        return CheckReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
                           fingerprint=fingerprint,
                           refund_room=refund_room(orders, list(periods)) if orders is not None else None)
 

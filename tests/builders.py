@@ -4,7 +4,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from handlers.model import CaseInput, Instance, LogEvent, OrgInterval, Pod, Record, UsageEvent
+from handlers.model import CheckInput, Instance, LogEvent, OrgInterval, Pod, Record, UsageEvent
 from handlers.timeline import to_us
 from services.config import DEFAULT_RATE_CARD, Throttle
 
@@ -56,10 +56,10 @@ def org_iv(r: Record) -> OrgInterval:
 
 
 def case(records, *, instance=None, periods=("2026-10",), throttle=DEFAULT_THROTTLE, pods=(), logs=(),
-         polar=None, org_records=None, **kw) -> CaseInput:
+         polar=None, org_records=None, **kw) -> CheckInput:
     records = list(records)
     org = list(records) + list(org_records or [])
-    return CaseInput(instance=instance or inst(), records=records, periods=list(periods), throttle=throttle,
+    return CheckInput(instance=instance or inst(), records=records, periods=list(periods), throttle=throttle,
                      rate_card=dict(DEFAULT_RATE_CARD), pods=list(pods), log_events=list(logs),
                      polar_events=list(polar) if polar is not None else None,
                      org_intervals=[org_iv(r) for r in org], **kw)

@@ -81,3 +81,30 @@ def bot_env(db_url, kube, polar, tmp_path):
                POLAR_API_KEY=POLAR_TOKEN)
     env.pop("BILLING_BOT_CONFIG", None)
     return env
+
+
+@pytest.fixture
+def smtp():
+    from aiosmtpd.controller import Controller
+
+    class Inbox:
+        def __init__(self):
+            self.messages = []
+
+        async def handle_DATA(self, server, session, envelope):
+            import email
+            from email import policy
+            msg = email.message_from_bytes(envelope.content, policy=policy.default)
+            text = f"Subject: {msg['Subject']}\n\n" + msg.get_content()  # decoded as a mail client shows it
+            self.messages.append((envelope.rcpt_tos, text))
+            return "250 OK"
+
+    from .slack_harness import free_port
+
+    inbox = Inbox()
+    port = free_port()
+    controller = Controller(inbox, hostname="127.0.0.1", port=port)
+    controller.start()
+    inbox.url = f"smtp://127.0.0.1:{port}?from=support@orzbob.cloud"
+    yield inbox
+    controller.stop()

@@ -9,7 +9,7 @@ from decimal import Decimal
 
 import pytest
 
-from handlers.model import CaseInput, OrgInterval, UsageEvent
+from handlers.model import CheckInput, OrgInterval, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps, run_case
 from handlers.timeline import from_us
 from services.config import parse_config
@@ -86,12 +86,12 @@ def both_ways(db_url, periods, rng):
                            for k, r in enumerate(rng.sample(whole, 8))]
                 base = dict(instance=inst, periods=periods, throttle=thr, rate_card=parse_config({}).rate_card,
                             polar_events=events)
-                walk = first_steps(CaseInput(records=bounded, **base))
+                walk = first_steps(CheckInput(records=bounded, **base))
                 days = [from_us(d) for d in days_for_daily_limit(walk)]
                 intervals = await dbx.org_intervals(conn, "o-p", days, thr.daily_limit) if days else None
                 got = finish(walk, intervals)
                 everything = [OrgInterval(r.instance_id, r.id, r.start, r.end) for rs in org for r in rs]
-                want = run_case(CaseInput(records=whole, org_intervals=everything, **base))
+                want = run_case(CheckInput(records=whole, org_intervals=everything, **base))
                 return got, want, len(bounded), len(whole)
         finally:
             await dbx.close()

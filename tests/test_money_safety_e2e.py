@@ -13,7 +13,7 @@ from .fakes.polar_server import TOKEN
 from .fakes.slack_server import FakeSlack
 from .seed import instance, record
 from .slack_harness import Bot, wait_for
-from .test_slack_e2e import GROUPS, case_row, events, open_case, seed_cases, smtp  # noqa: F401  (fixture)
+from .test_slack_e2e import GROUPS, case_row, events, open_case, seed_cases
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 from .fakes.polar_server import TOKEN, WEBHOOK_SECRET
 from .fakes.slack_server import FakeSlack
 from .slack_harness import Bot, wait_for
-from .test_slack_e2e import GROUPS, case_row, events, open_case, seed_cases, smtp  # noqa: F401  (fixture)
+from .test_slack_e2e import GROUPS, case_row, events, open_case, seed_cases
 
 
 @pytest.fixture

@@ -234,33 +234,6 @@ def test_reminder_fires_once_per_interval_across_two_bot_processes(db, db_url, s
 
 # --- approve -> issue -> email, through the served bot -----------------------------------------
 
-@pytest.fixture
-def smtp():
-    from aiosmtpd.controller import Controller
-
-    class Inbox:
-        def __init__(self):
-            self.messages = []
-
-        async def handle_DATA(self, server, session, envelope):
-            import email
-            from email import policy
-            msg = email.message_from_bytes(envelope.content, policy=policy.default)
-            text = f"Subject: {msg['Subject']}\n\n" + msg.get_content()  # decoded as a mail client shows it
-            self.messages.append((envelope.rcpt_tos, text))
-            return "250 OK"
-
-    from .slack_harness import free_port
-
-    inbox = Inbox()
-    port = free_port()
-    controller = Controller(inbox, hostname="127.0.0.1", port=port)
-    controller.start()
-    inbox.url = f"smtp://127.0.0.1:{port}?from=support@orzbob.cloud"
-    yield inbox
-    controller.stop()
-
-
 def issuing_bot(db_url, slack, polar, smtp, tmp_path):
     """The served bot connected to our Polar server and SMTP server, as production issues credits."""
     from .fakes.polar_server import TOKEN
