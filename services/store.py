@@ -34,6 +34,7 @@ CUSTOMER_LOCKS = 7_242_003  # pg_advisory_xact_lock(space, hashtext(customer_id)
 INSTANCE_LOCKS = 7_242_004  # pg_advisory_xact_lock(space, hashtext(instance_id))
 CASE_LOCKS = 7_242_002  # pg_try_advisory_lock(space, case id): one issuing worker per case
 
+_RECORDS_FOR_PERIODS = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text()
 _bound: contextvars.ContextVar = contextvars.ContextVar("billing_bot_bound_connection", default=None)
 
 # Columns a move may set besides the state (the rest are the store's own business).
@@ -129,27 +130,26 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
                     FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
                     JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
                     WHERE c.instance_id = %(i)s)""" if has_cases else "''")
-    periods = sorted(periods)
-    y, m = int(periods[-1][:4]), int(periods[-1][5:7])
-    after = f"{y + (m == 12):04d}-{m % 12 + 1:02d}-01T00:00:00Z"  # the end of the last checked period
-    # Only what can change the checked periods: the instance's records that start before their end
-    # (a later record can neither duplicate nor stop nor throttle earlier time), and its heartbeat
-    # only while it falls before the end of those records (after them, the idle window they could
-    # meet does not move): a running instance's heartbeats and new months do not block approvals.
+    # Only what can change the checked periods: the records a check of them reads (the periods'
+    # records and the history that can change them, services/sql/records_for_periods.sql, the
+    # same query the check uses), and the heartbeat only while it falls before their end (after
+    # them, the idle window they could meet does not move): a running instance's heartbeats and
+    # new months do not block approvals, and a long history is not hashed whole.
+    recs = _RECORDS_FOR_PERIODS.replace("{columns}", (
+        "r.id, r.end_time, row(r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used,"
+        " r.total_charge, r.billing_period, r.start_time, r.end_time)::text AS t"))
     cur = await conn.execute(
-        f"""WITH recs AS (
-              SELECT r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used, r.total_charge,
-                     r.billing_period, r.start_time, r.end_time
-              FROM billing_records r WHERE r.instance_id = %(i)s AND r.start_time < %(after)s::timestamptz)
+        f"""WITH recs AS (SELECT * FROM ({recs}) x)
             SELECT md5(concat_ws('|',
               (SELECT row(i.instance_id, i.org_id, i.customer_id, i.tier, i.status, i.created_at, i.started_at,
                           i.stopped_at, CASE WHEN i.last_heartbeat >= (SELECT max(end_time) FROM recs) THEN NULL
                                              ELSE i.last_heartbeat END)::text
                FROM instances i WHERE i.instance_id = %(i)s),
-              (SELECT string_agg(row(r.*)::text, ',' ORDER BY r.id) FROM recs r),
+              (SELECT string_agg(t, ',' ORDER BY id) FROM recs),
               (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = %(o)s),
               {credited})) AS fp""",
-        {"i": instance_id, "o": org_id, "periods": periods, "after": after})
+        {"i": instance_id, "o": org_id, "periods": sorted(periods), "instance": instance_id,
+         "gap": timedelta(seconds=60)}, prepare=False)
     return (await cur.fetchone())["fp"]
 
 
