@@ -12,7 +12,7 @@ from slack_sdk.errors import SlackApiError
 
 from bot.blocks import case_message, escape, evidence_messages, mention_text
 from bot.context import BotContext
-from handlers.cases import Case
+from handlers.cases import Case, can, state_refusal
 from handlers.timeline import fmt_money
 from services.approvals import everyone, holders
 from services.cases import Outcome
@@ -37,6 +37,31 @@ def button_ids(body: dict) -> tuple[str, str | None, int, int | None]:
     case_id, _, failure = raw.partition(":")
     return (body["user"]["id"], (body.get("channel") or {}).get("id"), int(case_id),
             int(failure) if failure else None)
+
+
+async def open_decision_modal(ctx: BotContext, client, body: dict, action: str, build_view) -> None:
+    """Open Adjust's or Reject's modal at once (Slack's trigger lives 3 s), or say why not."""
+    user, channel, case_id, _ = button_ids(body)
+    case = await ctx.cases.store.get(case_id)
+    if case is None or not can(action, case.state):
+        ctx.spawn(ephemeral(ctx, channel, user, state_refusal(case) if case else "No such case."))
+        return
+    await client.views_open(trigger_id=body["trigger_id"], view=build_view(case))
+
+
+async def answer_submission(ctx: BotContext, ack, out: Outcome, field: str, user: str, decision: str,
+                            done_text: str) -> None:
+    """A decision modal's answer: the refusal next to the field (with who can decide), or close it
+    and tell the case's message and thread."""
+    if not out.ok:
+        why = out.reason
+        if out.needed_level:
+            why += f". Level {ctx.config.level_label(out.needed_level)} can decide this case"
+        await ack(response_action="errors", errors={field: why[:2000]})
+        return
+    await ack()
+    ctx.metrics.decisions.labels(decision).inc()
+    ctx.spawn(show_outcome(ctx, out, user, out.case.channel_id, done_text), f"{decision} case {out.case.id}")
 
 
 async def refresh_case_message(ctx: BotContext, case: Case) -> None:

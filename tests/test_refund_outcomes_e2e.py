@@ -38,6 +38,14 @@ def start(db, db_url, slack, polar, smtp, tmp_path, secret=True):
     return bot
 
 
+def approved_and_pending(bot, slack):
+    """Open the worked example's case, approve it, and wait for Polar's refund to be pending."""
+    case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
+    bot.action("case_approve", case_id, "U_AGENT2")
+    wait_for(lambda: any("Refund pending in Polar" in t for t in thread_texts(slack)), what="refund pending")
+    return case_id
+
+
 def thread_texts(slack):
     return [m.get("text") or "" for m in slack.of("chat.postMessage") if m.get("thread_ts")]
 
@@ -46,9 +54,7 @@ def test_pending_then_succeeded_tells_the_customer_once_after_the_success(db, db
     polar.next_refund_status = "pending"
     bot = start(db, db_url, slack, polar, smtp, tmp_path)
     try:
-        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
-        bot.action("case_approve", case_id, "U_AGENT2")
-        wait_for(lambda: any("Refund pending in Polar" in t for t in thread_texts(slack)), what="refund pending")
+        case_id = approved_and_pending(bot, slack)
         polar.deliver()  # refund.created (pending): nothing changes
         time.sleep(1.5)
         assert case_row(db_url, case_id)[0] == "issuing"
@@ -72,9 +78,7 @@ def test_pending_then_failed_tells_nobody_of_money_then_invoice_credit_once(db, 
     polar.next_refund_status = "pending"
     bot = start(db, db_url, slack, polar, smtp, tmp_path)
     try:
-        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
-        bot.action("case_approve", case_id, "U_AGENT2")
-        wait_for(lambda: any("Refund pending in Polar" in t for t in thread_texts(slack)), what="refund pending")
+        case_id = approved_and_pending(bot, slack)
         polar.settle_refund(polar.refunds[0]["id"], "failed")
         polar.deliver()
         wait_for(lambda: case_row(db_url, case_id)[0] == "failed", what="failed with Polar's word")
@@ -111,9 +115,7 @@ def test_without_a_webhook_secret_polling_finds_the_outcome(db, db_url, slack, p
     polar.next_refund_status = "pending"
     bot = start(db, db_url, slack, polar, smtp, tmp_path, secret=False)
     try:
-        case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
-        bot.action("case_approve", case_id, "U_AGENT2")
-        wait_for(lambda: any("Refund pending in Polar" in t for t in thread_texts(slack)), what="refund pending")
+        case_id = approved_and_pending(bot, slack)
         assert polar.send(polar.messages("refund.created")[0]).status == 401  # unverifiable: refused
         polar.settle_refund(polar.refunds[0]["id"], "succeeded")  # nobody tells the bot
         wait_for(lambda: case_row(db_url, case_id)[0] == "issued", timeout=20, what="issued by polling")

@@ -6,7 +6,6 @@ from decimal import Decimal, InvalidOperation
 from bot import slack_io
 from bot.blocks import adjust_modal
 from bot.context import ctx_of
-from handlers.cases import state_refusal
 from handlers.timeline import fmt_money
 
 CALLBACK = "case_adjust_modal"
@@ -33,13 +32,7 @@ def parse_amount(text: str) -> tuple[int | None, str | None]:
 async def open_adjust(ack, body, client, context) -> None:
     """Opened at once, while Slack's trigger is valid (3 s), not behind background work."""
     await ack()
-    ctx = ctx_of(context)
-    user, channel, case_id, _ = slack_io.button_ids(body)
-    case = await ctx.cases.store.get(case_id)
-    if case is None or case.state != "pending":
-        ctx.spawn(slack_io.ephemeral(ctx, channel, user, state_refusal(case) if case else "No such case."))
-        return
-    await client.views_open(trigger_id=body["trigger_id"], view=adjust_modal(case))
+    await slack_io.open_decision_modal(ctx_of(context), client, body, "adjust", adjust_modal)
 
 
 async def submit_adjust(ack, body, view, context) -> None:
@@ -52,17 +45,9 @@ async def submit_adjust(ack, body, view, context) -> None:
         return
     before = await ctx.cases.store.get(case_id)
     out = await ctx.cases.adjust(case_id, user, cents)
-    if not out.ok:
-        why = out.reason
-        if out.needed_level:
-            why += f". Level {ctx.config.level_label(out.needed_level)} can decide this case"
-        await ack(response_action="errors", errors={"amount": why[:2000]})
-        return
-    await ack()
-    ctx.metrics.decisions.labels("adjusted").inc()
-    ctx.spawn(slack_io.show_outcome(ctx, out, user, out.case.channel_id, (
+    await slack_io.answer_submission(ctx, ack, out, "amount", user, "adjusted", out.ok and (
         f"<@{user}> lowered the credit from {fmt_money(before.credit_cents)} to {fmt_money(cents)} "
-        f"(needs level {out.case.required_level}).")), f"adjustment of case {case_id}")
+        f"(needs level {out.case.required_level})."))
 
 
 def register(app) -> None:

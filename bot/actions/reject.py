@@ -4,20 +4,13 @@ from __future__ import annotations
 from bot import slack_io
 from bot.blocks import escape, reject_modal
 from bot.context import ctx_of
-from handlers.cases import can, state_refusal
 
 CALLBACK = "case_reject_modal"
 
 
 async def open_reject(ack, body, client, context) -> None:
     await ack()
-    ctx = ctx_of(context)
-    user, channel, case_id, _ = slack_io.button_ids(body)
-    case = await ctx.cases.store.get(case_id)
-    if case is None or not can("reject", case.state):
-        ctx.spawn(slack_io.ephemeral(ctx, channel, user, state_refusal(case) if case else "No such case."))
-        return
-    await client.views_open(trigger_id=body["trigger_id"], view=reject_modal(case))
+    await slack_io.open_decision_modal(ctx_of(context), client, body, "reject", reject_modal)
 
 
 async def submit_reject(ack, body, view, context) -> None:
@@ -26,16 +19,8 @@ async def submit_reject(ack, body, view, context) -> None:
     user = body["user"]["id"]
     reason = (view["state"]["values"]["reason"]["value"]["value"] or "").strip()
     out = await ctx.cases.reject(case_id, user, reason)
-    if not out.ok:
-        why = out.reason
-        if out.needed_level:
-            why += f". Level {ctx.config.level_label(out.needed_level)} can decide this case"
-        await ack(response_action="errors", errors={"reason": why[:2000]})
-        return
-    await ack()
-    ctx.metrics.decisions.labels("rejected").inc()
-    ctx.spawn(slack_io.show_outcome(ctx, out, user, out.case.channel_id, f"Rejected by <@{user}>: {escape(reason)}"),
-              f"rejection of case {case_id}")
+    await slack_io.answer_submission(ctx, ack, out, "reason", user, "rejected",
+                                     f"Rejected by <@{user}>: {escape(reason)}")
 
 
 def register(app) -> None:
