@@ -2,13 +2,11 @@
 message is still laid out by its template), held to Block Kit's limits. User text is escaped."""
 from __future__ import annotations
 
-import json
 
 from handlers.cases import Case, other_method
-from handlers.coverage import coverage_line, kind_title
+from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money
-from templates import render
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
@@ -77,25 +75,94 @@ def status_line(case: dict) -> str:
     return state
 
 
-def case_message(case, config, customer_name: str | None = None) -> dict:
+def _mrkdwn(text: str) -> dict:
+    return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
+
+
+def _context(text: str) -> dict:
+    return {"type": "context", "elements": [{"type": "mrkdwn", "text": text}]}
+
+
+def _button(action_id: str, case_id: int, text: str, style: str | None = None) -> dict:
+    b = {"type": "button", "action_id": action_id, "value": str(case_id), "text": {"type": "plain_text", "text": text}}
+    if style:
+        b["style"] = style
+    return b
+
+
+def case_message(case, config, customer_name: str | None = None, status: str | None = None) -> dict:
+    """The case message (SPEC 5). Coverage comes first: a case that could not judge every kind
+    never reads as an all-clear. Buttons carry only the case id; the amount is the stored one.
+    status: a line that says more than the state does (a refund pending in Polar)."""
     view = _view(case)
-    report = view["report"]
-    findings = report["findings"]
+    r = view["report"]
+    cov = r.get("coverage")
+    partial = not cov or cov.get("state") == "partial"
+    findings = r["findings"]
     shown = findings[:MAX_FINDINGS_IN_MESSAGE]
-    text = render("case_message.json.j2", case=view, findings=shown, more_findings=len(findings) - len(shown),
-                  customer_name=customer_name, level_text=level_text(config, case["required_level"]),
-                  status_line=status_line(view))
-    msg = json.loads(text)
-    notes = refund_room_notes(view["report"]) if view["state"] == "pending" and view["method"] == "refund" else []
-    for note in notes:
-        msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
-    if view.get("exposure_cents"):
-        note = (f"Needs level {config.level_label(view['required_level'])} for "
-                f"{fmt_money(view['credit_cents'] + view['exposure_cents'])}: this credit plus "
-                f"{fmt_money(view['exposure_cents'])} credited to or awaiting {escape(view['customer_id'])} "
-                f"in the last {config.exposure_window.days} days.")
-        msg["blocks"].insert(-1, {"type": "context", "elements": [{"type": "mrkdwn", "text": note}]})
-    return enforce_limits(msg)
+    levels = level_text(config, view["required_level"])
+    mark = ":warning: " if partial else (":grey_question: " if cov.get("state") == "no_records" else ":white_check_mark: ")
+    head = mark + coverage_line(cov)
+    if partial and cov and cov.get("why"):
+        head += "\n• " + "\n• ".join(cov["why"])
+    if partial and findings:
+        head += (f"\nThe credit covers only what could be judged: {check_again(r['sources'])} before approving; "
+                 "the amount may change.")
+    who = f"{customer_name} ({r['customer_id']})" if customer_name else r["customer_id"]
+    periods = ", ".join(r["periods"]) + (f"  ·  ticket {view['ticket_id']}" if view["ticket_id"] else "")
+    blocks = [
+        {"type": "header", "text": {"type": "plain_text", "text": f"Billing case #{view['id']} · {r['instance_id']}"}},
+        _mrkdwn(head),
+        {"type": "section", "fields": [
+            {"type": "mrkdwn", "text": f"*Customer*\n{who}"}, {"type": "mrkdwn", "text": f"*Org*\n{r['org_id']}"},
+            {"type": "mrkdwn", "text": f"*Instance*\n{r['instance_id']} (true tier {r['true_tier']})"},
+            {"type": "mrkdwn", "text": f"*Periods*\n{periods}"}]},
+        {"type": "divider"},
+    ]
+    for f in shown:
+        unsure = "  _(not fully judged)_" if cov and f["kind"] in cov.get("kinds", []) else ""
+        evidence = ("\n• " + "\n• ".join(f["evidence"][:2])) if f["evidence"] else ""
+        blocks.append(_mrkdwn(f"*{kind_title(f['kind'])}* — *{fmt_money(f['credit_cents'])}*{unsure}\n"
+                              f"{f['summary']}{evidence}"))
+    if len(findings) > len(shown):
+        blocks.append(_context(f"…and {len(findings) - len(shown)} more findings in the thread"))
+    if not findings:
+        blocks.append(_mrkdwn(no_findings_text(cov, r["periods"], len(r["credited_before"])) + "\n" + next_step(
+            cov, credit_cents=0, level_text=levels, instance_id=r["instance_id"], periods=r["periods"],
+            sources=r["sources"], credited_before=len(r["credited_before"]))))
+    blocks += [_context(c["text"]) for c in r["credited_before"]]
+    if view["state"] == "pending" and view["method"] == "refund":
+        blocks += [_context(note) for note in refund_room_notes(r)]
+    if view["exposure_cents"]:
+        blocks.append(_context(
+            f"Needs level {config.level_label(view['required_level'])} for "
+            f"{fmt_money(view['credit_cents'] + view['exposure_cents'])}: this credit plus "
+            f"{fmt_money(view['exposure_cents'])} credited to or awaiting {escape(view['customer_id'])} "
+            f"in the last {config.exposure_window.days} days."))
+    lowered = (f" (lowered from {fmt_money(view['proposed_cents'])})"
+               if view["credit_cents"] != view["proposed_cents"] else "")
+    systematic = ""
+    if view["systematic"]:
+        systematic = (" :rotating_light: systematic: engineering is told" if config.channels.get("engineering")
+                      else " :rotating_light: systematic (no engineering channel is configured to tell)")
+    blocks += [
+        {"type": "divider"},
+        _mrkdwn(f"*Credit {fmt_money(view['credit_cents'])}*{lowered}  ·  needs {levels}{systematic}"),
+        _context(f"Sources: database {r['sources']['database']} · kubernetes {r['sources']['kubernetes']} · "
+                 f"polar {r['sources']['polar']}  ·  opened by <@{view['requested_by']}>"),
+    ]
+    if view["state"] == "pending":
+        method = "refund" if view["method"] == "refund" else "invoice credit"
+        other = "invoice credit" if view["method"] == "refund" else "refund"
+        blocks.append({"type": "actions", "block_id": f"case_actions_{view['id']}", "elements": [
+            _button("case_approve", view["id"], f"Approve {fmt_money(view['credit_cents'])} ({method})", "primary"),
+            _button("case_approve_other_method", view["id"], f"Approve as {other}"),
+            _button("case_adjust", view["id"], "Adjust"),
+            _button("case_reject", view["id"], "Reject", "danger")]})
+    else:
+        blocks.append(_context(status or status_line(view)))
+    return enforce_limits({"text": f"Billing case #{view['id']} for {r['instance_id']}: credit "
+                                   f"{fmt_money(view['credit_cents'])}", "blocks": blocks})
 
 
 def refund_room_notes(report: dict) -> list[str]:

@@ -103,7 +103,9 @@ class SlackNotifier:
                                     None, None)
 
     async def pending(self, case: Case, refs: list[str]) -> None:
-        await slack_io.refresh_case_message(self.ctx, case)
+        await slack_io.refresh_case_message(self.ctx, case, status=(
+            f":hourglass: Approved by <@{case.decided_by}>: refund pending in Polar ({', '.join(refs)}). "
+            "The customer is told once Polar confirms it."))
         await slack_io.post_thread(self.ctx, case, (
             f":hourglass: Refund pending in Polar ({', '.join(refs)}): the customer is told once Polar confirms it."))
 

@@ -64,10 +64,10 @@ async def answer_submission(ctx: BotContext, ack, out: Outcome, field: str, user
     ctx.spawn(show_outcome(ctx, out, user, out.case.channel_id, done_text), f"{decision} case {out.case.id}")
 
 
-async def refresh_case_message(ctx: BotContext, case: Case) -> None:
+async def refresh_case_message(ctx: BotContext, case: Case, status: str | None = None) -> None:
     if not case.channel_id or not case.message_ts:
         return
-    msg = case_message(case, ctx.config)
+    msg = case_message(case, ctx.config, status=status)
     await ctx.client.chat_update(channel=case.channel_id, ts=case.message_ts, text=msg["text"], blocks=msg["blocks"])
 
 
