@@ -34,7 +34,7 @@ from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
 from services.background import Background
 from services.cases import CaseService, Outcome
-from services.polar import PolarClient, PolarError, PolarUnavailable
+from services.polar import PolarClient, PolarError, PolarUnavailable, refund_failure_reason
 from services.store import Outbox
 
 log = logging.getLogger(__name__)
@@ -375,8 +375,9 @@ class Issuer:
                 continue
             except PolarError as exc:
                 await self.outbox.fail(intent["id"], str(exc))
-                raise IssueFailed(_refusal_reason(exc, order, period, amount),
-                                  offer_other_method=exc.status in (403, 422)) from exc
+                where = f"order {order.get('invoice_number') or order['id']} ({period}, {fmt_money(amount)})"
+                raise IssueFailed(f"{where}: {refund_failure_reason(exc)}",
+                                  offer_other_method=exc.status in (400, 403, 422)) from exc
             log.info("case %s: refund %s of %s cents on order %s (%s)", case.id, refund.get("id"), amount,
                      order["id"], refund.get("status"))
             return refund
@@ -481,17 +482,6 @@ def _no_unknown_invoice_credit(rows: list[dict]) -> None:
             raise IssueFailed(f"an invoice credit of {fmt_money(i['amount_cents'])} may be partly on the next invoice "
                               "already: retry it as invoice credit (its events are idempotent) before refunding",
                               offer_other_method=True)
-
-
-def _refusal_reason(exc: PolarError, order: dict, period: str, amount: int) -> str:
-    where = f"order {order.get('invoice_number') or order['id']} ({period})"
-    if exc.status == 403:
-        return (f"Polar refused the refund of {fmt_money(amount)} on {where}: the order is already fully refunded "
-                f"or its payment is disputed ({exc.detail}). Issue it as invoice credit instead.")
-    if exc.status == 422:
-        return (f"Polar refused the refund of {fmt_money(amount)} on {where}: it exceeds what the order can still "
-                f"refund ({exc.detail}). Issue the rest as invoice credit.")
-    return f"Polar refused the refund on {where}: {exc.error}: {exc.detail}"
 
 
 def _iso(us: int) -> str:
