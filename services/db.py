@@ -215,27 +215,11 @@ class Database:
 
     # --- the bot's own schema (read side used by checks) ------------------------------------------
 
-    async def _has_table(self, conn, table: str) -> bool:
-        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.schema}.{table}",))
-        return (await cur.fetchone())["ok"]
-
     async def systematic_counts(self, conn, periods: list[str]) -> dict[str, int]:
-        """Finding kind -> customers the reconciliation of the latest reconciled day saw it for, if
-        that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:
-        reconciling an old day again must not replace the counts. Only whole-day runs count (one
-        process, or the merge of all shards); of several runs of that day, the last."""
-        if not await self._has_table(conn, "reconcile_kind_customers"):
-            return {}
-        s = self.schema
-        cur = await conn.execute(
-            "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'shard' AND NOT attisdropped",
-            (f"{s}.reconcile_runs",))
-        whole = "WHERE shard IS NULL" if await cur.fetchone() else ""  # before migration 010 every run was whole
-        cur = await conn.execute(
-            f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
-            f" WHERE run_id = (SELECT id FROM {s}.reconcile_runs {whole} ORDER BY day DESC, id DESC LIMIT 1)"
-            " AND period = ANY(%s)", (periods,))
-        return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
+        """The latest reconciled day's counts per finding kind (services.store.systematic_counts)."""
+        from services.store import systematic_counts
+
+        return await systematic_counts(conn, self.schema, periods)
 
 
 def _us(value) -> int | None:

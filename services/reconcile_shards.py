@@ -7,8 +7,6 @@ morning message is claimed by a conditional UPDATE, so it is posted once however
 """
 from __future__ import annotations
 
-import json
-
 from services.reconcile import Anomaly, Reconciliation, sort_anomalies
 from services.store import Store
 
@@ -16,14 +14,7 @@ from services.store import Store
 async def save_shard(db, run_key: str, shard: tuple[int, int], rec: Reconciliation) -> None:
     store = Store(db)
     await store.migrate()
-    async with db.pool.connection() as conn:
-        await conn.execute(
-            f"INSERT INTO {db.schema}.reconcile_runs (day, totals, run_key, shard, shards, anomalies)"
-            " VALUES (%s, %s, %s, %s, %s, %s)"
-            " ON CONFLICT (run_key, shard) WHERE shard IS NOT NULL"
-            " DO UPDATE SET totals = EXCLUDED.totals, anomalies = EXCLUDED.anomalies, ran_at = now()",
-            (rec.day, json.dumps(rec.totals()), run_key, shard[0], shard[1],
-             json.dumps([a.as_json() for a in rec.anomalies])))
+    await store.save_shard_row(run_key, shard, rec.day, rec.totals(), [a.as_json() for a in rec.anomalies])
 
 
 async def merge_if_complete(db, run_key: str, day, shards: int) -> Reconciliation | None:
@@ -31,11 +22,7 @@ async def merge_if_complete(db, run_key: str, day, shards: int) -> Reconciliatio
 
     Each shard reads after its own row is committed, so the last to commit sees all N: at least one
     shard merges. Storing the merge is left to the unique index, so it is stored at most once."""
-    async with db.pool.connection() as conn:
-        cur = await conn.execute(
-            f"SELECT shard, anomalies FROM {db.schema}.reconcile_runs"
-            " WHERE run_key = %s AND shard IS NOT NULL AND shards = %s AND day = %s", (run_key, shards, day))
-        rows = await cur.fetchall()
+    rows = await Store(db).shard_rows(run_key, shards, day)
     if len(rows) < shards:
         return None
     merged = Reconciliation(day, sort_anomalies([Anomaly.from_json(a) for r in rows for a in r["anomalies"]]))
@@ -45,15 +32,9 @@ async def merge_if_complete(db, run_key: str, day, shards: int) -> Reconciliatio
 
 async def claim_post(db, run_key: str) -> bool:
     """True for exactly one process: the one whose UPDATE marked the merged run as being posted."""
-    async with db.pool.connection() as conn:
-        cur = await conn.execute(
-            f"UPDATE {db.schema}.reconcile_runs SET posted_at = now()"
-            " WHERE run_key = %s AND shard IS NULL AND posted_at IS NULL RETURNING id", (run_key,))
-        return await cur.fetchone() is not None
+    return await Store(db).claim_post(run_key)
 
 
 async def release_post(db, run_key: str) -> None:
     """The post failed: let a retried shard claim it again."""
-    async with db.pool.connection() as conn:
-        await conn.execute(f"UPDATE {db.schema}.reconcile_runs SET posted_at = NULL"
-                           " WHERE run_key = %s AND shard IS NULL", (run_key,))
+    await Store(db).release_post(run_key)

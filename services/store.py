@@ -118,6 +118,36 @@ class Store:
                         (run_id, period, kind, len(customers)))
         return run_id
 
+    async def save_shard_row(self, run_key: str, shard: tuple[int, int], day, totals: dict, anomalies: list) -> None:
+        """A shard's part of a day (reconcile --shard); a retried shard replaces its row."""
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.s}.reconcile_runs (day, totals, run_key, shard, shards, anomalies)"
+                " VALUES (%s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (run_key, shard) WHERE shard IS NOT NULL"
+                " DO UPDATE SET totals = EXCLUDED.totals, anomalies = EXCLUDED.anomalies, ran_at = now()",
+                (day, json.dumps(totals), run_key, shard[0], shard[1], json.dumps(anomalies)))
+
+    async def shard_rows(self, run_key: str, shards: int, day) -> list[dict]:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"SELECT shard, anomalies FROM {self.s}.reconcile_runs"
+                " WHERE run_key = %s AND shard IS NOT NULL AND shards = %s AND day = %s", (run_key, shards, day))
+            return await cur.fetchall()
+
+    async def claim_post(self, run_key: str) -> bool:
+        """True for exactly one process: the one whose UPDATE marked the merged run as being posted."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"UPDATE {self.s}.reconcile_runs SET posted_at = now()"
+                " WHERE run_key = %s AND shard IS NULL AND posted_at IS NULL RETURNING id", (run_key,))
+            return await cur.fetchone() is not None
+
+    async def release_post(self, run_key: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.reconcile_runs SET posted_at = NULL"
+                               " WHERE run_key = %s AND shard IS NULL", (run_key,))
+
 
 async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
     """A digest of the database evidence a case is built on (SPEC 2.2): the instance row, its
@@ -177,6 +207,25 @@ async def held_pieces(conn, s: str, instance_id: str, exclude_case: int | None =
                        None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
              for r in await cur.fetchall()]
     return covers, cases
+
+
+async def systematic_counts(conn, s: str, periods: list[str]) -> dict[str, int]:
+    """Finding kind -> customers the reconciliation of the latest reconciled day saw it for, if
+    that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:
+    reconciling an old day again must not replace the counts. Only whole-day runs count (one
+    process, or the merge of all shards); of several runs of that day, the last."""
+    if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                      (f"{s}.reconcile_kind_customers",))).fetchone())["ok"]:
+        return {}
+    cur = await conn.execute(
+        "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'shard' AND NOT attisdropped",
+        (f"{s}.reconcile_runs",))
+    whole = "WHERE shard IS NULL" if await cur.fetchone() else ""  # before migration 010 every run was whole
+    cur = await conn.execute(
+        f"SELECT finding_kind, customers FROM {s}.reconcile_kind_customers"
+        f" WHERE run_id = (SELECT id FROM {s}.reconcile_runs {whole} ORDER BY day DESC, id DESC LIMIT 1)"
+        " AND period = ANY(%s)", (periods,))
+    return {r["finding_kind"]: int(r["customers"]) for r in await cur.fetchall()}
 
 
 def _case(row) -> Case | None:
