@@ -87,6 +87,7 @@ class CaseService:
                     return Outcome("existing", existing, report=report)
                 if data["credit_cents"] > 0 and (
                         await tx.fingerprint(inst.instance_id, inst.org_id, data["periods"]) != report.fingerprint
+                        or await tx.holders(inst.instance_id, None) != report.holders
                         or await tx.held_elsewhere(covered, None)):
                     continue  # a record or another case changed since the check read: check again
                 exposure = await tx.exposure(inst.customer_id, self.config.exposure_window, None) \
@@ -251,7 +252,10 @@ class CaseService:
             report = await self.investigator.check(case.instance_id, list(case.periods), exclude_case=case.id)
             data = report.as_json()
             async with self.store.locked(case.customer_id, case.instance_id) as tx:
+                # the records, and which other cases hold the time, must be as the check read them:
+                # two twins re-checked at once would otherwise each give up the time to the other
                 if await tx.fingerprint(case.instance_id, case.org_id, case.periods) != report.fingerprint \
+                        or await tx.holders(case.instance_id, case.id) != report.holders \
                         or await tx.held_elsewhere(report.result.covered, case.id):
                     continue
                 exposure = await tx.exposure(case.customer_id, self.config.exposure_window, case.id)

@@ -42,6 +42,7 @@ class CheckReport:
     coverage: Coverage  # what could be judged; first in every output (SPEC 5)
     fingerprint: str = ""  # of the database evidence, read in the same snapshot (SPEC 2.2)
     refund_room: dict | None = None  # per period: the invoicing order and what it can still refund
+    holders: tuple[int, ...] = ()  # the other cases holding the instance's time when it was read
 
     def as_json(self) -> dict:
         r = self.result
@@ -136,7 +137,8 @@ class Investigator:
             finding_kinds=frozenset(f.kind for f in result.findings)))
         return CheckReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
                           fingerprint=fingerprint,
-                          refund_room=refund_room(orders, list(periods)) if orders is not None else None)
+                          refund_room=refund_room(orders, list(periods)) if orders is not None else None,
+                          holders=tuple(sorted(pc.case_id for pc in prior_cases)))
 
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
         """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""

@@ -349,11 +349,18 @@ class CaseTx:
         await self.conn.execute(f"DELETE FROM {self.s}.case_pieces WHERE case_id = %s", (case_id,))
         if to_state == "pending":
             await self._pieces(case_id, draft.covered)
-        await self.event(case_id, actor, action, detail)
+        await self.event(case_id, actor, _EVENT[action], detail)
         return Case.from_row(row)
 
     async def move(self, case_id: int, action: Action, actor: str, detail: dict | None = None, **fields) -> Case | None:
         return await self.store._move(self.conn, case_id, action, actor, detail, fields)
+
+    async def holders(self, instance_id: str, exclude_case: int | None) -> tuple[int, ...]:
+        """The cases that hold the instance's time now (SPEC 2.2), but exclude_case."""
+        cur = await self.conn.execute(
+            f"SELECT id FROM {self.s}.cases WHERE instance_id = %s AND state = ANY(%s) AND id IS DISTINCT FROM %s"
+            " ORDER BY id", (instance_id, list(HOLDING), exclude_case))
+        return tuple(r["id"] for r in await cur.fetchall())
 
     async def remainder_of(self, parent_id: int) -> Case | None:
         cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE parent_case_id = %s", (parent_id,))

@@ -193,3 +193,57 @@ def test_a_database_outage_is_told_in_slack_not_only_in_the_log(db, db_url, slac
         assert upd["text"].startswith(":x: Could not investigate i-7f3a") and "Try again shortly" in upd["text"]
     finally:
         bot.stop()
+
+
+def make_twin(db_url, case_id) -> int:
+    """A second case over the same billed time, as the bot before holding could leave in a database."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        cols = [r[0] for r in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'billing_bot'"
+            " AND table_name = 'cases' AND column_name NOT IN ('id', 'message_ts')")]
+        twin = conn.execute(f"INSERT INTO billing_bot.cases ({', '.join(cols)}) SELECT {', '.join(cols)}"
+                            " FROM billing_bot.cases WHERE id = %s RETURNING id", (case_id,)).fetchone()[0]
+        conn.execute("INSERT INTO billing_bot.case_pieces (case_id, kind, record_id, start_us, end_us, extra_events)"
+                     " SELECT %s, kind, record_id, start_us, end_us, extra_events FROM billing_bot.case_pieces"
+                     " WHERE case_id = %s", (twin, case_id))
+        return twin
+
+
+@pytest.mark.parametrize("at_once", [False, True])
+def test_twin_cases_left_by_an_older_bot_credit_the_time_once(db, db_url, slack, polar, smtp, tmp_path, at_once):
+    seed_cases(db)
+    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
+    polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
+    bot = Bot(db_url, slack, tmp_path, extra_env=issuing_env(polar, smtp))
+    try:
+        first, _ = open_case(bot, slack, "i-7f3a 2026-10")
+        twin = make_twin(db_url, first)
+        if at_once:
+            clicks = [threading.Thread(target=bot.action, args=("case_approve", cid, "U_AGENT2")) for cid in (first, twin)]
+            for t in clicks:
+                t.start()
+            for t in clicks:
+                t.join()
+        else:
+            bot.action("case_approve", first, "U_AGENT2")
+            wait_for(lambda: case_row(db_url, first)[0] != "pending", what="the first decision")
+            bot.action("case_approve", twin, "U_AGENT2")
+        # each approval sees the other twin holding the time: the evidence changed, so one twin gives
+        # the time up (expired) and the other keeps it and waits for a new decision (SPEC 2.2)
+        decided = {"approved", "rechecked", "expired"}
+        wait_for(lambda: all(decided & set(events(db_url, c)) for c in (first, twin)), what="both approvals handled")
+        settled = wait_for(lambda: (lambda st: st if not {"approved", "issuing"} & set(st) else None)(
+            [case_row(db_url, c)[0] for c in (first, twin)]), what="the twins settled")
+        if "issued" not in settled:
+            assert sorted(settled) == ["expired", "pending"], settled
+            again = (first, twin)[settled.index("pending")]
+            bot.action("case_approve", again, "U_AGENT2")
+        wait_for(lambda: {case_row(db_url, c)[0] for c in (first, twin)} & {"issued"}, what="one issued")
+        time.sleep(2.0)  # anything the second approval could still do
+        states = sorted(case_row(db_url, c)[0] for c in (first, twin))
+        assert "issued" in states and states.count("issued") == 1, states
+        assert sum(r["amount"] for r in polar.refunds) == 1028 and len(polar.refunds) == 1
+        with psycopg.connect(db_url) as conn:
+            assert conn.execute("SELECT count(*) FROM billing_corrections").fetchone()[0] == 1
+    finally:
+        bot.stop()
