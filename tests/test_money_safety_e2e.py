@@ -28,6 +28,14 @@ def issuing_env(polar, smtp, **extra):
             "BILLING_BOT_SWEEP_S": "0.5", "BILLING_BOT_SWEEP_AGE_S": "1", **extra}
 
 
+def issuing_worked_example(db, db_url, slack, polar, smtp, tmp_path):
+    """The served bot issuing against our Polar, with the worked example's customer invoiced for October."""
+    seed_cases(db)
+    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
+    polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
+    return Bot(db_url, slack, tmp_path, extra_env=issuing_env(polar, smtp))
+
+
 def cases_of(db_url, instance_id):
     with psycopg.connect(db_url) as conn:
         return conn.execute("SELECT id, state FROM billing_bot.cases WHERE instance_id = %s ORDER BY id",
@@ -94,10 +102,7 @@ def test_ten_approvals_at_once_are_all_issued_each_once(db, db_url, slack, polar
 
 
 def test_slack_failing_right_after_an_approval_does_not_stop_the_money(db, db_url, slack, polar, smtp, tmp_path):
-    seed_cases(db)
-    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
-    polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
-    bot = Bot(db_url, slack, tmp_path, extra_env=issuing_env(polar, smtp))
+    bot = issuing_worked_example(db, db_url, slack, polar, smtp, tmp_path)
     try:
         case_id, _ = open_case(bot, slack, "i-7f3a 2026-10")
         # from the approval on, Slack answers message_not_found to updates and fails thread posts
@@ -211,10 +216,7 @@ def make_twin(db_url, case_id) -> int:
 
 @pytest.mark.parametrize("at_once", [False, True])
 def test_twin_cases_left_by_an_older_bot_credit_the_time_once(db, db_url, slack, polar, smtp, tmp_path, at_once):
-    seed_cases(db)
-    polar.add_customer("c-acme", email="ada@example.com", name="Ada Lovelace")
-    polar.add_order("c-acme", datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 5000)
-    bot = Bot(db_url, slack, tmp_path, extra_env=issuing_env(polar, smtp))
+    bot = issuing_worked_example(db, db_url, slack, polar, smtp, tmp_path)
     try:
         first, _ = open_case(bot, slack, "i-7f3a 2026-10")
         twin = make_twin(db_url, first)
