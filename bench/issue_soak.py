@@ -115,7 +115,12 @@ async def soak(runs: int, seed_: int) -> dict:
             stats["killed"] += 1
         await asyncio.gather(*tasks, return_exceptions=True)
         polar.faults.clear()
-    resumed = await Issuer(service, client, CONFIG, Quiet(), lookup_delay_s=0.01).resume_unfinished()
+    restarted = Issuer(service, client, CONFIG, Quiet(), lookup_delay_s=0.01)
+    resumed = await restarted.resume_unfinished()
+    # a killed worker's POST may have been in flight: as the sweeper does a minute later, come back
+    # once that window has passed
+    await asyncio.sleep(2 * client.timeout_s)
+    resumed += await restarted.resume_unfinished()
     elapsed = time.perf_counter() - t0
 
     problems = []

@@ -80,6 +80,7 @@ class Issuer:
     lookup_delay_s: float = 0.5
     workers: int = 3  # issuings at once per process; the pool (8) keeps room for checks and Slack
     poll_pending_after_s: float = 600.0  # read back pending refunds after this (0: every sweep)
+    in_flight_window_s: float | None = None  # how long a POST elsewhere may still be running (None: 2x timeout)
     background: Background | None = None  # the issuing workers, bounded to `workers`
 
     @property
@@ -157,6 +158,12 @@ class Issuer:
             # run, resumed after a crash, a retry): not while money is in flight (pending, or sent
             # without an answer), which must be settled first, and not when all of it moved.
             rows = await self._settled_issuances(case)
+            if self._posting_elsewhere(rows):
+                # A worker whose connection died (its session lock with it) may still be waiting on
+                # Polar's answer to its POST: no second POST until that call has surely ended. The
+                # sweeper comes back; the lookup then finds the refund, or nothing and posts safely.
+                log.info("case %s: a refund POST may still be in flight elsewhere; left for the sweeper", case.id)
+                return case
             in_flight = any(i["state"] == "pending" or (i["state"] == "intent" and i["attempts"] > 0) for i in rows)
             if not in_flight and _paid(rows) < case.credit_cents:
                 changed = await self.cases.verify_before_money(case, _paid(rows))
@@ -192,6 +199,13 @@ class Issuer:
                     await self._tell(self.notifier.remainder_offered(done, child), done)
             await self._announce(done)
         return done
+
+    def _posting_elsewhere(self, rows: list[dict]) -> bool:
+        """A refund intent tried, its outcome unknown (the lookup found no refund), within the time
+        one POST can take (the client's timeout, twice over)."""
+        window = 2 * self.polar.timeout_s if self.in_flight_window_s is None else self.in_flight_window_s
+        return any(i["method"] == "refund" and i["state"] == "intent" and i["attempts"] > 0
+                   and time.time() - i["updated_at"].timestamp() < window for i in rows)
 
     # --- what is already paid ----------------------------------------------------------------------
 

@@ -96,6 +96,7 @@ class PolarClient:
         headers = {"Polar-Version": api_version, "Accept": "application/json", "User-Agent": "billing-bot"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
+        self.timeout_s = timeout  # how long one call can take: the issuer waits this out before a re-POST
         self._http = httpx.AsyncClient(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport,
                                        headers=headers)
         self.attempts = attempts

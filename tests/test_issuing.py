@@ -314,3 +314,27 @@ def test_the_remainder_a_capped_refund_left_is_offered_once_as_invoice_credit(db
     assert sorted(str(r[3]) for r in corrections(db_url)) == ["5.00", "5.28"]
     hours = sum(e["metadata"]["hours"] for e in polar.events if e["metadata"].get("case_id") == str(child.id))
     assert hours < 0  # compensating events on the parent's pieces, scaled to the remainder
+
+
+def test_no_second_post_while_a_first_may_still_be_in_flight_elsewhere(db, db_url, polar):
+    """A worker whose pooled connection died lost its lock while its POST may still be running:
+    within the POST's window nobody posts again; after it, the lookup decides, and one refund is made."""
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            await w.cases.move(case.id, "start_issuing", "billing-bot")
+            order = next(o for o in polar.orders if o["created_at"].startswith("2026-11-01"))
+            intent = await Outbox(w.cases).intend(case.id, "refund", order["id"], "2026-10", 1028)
+            await Outbox(w.cases).attempt(intent["id"])  # the other worker's POST started just now
+            w.issuer.in_flight_window_s = 0.5
+            early = await w.issuer.issue(case.id)
+            posts_early = len([r for r in polar.server.requests if r.method == "POST"])
+            await asyncio.sleep(0.6)
+            late = await w.issuer.issue(case.id)
+            return early, posts_early, late
+    early, posts_early, late = run(go())
+    assert early.state == "issuing" and posts_early == 0
+    assert late.state == "issued" and len(polar.refunds) == 1

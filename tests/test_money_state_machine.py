@@ -348,6 +348,7 @@ class MoneyMachine(RuleBasedStateMachine):
             self.polar.refund_status_queue.clear()  # Polar settles refunds at once from now on
             for w in self.workers:
                 w.poll_pending_after_s = 0  # and, as after 10 minutes, the bot reads the outcomes back
+                w.in_flight_window_s = 0  # a cancelled worker's call ended with it (as a sweep minutes later)
             for _ in range(3):  # a bounded number of sweeps finishes whatever was approved
                 for refund in [r for r in self.polar.refunds if r["status"] == "pending"]:
                     self.polar.settle_refund(refund["id"], "succeeded")  # Polar settles what it held
