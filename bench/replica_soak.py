@@ -199,6 +199,8 @@ def soak(runs: int, seed_: int, tmp: Path, kill_at: frozenset[int] = frozenset()
     told_without_money = [c for c in emailed_customers
                           if not any(customer_of[cid] == c and cid in money for cid in states)]
     n_corrections = rows(url, "SELECT count(*) FROM billing_corrections")[0][0]
+    expired_with_credit = rows(url, "SELECT count(*) FROM billing_bot.cases WHERE state = 'expired' AND credit_cents > 0"
+                                    " AND id NOT IN (SELECT case_id FROM billing_bot.case_events WHERE action = 'expired')")[0][0]
     issued = sum(1 for s in states.values() if s == "issued")
     server.cleanup()
     polar.stop()
@@ -211,6 +213,7 @@ def soak(runs: int, seed_: int, tmp: Path, kill_at: frozenset[int] = frozenset()
         "customers_told_of_money_not_moved": len(told_without_money),
         "emails": len(inbox.messages), "emails_per_customer_max": max(emailed_customers.values(), default=0),
         "corrections_rows": n_corrections, "issued": issued, "polar_violations": len(polar.violations),
+        "expired_with_credit": expired_with_credit,
     }
 
 
@@ -224,7 +227,7 @@ def main() -> None:
         print(f"{k}: {v}")
     bad = (out["duplicate_cases"] or out["duplicate_refunds"] or out["stranded"] or out["failed_without_reason"]
            or out["customers_told_of_money_not_moved"] or out["corrections_rows"] != out["issued"]
-           or out["polar_violations"])
+           or out["polar_violations"] or out["expired_with_credit"])
     sys.exit(1 if bad else 0)
 
 
