@@ -98,7 +98,10 @@ def build_plan(kind: str, period: str, checks: Iterable[InstanceFindings]) -> Pl
             if cents == 0:  # a check shows no finding of 0 cents; nothing to credit or list
                 continue
             if k == kind:
-                per_customer.setdefault(c.customer_id, []).append((c.instance_id, cents, hours))
+                # hours as the instance's check shows them (four places): the plan's hours are then
+                # the sum of what each check says, exact, whatever order the checks finish in
+                shown = Decimal(hours_text(Decimal(hours)))
+                per_customer.setdefault(c.customer_id, []).append((c.instance_id, cents, shown))
             else:
                 other.setdefault(k, set()).add(c.customer_id)
     lines = [CustomerLine(customer_id=cust, instance_ids=tuple(sorted(i for i, _, _ in items)),
