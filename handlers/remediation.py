@@ -27,6 +27,9 @@ class InstanceFindings:
     customer_id: str
     instance_id: str
     kinds: Mapping[str, tuple[int, Decimal]]
+    # other cases holding some of this instance's time: (case id, state, kinds); the check already
+    # left their pieces out, the plan says so
+    held_by: tuple[tuple[int, str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,8 @@ class Plan:
     other_kinds: Mapping[str, int]  # kind -> customers with a finding of it (not credited here)
     instances_checked: int
     fingerprint: str
+    # instances whose time of this kind other cases hold (left out): (customer, instance, case, state)
+    held: tuple[tuple[str, str, int, str], ...] = ()
 
     @property
     def instance_count(self) -> int:
@@ -84,12 +89,15 @@ def build_plan(kind: str, period: str, checks: Iterable[InstanceFindings]) -> Pl
     seen: set[str] = set()
     per_customer: dict[str, list[tuple[str, int, Decimal]]] = {}
     other: dict[str, set[str]] = {}
+    held: list[tuple[str, str, int, str]] = []
     checked = 0
     for c in checks:
         if c.instance_id in seen:  # a second check of one instance would credit its time twice
             raise ValueError(f"instance {c.instance_id} appears twice in the plan's checks")
         seen.add(c.instance_id)
         checked += 1
+        held += [(c.customer_id, c.instance_id, case_id, state) for case_id, state, kinds in c.held_by
+                 if kind in kinds]
         for k, (cents, hours) in c.kinds.items():
             if k not in KINDS:
                 raise ValueError(f"unknown finding kind {k!r} in the check of {c.instance_id}")
@@ -112,7 +120,7 @@ def build_plan(kind: str, period: str, checks: Iterable[InstanceFindings]) -> Pl
     total = sum(line.credit_cents for line in lines)
     return Plan(kind=kind, period=period, customers=tuple(lines), total_cents=total,
                 other_kinds={k: len(other[k]) for k in KINDS if k in other}, instances_checked=checked,
-                fingerprint=plan_fingerprint(kind, period, lines))
+                fingerprint=plan_fingerprint(kind, period, lines), held=tuple(sorted(held)))
 
 
 def plan_fingerprint(kind: str, period: str, lines: Iterable[CustomerLine]) -> str:

@@ -15,7 +15,8 @@ from services.multi_check import check_all, instances_billed
 def findings_of(report: CheckReport) -> InstanceFindings:
     r = report.result
     return InstanceFindings(customer_id=r.instance.customer_id, instance_id=r.instance.instance_id,
-                            kinds={f.kind: (f.credit_cents, f.hours) for f in r.findings})
+                            kinds={f.kind: (f.credit_cents, f.hours) for f in r.findings},
+                            held_by=tuple((c["case_id"], c["state"], tuple(c["kinds"])) for c in r.credited_before))
 
 
 async def plan_remediation(inv: Investigator, kind: str, period: str) -> Plan:

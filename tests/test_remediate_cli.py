@@ -180,3 +180,34 @@ def test_usage_report_sums_against_the_records(db, db_url, bot_env):
     text = cli(bot_env, "report", "--usage", "--month", "2026-10").stdout
     assert "; WATCHLIST" in next(line for line in text.splitlines() if " c-2:" in line)
     assert text.splitlines()[0].startswith("Usage in 2026-10: 7 customers billed")
+
+
+def test_time_another_case_holds_is_left_out_of_the_plan_and_said_so(db, db_url, kube, polar, bot_env):
+    """c-b's duplicate is held by a pending case: the plan credits the others and names that case."""
+    import asyncio
+
+    from services.db import Database
+    from services.store import CaseStore
+
+    seed_incident(db, kube, polar)
+
+    async def migrate():
+        dbx = await Database.connect(db_url)
+        try:
+            await CaseStore(dbx).migrate()
+        finally:
+            await dbx.close()
+    asyncio.run(migrate())
+    case_id = db.execute(
+        "INSERT INTO billing_bot.cases (instance_id, org_id, customer_id, periods, state, proposed_cents, credit_cents,"
+        " required_level, kinds, report, requested_by) VALUES ('i-b1','o-a','c-b','{2026-10}','pending',416,416,1,"
+        "'{duplicate_charge}','{}','U1') RETURNING id").fetchone()[0]
+    lo, hi = (int(ts(t).timestamp() * 1_000_000) for t in ("2026-10-05 08:00", "2026-10-05 10:00"))
+    db.execute("INSERT INTO billing_bot.case_pieces (case_id, kind, record_id, start_us, end_us) VALUES"
+               " (%s,'duplicate_charge',6,%s,%s)", (case_id, lo, hi))
+    plan = json.loads(cli(bot_env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10", "--dry-run",
+                          "--json").stdout)
+    assert [c["customer_id"] for c in plan["customers"]] == ["c-a", "c-c"] and plan["total_cents"] == 42
+    text = cli(bot_env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10", "--dry-run").stdout
+    assert f"  - i-b1 (c-b): case {case_id} (pending)" in text.splitlines()
+    assert "Left out, held by other cases (issued, or open until decided):" in text

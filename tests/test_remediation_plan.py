@@ -97,8 +97,11 @@ def test_a_worked_plan():
               InstanceFindings("c-a", "i-1", {"stuck_instance": (100, Decimal("0.33333333333"))}),
               InstanceFindings("c-b", "i-3", {"stuck_instance": (50, Decimal("0.5"))}),
               InstanceFindings("c-c", "i-4", {"duplicate_charge": (7, Decimal(1))}),
-              InstanceFindings("c-d", "i-5", {})]
+              InstanceFindings("c-d", "i-5", {}),
+              InstanceFindings("c-e", "i-6", {}, held_by=((9, "pending", ("stuck_instance",)),
+                                                           (10, "issued", ("wrong_tier",))))]
     plan = build_plan("stuck_instance", "2026-10", checks)
+    assert plan.held == (("c-e", "i-6", 9, "pending"),)  # named, not credited; case 10 held another kind
     assert plan.as_json(1) == {
         "kind": "stuck_instance", "period": "2026-10",
         "customers": [{"customer_id": "c-b", "instance_ids": ["i-2", "i-3"], "hours": "2.0000", "credit_cents": 300},
@@ -106,7 +109,7 @@ def test_a_worked_plan():
         "total_cents": 400, "required_level": 1, "other_kinds": {"duplicate_charge": 1, "wrong_tier": 1}}
     assert plan.as_csv() == ("customer_id,instance_ids,hours,credit_cents\n"
                              "c-b,i-2 i-3,2.0000,300\nc-a,i-1,0.3333,100\n")
-    assert len(plan.fingerprint) == 64 and plan.instance_count == 3 and plan.instances_checked == 5
+    assert len(plan.fingerprint) == 64 and plan.instance_count == 3 and plan.instances_checked == 6
     assert hours_text(plan.hours) == "2.3333"
 
 
