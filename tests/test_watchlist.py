@@ -2,7 +2,6 @@
 morning reconciliation message, which lists watched customers' anomalies first, even the small
 ones a kind's three worst would leave out."""
 import asyncio
-import json
 import subprocess
 import sys
 from datetime import date
