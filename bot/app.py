@@ -32,7 +32,7 @@ from slack_sdk.web.async_client import AsyncWebClient
 
 from bot import home, scheduler
 from bot.actions import adjust, approve, open_case, reject, retry
-from bot.commands import billing_check, billing_report
+from bot.commands import billing_check, billing_report, billing_watch
 from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
@@ -46,7 +46,7 @@ from services.issuing import Issuer
 from services.store import CaseStore
 
 log = logging.getLogger(__name__)
-LISTENERS = (billing_check, billing_report, check_modal, approve, adjust, reject, retry, open_case, home)
+LISTENERS = (billing_check, billing_report, billing_watch, check_modal, approve, adjust, reject, retry, open_case, home)
 
 
 class _DropTokenSkippedWarning(logging.Filter):

@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("check", help="investigate an instance and print the case", epilog=EPILOG, formatter_class=fmt,
                        description="Investigate an instance's billed hours and print the case (SPEC 2).")
-    c.add_argument("instance_id")
+    c.add_argument("instance_id", help="the instance id; or 'customer' / 'org' followed by its id: every instance "
+                   "of the customer or org billed in the periods")
+    c.add_argument("scope_id", nargs="?", metavar="ID", help="after 'customer' or 'org': the customer or org id")
     c.add_argument("--period", action="append",
                    help="billing period YYYY-MM (repeatable; default: the current and the previous month, "
                         "which hold the demo month on the demo database)")
@@ -74,16 +76,85 @@ def _parser() -> argparse.ArgumentParser:
                    " the shards' results are merged in the database")
     r.add_argument("--run", metavar="KEY", help="names a sharded run, so its shards find each other"
                    " (default: the day and N; the Indexed Job passes its uid)")
-    rp = sub.add_parser("report", help="credits issued since a day", epilog=EPILOG, formatter_class=fmt)
-    rp.add_argument("--since", required=True, help="YYYY-MM-DD")
+    rp = sub.add_parser("report", help="credits issued since a day, or the month's usage by customer", epilog=EPILOG,
+                        formatter_class=fmt)
+    rp.add_argument("--since", help="YYYY-MM-DD: credits issued since that day")
     rp.add_argument("--csv", action="store_true")
+    rp.add_argument("--usage", action="store_true", help="the top customers by billed charges and hours in --month")
+    rp.add_argument("--month", help="YYYY-MM (with --usage)")
+    rp.add_argument("--json", action="store_true", help="with --usage: print the report as JSON")
+    rm = sub.add_parser("remediate", help="plan the remediation of one finding kind over a period (SPEC 5.3)",
+                        epilog=EPILOG, formatter_class=fmt,
+                        description="Check every instance billed in the period and add up, per customer, the "
+                                    "findings of one kind (read-only). Issuing the batch from the CLI is not "
+                                    "available yet: without --dry-run the plan is printed and the command exits 2.")
+    rm.add_argument("--kind", required=True, help="duplicate_charge, stuck_instance, throttle_continuous, "
+                    "throttle_daily or wrong_tier")
+    rm.add_argument("--period", required=True, help="billing period YYYY-MM")
+    rm.add_argument("--dry-run", action="store_true", help="only print (and with --csv write) the plan")
+    rm.add_argument("--csv", metavar="FILE", help="write the plan as CSV: customer_id,instance_ids,hours,credit_cents")
+    rm.add_argument("--json", action="store_true", help="print the plan as JSON (SPEC 5.3)")
+    w = sub.add_parser("watch", help="the watchlist: add, remove or list customers", epilog=EPILOG, formatter_class=fmt)
+    w.add_argument("action", choices=("add", "remove", "list"))
+    w.add_argument("customer_id", nargs="?")
+    w.add_argument("reason", nargs="*", help="why (add only)")
     sub.add_parser("demo", help="print the cases of the demo instances (embedded database)", epilog=EPILOG,
                    formatter_class=fmt)
     return p
 
 
 def _machine_output(args) -> bool:
-    return bool(getattr(args, "json", False) or getattr(args, "csv", False))
+    # remediate --csv names a file: its stdout is only machine output with --json
+    csv = getattr(args, "csv", False) if args.command != "remediate" else False
+    return bool(getattr(args, "json", False) or csv)
+
+
+SCOPES = ("customer", "org")
+
+
+def _validate_args(args) -> None:
+    """Every id, period and combination checked before anything is read (exit 2, one line)."""
+    from services.inputs import validate_customer_id, validate_day, validate_kind, validate_month, validate_org_id
+
+    if args.command == "check":
+        if args.instance_id in SCOPES:
+            if not args.scope_id:
+                raise InputError(f"check {args.instance_id}: the {args.instance_id} id is missing "
+                                 f"(billing-bot check {args.instance_id} <id>)")
+            (validate_customer_id if args.instance_id == "customer" else validate_org_id)(args.scope_id)
+        else:
+            validate_instance_id(args.instance_id)
+            if args.scope_id is not None:
+                raise InputError(f"check: unexpected argument {args.scope_id[:80]!r} after the instance id "
+                                 "(use --period YYYY-MM for a period)")
+        for p in args.period or []:
+            validate_period(p)
+    elif args.command == "remediate":
+        validate_kind(args.kind)
+        validate_period(args.period)
+    elif args.command == "report":
+        if args.usage:
+            if not args.month:
+                raise InputError("report --usage: --month YYYY-MM is needed")
+            validate_month(args.month)
+            if args.since or args.csv:
+                raise InputError("report --usage takes --month (and --json), not --since or --csv")
+        else:
+            if not args.since:
+                raise InputError("report: --since YYYY-MM-DD is needed (or --usage --month YYYY-MM)")
+            validate_day(args.since)
+            if args.month or args.json:
+                raise InputError("report: --month and --json go with --usage")
+    elif args.command == "watch":
+        if args.action == "list":
+            if args.customer_id is not None:
+                raise InputError("watch list takes no customer id")
+        else:
+            if not args.customer_id:
+                raise InputError(f"watch {args.action}: the customer id is missing")
+            validate_customer_id(args.customer_id)
+            if args.action == "remove" and args.reason:
+                raise InputError("watch remove takes only the customer id")
 
 
 def demo_banner() -> str:
@@ -124,10 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = Env.from_environ()
         config = load_config()
-        if args.command == "check":
-            validate_instance_id(args.instance_id)
-            for p in args.period or []:
-                validate_period(p)
+        _validate_args(args)
         if env.database_url:
             from services.db import validate_database_url
 
@@ -138,8 +206,14 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("%s", demo_banner())
             else:
                 print(demo_banner(), file=sys.stderr if _machine_output(args) else sys.stdout, flush=True)
+        if args.command == "check" and args.instance_id in SCOPES:
+            return asyncio.run(_check_many(env, config, args))
         if args.command == "check":
             return asyncio.run(_check(env, config, args))
+        if args.command == "remediate":
+            return asyncio.run(run_remediate_cli(env, config, args))
+        if args.command == "watch":
+            return asyncio.run(run_watch_cli(env, config, args))
         if args.command == "demo":
             from bot.demo import run_demo
             return asyncio.run(run_demo(env, config))
@@ -202,6 +276,78 @@ async def _check(env: Env, config: Config, args) -> int:
     else:
         print(render("report.txt.j2", report=report, level_text=config.level_label(report.result.required_level)),
               end="")
+    return 0
+
+
+async def _check_many(env: Env, config: Config, args) -> int:
+    """check customer <id> (one result) / check org <id> (one result per customer, a JSON list)."""
+    from bot.runtime import open_runtime
+    from services.multi_check import check_customer, check_org
+    from templates import render
+
+    async with open_runtime(env, config) as rt:
+        if args.instance_id == "customer":
+            results = [await check_customer(rt.investigator, args.scope_id, args.period)]
+        else:
+            results = await check_org(rt.investigator, args.scope_id, args.period)
+    if args.json:
+        out = results[0].as_json() if args.instance_id == "customer" else [r.as_json() for r in results]
+        print(json.dumps(out, indent=2))
+    else:
+        print("\n".join(render("check_multi.txt.j2", multi=r) for r in results), end="")
+    return 0
+
+
+async def run_remediate_cli(env: Env, config: Config, args) -> int:
+    """The plan of SPEC 5.3, read-only. Issuing the batch needs the Slack approval bound to the
+    plan's fingerprint, which does not exist yet: without --dry-run this says so (exit 2)."""
+    from bot.runtime import open_runtime
+    from services.remediation import plan_remediation
+    from templates import render
+
+    async with open_runtime(env, config) as rt:
+        plan = await plan_remediation(rt.investigator, args.kind, args.period)
+    level = config.required_level(plan.total_cents)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            f.write(plan.as_csv())
+    if args.json:
+        print(json.dumps(plan.as_json(level), indent=2))
+    else:
+        print(render("remediation_plan.txt.j2", plan=plan, level_text=config.level_label(level),
+                     csv_file=args.csv, dry_run=args.dry_run), end="")
+    if not args.dry_run:
+        print("billing-bot: remediate: issuing a batch from the CLI is not available yet; nothing was issued "
+              "(use --dry-run for the plan alone)", file=sys.stderr)
+        return 2
+    return 0
+
+
+async def run_watch_cli(env: Env, config: Config, args) -> int:
+    from services.db import Database
+    from services.embedded import database_url
+    from services.store import Watchlist
+    import getpass
+
+    url, _embedded = database_url(env)
+    db = await Database.connect(url, config.bot_schema)
+    try:
+        wl = Watchlist(db)
+        if args.action == "add":
+            reason = " ".join(args.reason).strip() or None
+            added = await wl.add(args.customer_id, reason, f"cli:{getpass.getuser()}")
+            print(f"{args.customer_id} {'added to' if added else 'is already on'} the watchlist")
+        elif args.action == "remove":
+            removed = await wl.remove(args.customer_id)
+            print(f"{args.customer_id} {'removed from the watchlist' if removed else 'was not on the watchlist'}")
+        else:
+            rows = await wl.list()
+            for r in rows:
+                print(f"{r['customer_id']}\t{r['added_at']:%Y-%m-%d}\t{r['added_by'] or ''}\t{r['reason'] or ''}")
+            if not rows:
+                print("the watchlist is empty")
+    finally:
+        await db.close()
     return 0
 
 
@@ -274,8 +420,17 @@ async def run_report_cli(env, config, args) -> int:
 
     from services.store import CaseStore
 
-    since = validate_day(args.since)
     url, _embedded = database_url(env)
+    if args.usage:
+        from services.usage_report import usage_report
+        db = await Database.connect(url, config.bot_schema)
+        try:
+            usage = await usage_report(db, args.month)
+        finally:
+            await db.close()
+        print(json.dumps(usage.as_json(), indent=2) if args.json else usage.as_text())
+        return 0
+    since = validate_day(args.since)
     db = await Database.connect(url, config.bot_schema)
     try:
         report = await credits_report(CaseStore(db), since)

@@ -1,5 +1,6 @@
 """The morning message: one summary in the alerts channel, grouped by kind, worst cases first, each
-with an "Open case" button that starts the /billing-check flow for that instance."""
+with an "Open case" button that starts the /billing-check flow for that instance. Customers on the
+watchlist (/billing-watch) come first: every anomaly of theirs, however small."""
 from __future__ import annotations
 
 import logging
@@ -12,28 +13,46 @@ from services.config import Config, ConfigError, Env
 
 log = logging.getLogger(__name__)
 WORST_PER_KIND = 3
+WATCHED_MAX = 20  # the watchlist's lines; Block Kit allows 50 blocks in all
 
 
-def reconciliation_blocks(rec, instance_for: dict[tuple, str]) -> dict:
+def _anomaly_block(a, rec, instance_for: dict[tuple, str], label: str = "") -> dict:
+    instance = a.instance_id or instance_for.get((a.kind, a.org_id))
+    who = a.instance_id or f"org {a.org_id}"
+    block = {"type": "section", "text": {"type": "mrkdwn", "text":
+             f"• {label}{who} ({a.customer_id}): {fmt_money(a.overcharge_cents)} — {a.detail}"}}
+    if instance:
+        block["accessory"] = {"type": "button", "action_id": "open_case", "text": {"type": "plain_text",
+                              "text": "Open case"}, "value": f"{instance} {rec.day.strftime('%Y-%m')}"}
+    return block
+
+
+def reconciliation_blocks(rec, instance_for: dict[tuple, str], watched: frozenset[str] | set[str] = frozenset()
+                          ) -> dict:
     totals = rec.totals()
     money = sum(t["overcharge_cents"] for t in totals.values())
     blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Billing reconciliation {rec.day.isoformat()}"}},
               {"type": "section", "text": {"type": "mrkdwn", "text":
                f"*{len(rec.anomalies)} anomalies*, {fmt_money(money)} estimated overcharge" if rec.anomalies
                else "No anomalies: every billed hour of the day checks out."}}]
+    # the watchlist first, whatever the amounts: these customers are watched because something
+    # already went wrong for them (a zero-cent charge_mismatch included)
+    mine = sorted((a for a in rec.anomalies if a.customer_id in watched),
+                  key=lambda a: (a.customer_id, -a.overcharge_cents, a.kind))
+    if mine:
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text":
+                       f"*Watchlist*: {len(mine)} anomal{'y' if len(mine) == 1 else 'ies'} of "
+                       f"{len({a.customer_id for a in mine})} watched customer(s)"}})
+        blocks += [_anomaly_block(a, rec, instance_for, f"{a.kind}: ") for a in mine[:WATCHED_MAX]]
+        if len(mine) > WATCHED_MAX:
+            blocks.append({"type": "section", "text": {"type": "mrkdwn", "text":
+                           f"…and {len(mine) - WATCHED_MAX} more of watched customers"}})
     for kind, t in totals.items():
         blocks.append({"type": "section", "text": {"type": "mrkdwn", "text":
                        f"*{kind}*: {t['count']} · {fmt_money(t['overcharge_cents'])}"}})
-        worst = [a for a in rec.anomalies if a.kind == kind][:WORST_PER_KIND]
-        for a in worst:
-            instance = a.instance_id or instance_for.get((a.kind, a.org_id))
-            who = a.instance_id or f"org {a.org_id}"
-            block = {"type": "section", "text": {"type": "mrkdwn", "text":
-                     f"• {who} ({a.customer_id}): {fmt_money(a.overcharge_cents)} — {a.detail}"}}
-            if instance:
-                block["accessory"] = {"type": "button", "action_id": "open_case", "text": {"type": "plain_text",
-                                      "text": "Open case"}, "value": f"{instance} {rec.day.strftime('%Y-%m')}"}
-            blocks.append(block)
+        # the worst of the others: the watched customers' are listed above already
+        worst = [a for a in rec.anomalies if a.kind == kind and a.customer_id not in watched][:WORST_PER_KIND]
+        blocks += [_anomaly_block(a, rec, instance_for) for a in worst]
     return enforce_limits({"text": f"Billing reconciliation {rec.day.isoformat()}: {len(rec.anomalies)} anomalies",
                            "blocks": blocks})
 
@@ -43,10 +62,21 @@ async def post_reconciliation(env: Env, config: Config, rec, db=None) -> None:
     if not channel or not env.slack_bot_token:
         raise ConfigError("channels.alerts and SLACK_BOT_TOKEN are needed to --post")
     instance_for = await _busiest_instances(db, rec) if db is not None else {}
+    watched = await _watched(db) if db is not None else frozenset()
     from bot.app import slack_client
     client: AsyncWebClient = slack_client(env)
-    msg = reconciliation_blocks(rec, instance_for)
+    msg = reconciliation_blocks(rec, instance_for, watched)
     await client.chat_postMessage(channel=channel, text=msg["text"], blocks=msg["blocks"])
+
+
+async def _watched(db) -> frozenset[str]:
+    """The watchlist; a failure to read it must not stop the morning message (logged)."""
+    from services.store import Watchlist
+    try:
+        return frozenset(r["customer_id"] for r in await Watchlist(db).list())
+    except Exception:
+        log.exception("watchlist not read: the morning message goes out without it first")
+        return frozenset()
 
 
 async def _busiest_instances(db, rec) -> dict[tuple, str]:

@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
 from handlers.coverage import Coverage, Evidence, coverage
-from handlers.model import CheckInput, CheckResult, LogEvent, Pod, UsageEvent
+from handlers.model import CheckInput, CheckResult, LogEvent, OrgInterval, Pod, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps
 from handlers.timeline import HOUR_US, fmt_duration, from_us
 from services.config import Config
@@ -83,8 +83,12 @@ class Investigator:
         self.now = now or (lambda: datetime.now(timezone.utc))
 
     async def check(self, instance_id: str, periods: list[str] | None = None,
-                    exclude_case: int | None = None) -> CheckReport:
-        """exclude_case: a case checked again (its own pieces do not count as held by another)."""
+                    exclude_case: int | None = None, *,
+                    org_intervals: dict[str, list[OrgInterval]] | None = None) -> CheckReport:
+        """exclude_case: a case checked again (its own pieces do not count as held by another).
+        org_intervals: the daily-limit intervals of orgs already read once for many instances
+        (services/multi_check.py), by org id, covering every day the instance has records on in
+        the periods; an org not in it is read here, as for a single check."""
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
         sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
@@ -118,11 +122,16 @@ class Investigator:
                 systematic_min_customers=self.config.systematic_min_customers)
             walk = first_steps(case)
             days = [from_us(d) for d in days_for_daily_limit(walk)]
-            org_intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit) if days else None
+            if not days:
+                intervals = None
+            elif org_intervals is not None and inst.org_id in org_intervals:
+                intervals = org_intervals[inst.org_id]
+            else:
+                intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit)
 
         customer, usage, sources["polar"], polar_notes, orders = await polar_task
         case.polar_events = usage
-        result = finish(walk, org_intervals)
+        result = finish(walk, intervals)
         result.required_level = self.config.required_level(result.credit_cents)
         result.notes.extend(polar_notes)
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "

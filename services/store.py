@@ -746,3 +746,42 @@ class WebhookDeliveries(Store):
         async with self._conn() as conn:
             await conn.execute(f"DELETE FROM {self.s}.polar_webhook_deliveries WHERE webhook_id = %s", (webhook_id,))
 
+
+
+class Watchlist(Store):
+    """Customers on the watchlist (migration 030): `/billing-watch`, `billing-bot watch`, and the
+    morning message, which lists their anomalies first."""
+
+    async def _exists(self, conn) -> bool:
+        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.s}.watchlist",))
+        return (await cur.fetchone())["ok"]
+
+    async def add(self, customer_id: str, reason: str | None, added_by: str) -> bool:
+        """True when added now; a customer already watched keeps its first reason (False)."""
+        await self.migrate()
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"INSERT INTO {self.s}.watchlist (customer_id, reason, added_by) VALUES (%s, %s, %s)"
+                " ON CONFLICT (customer_id) DO NOTHING RETURNING customer_id", (customer_id, reason, added_by))
+            found = await cur.fetchone() is not None
+            return found
+
+    async def remove(self, customer_id: str) -> bool:
+        """True when the customer was on the list."""
+        async with self._conn() as conn:
+            if not await self._exists(conn):
+                return False
+            cur = await conn.execute(f"DELETE FROM {self.s}.watchlist WHERE customer_id = %s RETURNING customer_id",
+                                     (customer_id,))
+            found = await cur.fetchone() is not None
+            return found
+
+    async def list(self) -> list[dict]:
+        """Every watched customer, oldest first; [] before the bot's schema has the table."""
+        async with self._conn() as conn:
+            if not await self._exists(conn):
+                return []
+            cur = await conn.execute(f"SELECT customer_id, reason, added_by, added_at FROM {self.s}.watchlist"
+                                     " ORDER BY added_at, customer_id")
+            rows = await cur.fetchall()
+            return rows

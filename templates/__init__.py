@@ -8,7 +8,7 @@ from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
 from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
-from handlers.timeline import fmt_money
+from handlers.timeline import fmt_money, hours_text
 
 _DIR = Path(__file__).parent
 
@@ -21,6 +21,7 @@ def _env(autoescape: bool) -> Environment:
     env.filters["kind_title"] = kind_title
     env.filters["id_ranges"] = id_ranges
     # the same coverage and next-step sentences in the report, the case message and the thread
+    env.globals["hours"] = lambda h: hours_text(h).rstrip("0").rstrip(".")
     env.globals.update(check_again=check_again, coverage_line=coverage_line, no_findings_text=no_findings_text, next_step=next_step)
     return env
 

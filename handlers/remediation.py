@@ -1,0 +1,132 @@
+"""The remediation plan of SPEC 5.3, from the checks of every instance billed in the period. Pure.
+
+The checks decide (services/remediation.py runs them, held pieces already left out); this module
+only adds them up: per customer, the instances with a finding of the kind, their hours and the
+sum of their findings' cents (each rounded once, in its own check: never re-rounded here), the
+total, and the other kinds seen on the way (listed, never credited). The fingerprint binds a later
+approval to exactly these customers, instances and cents.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Iterable, Mapping
+
+from .model import KINDS
+from .timeline import hours_text
+
+
+@dataclass(frozen=True)
+class InstanceFindings:
+    """One instance's check, reduced to what a plan needs: kind -> (credit_cents, hours)."""
+
+    customer_id: str
+    instance_id: str
+    kinds: Mapping[str, tuple[int, Decimal]]
+    # other cases holding some of this instance's time: (case id, state, kinds); the check already
+    # left their pieces out, the plan says so
+    held_by: tuple[tuple[int, str, tuple[str, ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class CustomerLine:
+    customer_id: str
+    instance_ids: tuple[str, ...]
+    hours: Decimal
+    credit_cents: int
+
+    def as_json(self) -> dict:
+        return {"customer_id": self.customer_id, "instance_ids": list(self.instance_ids),
+                "hours": hours_text(self.hours), "credit_cents": self.credit_cents}
+
+
+@dataclass(frozen=True)
+class Plan:
+    kind: str
+    period: str
+    customers: tuple[CustomerLine, ...]  # the largest credit first, then by customer id
+    total_cents: int
+    other_kinds: Mapping[str, int]  # kind -> customers with a finding of it (not credited here)
+    instances_checked: int
+    fingerprint: str
+    # instances whose time of this kind other cases hold (left out): (customer, instance, case, state)
+    held: tuple[tuple[str, str, int, str], ...] = ()
+
+    @property
+    def instance_count(self) -> int:
+        return sum(len(c.instance_ids) for c in self.customers)
+
+    @property
+    def hours(self) -> Decimal:
+        return sum((c.hours for c in self.customers), Decimal(0))
+
+    def largest(self, n: int = 10) -> tuple[CustomerLine, ...]:
+        return self.customers[:n]
+
+    def as_json(self, required_level: int) -> dict:
+        """SPEC 5.3's `remediate --json`, exactly these keys."""
+        return {"kind": self.kind, "period": self.period, "customers": [c.as_json() for c in self.customers],
+                "total_cents": self.total_cents, "required_level": required_level,
+                "other_kinds": dict(self.other_kinds)}
+
+    def as_csv(self) -> str:
+        out = io.StringIO()
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(["customer_id", "instance_ids", "hours", "credit_cents"])
+        for c in self.customers:
+            w.writerow([c.customer_id, " ".join(c.instance_ids), hours_text(c.hours), c.credit_cents])
+        return out.getvalue()
+
+
+def build_plan(kind: str, period: str, checks: Iterable[InstanceFindings]) -> Plan:
+    """Add up the instances' checks of one period into the plan for `kind`."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown finding kind {kind!r}")
+    seen: set[str] = set()
+    per_customer: dict[str, list[tuple[str, int, Decimal]]] = {}
+    other: dict[str, set[str]] = {}
+    held: list[tuple[str, str, int, str]] = []
+    checked = 0
+    for c in checks:
+        if c.instance_id in seen:  # a second check of one instance would credit its time twice
+            raise ValueError(f"instance {c.instance_id} appears twice in the plan's checks")
+        seen.add(c.instance_id)
+        checked += 1
+        held += [(c.customer_id, c.instance_id, case_id, state) for case_id, state, kinds in c.held_by
+                 if kind in kinds]
+        for k, (cents, hours) in c.kinds.items():
+            if k not in KINDS:
+                raise ValueError(f"unknown finding kind {k!r} in the check of {c.instance_id}")
+            if cents < 0:
+                raise ValueError(f"negative credit for {k} in the check of {c.instance_id}")
+            if cents == 0:  # a check shows no finding of 0 cents; nothing to credit or list
+                continue
+            if k == kind:
+                # hours as the instance's check shows them (four places): the plan's hours are then
+                # the sum of what each check says, exact, whatever order the checks finish in
+                shown = Decimal(hours_text(Decimal(hours)))
+                per_customer.setdefault(c.customer_id, []).append((c.instance_id, cents, shown))
+            else:
+                other.setdefault(k, set()).add(c.customer_id)
+    lines = [CustomerLine(customer_id=cust, instance_ids=tuple(sorted(i for i, _, _ in items)),
+                          hours=sum((h for _, _, h in items), Decimal(0)),
+                          credit_cents=sum(c for _, c, _ in items))
+             for cust, items in per_customer.items()]
+    lines.sort(key=lambda line: (-line.credit_cents, line.customer_id))
+    total = sum(line.credit_cents for line in lines)
+    return Plan(kind=kind, period=period, customers=tuple(lines), total_cents=total,
+                other_kinds={k: len(other[k]) for k in KINDS if k in other}, instances_checked=checked,
+                fingerprint=plan_fingerprint(kind, period, lines), held=tuple(sorted(held)))
+
+
+def plan_fingerprint(kind: str, period: str, lines: Iterable[CustomerLine]) -> str:
+    """A digest of what an approval of the plan would move: the kind, the period, and per customer
+    its instances and cents (hours are explanation, not money). Independent of the order of the
+    lines, so the same plan computed twice binds the same approval."""
+    body = {"kind": kind, "period": period,
+            "customers": sorted([line.customer_id, list(line.instance_ids), line.credit_cents] for line in lines)}
+    return hashlib.sha256(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
