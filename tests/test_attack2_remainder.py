@@ -36,3 +36,32 @@ def test_a_remainder_is_not_issued_on_evidence_that_changed_after_its_parent(db,
         f"the remainder was approved and issued as {issued.issued_cents if issued else None} cents of invoice "
         f"credit ({paid:.4f} compensating hours) although October's evidence changed after the parent: a check "
         f"now finds {now_cents} cents for October in all, of which the parent already refunded 500")
+
+
+def test_a_remainder_is_offered_even_if_the_worker_dies_after_the_parent_is_issued(db, db_url, polar):
+    """SPEC 4: the remainder a capped refund left is offered as invoice credit. offer_remainder runs
+    only in the worker that finalized the parent, right after finish_issued commits. A worker killed
+    between the two (or offer_remainder hitting a database blip) leaves the parent `issued`, not
+    notified; the sweeper resumes it and only announces it (`_issue_locked`: state issued ->
+    _announce), so the 528-cent remainder is never offered: no case, nothing to approve."""
+    seed(db)
+    orders(polar, oct_=1500, oct_refunded=1000)  # the order can take 500 of 1,028 cents
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            claimed = await w.service.start_issuing(case)
+            progress = await w.issuer._refunds(claimed)
+            parent = await w.issuer._finalize(claimed, progress)
+            # killed here, before offer_remainder; the sweeper resumes the unannounced case
+            resumed = await w.issuer.resume_unfinished()
+            after = await w.issuer.issue(case.id)
+            child = await w.cases.get(parent.id + 1)
+            return parent, resumed, after, child, w.rec
+
+    parent, resumed, after, child, rec = run(go())
+    assert parent.state == "issued" and parent.remainder_cents == 528
+    assert parent.id in resumed and after.notified
+    assert child is not None and child.parent_case_id == parent.id, (
+        "the parent was resumed and announced, but its 528-cent remainder was never offered "
+        f"(remainder offers told: {rec.remainders})")
