@@ -54,3 +54,37 @@ def test_a_failed_earlier_attempt_reported_mid_post_does_not_hide_the_refund_tha
         f"refunds in Polar {statuses}; the case went {failed.state} ({rec.failed_calls[:1]}); after switching "
         f"method it is {after.state} with {after.issued_cents} cents issued, and {credited:.4f} compensating "
         "hours were sent as invoice credit on top of the refund that succeeded")
+
+
+def test_a_new_approval_after_a_recheck_issues_instead_of_failing_on_the_old_failure(db, db_url, polar):
+    """October's refund is pending. The duplicate record #4 is removed, then Polar reports the
+    refund failed: the webhook settles the intent `failed` (failure not yet told) and submits the
+    case; nothing is in flight any more, so the Issuer's last look re-checks it (612 cents) and it
+    waits for a new decision, the Polar failure untold. The lead approves the new 612 cents: the
+    worker's first step (_refunds) finds that old untold failure and fails the case at once with
+    "Polar reports the refund ... failed", without trying the amount just approved."""
+    from .test_attack_refund_outcomes import refund_event
+    seed(db)
+    orders(polar)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            case = await w.approved_case(periods=("2026-10",))
+            polar.queue_refund_statuses("pending")
+            pending = await w.issuer.issue(case.id)
+            assert pending.state == "issuing", pending.state
+            db.execute("DELETE FROM billing_records WHERE id = 4")
+            polar.settle_refund(polar.refunds[0]["id"], "failed")
+            await w.issuer.on_polar_event(refund_event(polar.messages("refund.updated")[-1]), "oct-failed")
+            await w.issuer.drain(10)
+            rechecked = await w.cases.get(case.id)
+            out = await w.service.approve(case.id, "U_LEAD")
+            after = await w.issuer.issue(case.id) if out.ok else None
+            return rechecked, out, after, w.rec
+
+    rechecked, out, after, rec = run(go())
+    assert rechecked.state == "pending" and rechecked.credit_cents == 612, (rechecked.state, rechecked.credit_cents)
+    assert out.ok
+    assert after.state != "failed", (
+        f"the new approval of {rechecked.credit_cents} cents failed at once without a POST "
+        f"(refunds posted: {[(r['amount'], r['status']) for r in polar.refunds]}): {rec.failed_calls}")
