@@ -99,8 +99,9 @@ class SlackNotifier:
             await ctx.client.chat_postMessage(channel=case.decided_by, text=f"{msg['text']} {link}")
 
     async def rechecked(self, outcome: Outcome) -> None:
-        await slack_io.show_outcome(self.ctx, outcome, outcome.case.decided_by or outcome.case.requested_by,
-                                    None, None)
+        """The issuer found the evidence changed before money moved: the approver hears it."""
+        approver = outcome.previous.decided_by if outcome.previous is not None else None
+        await slack_io.show_outcome(self.ctx, outcome, approver or outcome.case.requested_by, None, None)
 
     async def pending(self, case: Case, refs: list[str]) -> None:
         await slack_io.refresh_case_message(self.ctx, case, status=(

@@ -186,7 +186,7 @@ class CaseService:
             case = await tx.get(case_id)
             if not can(action, case.state):
                 return Outcome("refused", case, state_refusal(case))
-            if verify and case.parent_case_id is None and not await self._evidence_holds(tx, case):
+            if verify and not await self._evidence_holds(tx, case):
                 changed = True
                 floor = await tx.moved_cents(case.id)
             else:
@@ -232,7 +232,9 @@ class CaseService:
             report = {**parent.report, "credit_cents": parent.remainder_cents, "credit_by_period": {},
                       "remainder_of": parent.id}
             level = self.config.required_level(parent.remainder_cents + exposure)
-            draft = Draft(report=report, covered=[], fingerprint=parent.fingerprint or "",
+            # the evidence as it stands with the parent issued: a later change re-checks the remainder
+            fingerprint = await tx.fingerprint(parent.instance_id, parent.org_id, parent.periods)
+            draft = Draft(report=report, covered=[], fingerprint=fingerprint,
                           requested_by=parent.requested_by, ticket_id=parent.ticket_id, channel_id=parent.channel_id,
                           response_url=parent.response_url, method="invoice_credit", approvers={})
             child = await tx.insert(draft, required_level=level, exposure_cents=exposure,
@@ -248,6 +250,8 @@ class CaseService:
         """Check the instance again and put the new amount on the case, which then waits for a new
         decision (or expires when nothing is left to credit and nothing moved). Nothing is approved
         meanwhile. floor_cents: what already reached the customer; the case never asks for less."""
+        if case.parent_case_id is not None:
+            return await self._recheck_remainder(case, actor, floor_cents)
         for _ in range(RECHECK_ATTEMPTS):
             report = await self.investigator.check(case.instance_id, list(case.periods), exclude_case=case.id)
             data = report.as_json()
@@ -267,6 +271,7 @@ class CaseService:
                                    channel_id=case.channel_id, response_url=case.response_url, method=case.method,
                                    approvers={}),
                     required_level=level, exposure_cents=exposure, actor=actor, floor_cents=floor_cents,
+                    remind_after_s=self.config.remind_every.total_seconds(),
                     detail={"was_cents": case.credit_cents, "now_cents": data["credit_cents"],
                             "moved_cents": floor_cents})
             if new is None:
@@ -279,6 +284,40 @@ class CaseService:
                            previous=case)
         raise StaleEvidence(f"the billing records of {case.instance_id} kept changing")
 
+    async def _recheck_remainder(self, child: Case, actor: str, floor_cents: int) -> Outcome:
+        """A remainder's evidence changed: what the periods are worth now, less what its parent
+        issued, is what it may still credit (never less than what already moved; expired at 0)."""
+        parent = await self.store.get(child.parent_case_id)
+        for _ in range(RECHECK_ATTEMPTS):
+            report = await self.investigator.check(child.instance_id, list(child.periods), exclude_case=parent.id)
+            data = report.as_json()
+            owed = max(data["credit_cents"] - (parent.issued_cents or 0), 0)
+            async with self.store.locked(child.customer_id, child.instance_id) as tx:
+                if await tx.fingerprint(child.instance_id, child.org_id, child.periods) != report.fingerprint:
+                    continue
+                exposure = await tx.exposure(child.customer_id, self.config.exposure_window, child.id)
+                credit = max(owed, floor_cents)
+                level = self.config.required_level(credit + exposure) if credit else 0
+                new = await tx.replace_evidence(
+                    child.id, Draft(report={**data, "credit_cents": owed, "credit_by_period": {},
+                                            "remainder_of": parent.id, "required_level": level},
+                                    covered=[], fingerprint=report.fingerprint, requested_by=child.requested_by,
+                                    ticket_id=child.ticket_id, channel_id=child.channel_id,
+                                    response_url=child.response_url, method=child.method, approvers={}),
+                    required_level=level, exposure_cents=exposure, actor=actor, floor_cents=floor_cents,
+                    remind_after_s=self.config.remind_every.total_seconds(),
+                    detail={"was_cents": child.credit_cents, "now_cents": owed, "moved_cents": floor_cents,
+                            "parent_issued_cents": parent.issued_cents})
+            if new is None:
+                now = await self.store.get(child.id)
+                return Outcome("refused", now, state_refusal(now))
+            log.info("case %s (remainder of %s): the evidence changed; %s -> %s cents", child.id, parent.id,
+                     child.credit_cents, new.credit_cents)
+            return Outcome("changed", new, "The billing evidence changed since this remainder was offered: it "
+                                           "was checked again and needs a new decision.", new.required_level,
+                           previous=child)
+        raise StaleEvidence(f"the billing records of {child.instance_id} kept changing")
+
     # --- issuing (services/issuing.py moves the money; these are its changes of state) --------------
 
     async def start_issuing(self, case: Case) -> Case | None:
@@ -288,8 +327,6 @@ class CaseService:
         """The last look before money of this case moves (SPEC 2.2), however it got here (a first
         issuing, a resumed one, a retry): None when the evidence still holds, else the outcome of
         checking the case again, which never asks for less than what already moved."""
-        if case.parent_case_id is not None:
-            return None  # a remainder's amount was fixed when its parent's evidence was last verified
         async with self.store.locked(case.customer_id, case.instance_id) as tx:
             if await self._evidence_holds(tx, case):
                 return None

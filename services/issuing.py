@@ -151,6 +151,7 @@ class Issuer:
             return None
         if case.state == "issued":
             if not case.notified:
+                await self._offer_remainder(case)  # again, if a crash came between issuing and the offer
                 await self._announce(case)
             return case
         if case.state in ("approved", "issuing"):
@@ -193,19 +194,19 @@ class Issuer:
             return case
         done = await self._finalize(case, progress)
         if done is not None:
-            if done.remainder_cents:
-                child = await self.cases.offer_remainder(done)
-                if child is not None:
-                    await self._tell(self.notifier.remainder_offered(done, child), done)
+            await self._offer_remainder(done)
             await self._announce(done)
         return done
 
     def _posting_elsewhere(self, rows: list[dict]) -> bool:
         """A refund intent tried, its outcome unknown (the lookup found no refund), within the time
         one POST can take (the client's timeout, twice over)."""
+        return any(i["method"] == "refund" and i["state"] == "intent" and i["attempts"] > 0 and self._recent(i)
+                   for i in rows)
+
+    def _recent(self, intent: dict) -> bool:
         window = 2 * self.polar.timeout_s if self.in_flight_window_s is None else self.in_flight_window_s
-        return any(i["method"] == "refund" and i["state"] == "intent" and i["attempts"] > 0
-                   and time.time() - i["updated_at"].timestamp() < window for i in rows)
+        return time.time() - intent["updated_at"].timestamp() < window
 
     # --- what is already paid ----------------------------------------------------------------------
 
@@ -224,6 +225,10 @@ class Issuer:
                 found = await self._find_refund(i["target"], case.id, i.get("polar_ref"))
                 if found:
                     await self.settle_refund(i, found)
+                elif unknown and not self._recent(i):
+                    # its POST has surely ended and Polar holds no refund of it: it was not made, so
+                    # it neither counts as money moved nor holds the amount (a re-check may lower it)
+                    await self.outbox.fail(i["id"], "Polar holds no refund of this attempt: not made")
         return await self.outbox.for_case(case.id)
 
     async def settle_refund(self, intent: dict, refund: dict) -> str:
@@ -395,6 +400,8 @@ class Issuer:
             log.info("case %s: refund %s of %s cents on order %s (%s)", case.id, refund.get("id"), amount,
                      order["id"], refund.get("status"))
             return refund
+        # looked up after every attempt and none is on the order: not made, so nothing moved
+        await self.outbox.fail(intent["id"], f"not made: {last}")
         raise IssueFailed(f"Polar did not confirm the refund on order {order['id']} ({period}) after "
                           f"{REFUND_POST_ATTEMPTS} attempts ({last}), and none is on the order: safe to retry")
 
@@ -460,6 +467,15 @@ class Issuer:
             notes += f"; {fmt_money(remainder)} not refundable on the order, left for a lead"
         return await self.cases.finish_issued(case, issued=progress.issued, refs=progress.refs, remainder=remainder,
                                               leading_kind=leading, notes=notes)
+
+    async def _offer_remainder(self, case: Case) -> None:
+        """A capped refund's remainder becomes its own case, once (offer_remainder is idempotent)."""
+        if not case.remainder_cents:
+            return
+        existed = await self.store.remainder_case(case.id)
+        child = await self.cases.offer_remainder(case)
+        if child is not None and existed is None:
+            await self._tell(self.notifier.remainder_offered(case, child), case)
 
     async def _announce(self, case: Case) -> None:
         """Tell Slack and the customer; marked done only when all of it went through, so the

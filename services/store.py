@@ -329,7 +329,8 @@ class CaseTx:
                     [(case_id, p["kind"], p["record_id"], p["start"], p["end"], p["extra_events"]) for p in covered])
 
     async def replace_evidence(self, case_id: int, draft: Draft, *, required_level: int, exposure_cents: int,
-                               actor: str, detail: dict, floor_cents: int = 0) -> Case | None:
+                               actor: str, detail: dict, floor_cents: int = 0,
+                               remind_after_s: float | None = None) -> Case | None:
         """The evidence changed: the case takes the new check's amount (never below what already
         moved, floor_cents), pieces and fingerprint and waits for a decision again, or expires
         when nothing is left and nothing moved."""
@@ -349,6 +350,14 @@ class CaseTx:
         await self.conn.execute(f"DELETE FROM {self.s}.case_pieces WHERE case_id = %s", (case_id,))
         if to_state == "pending":
             await self._pieces(case_id, draft.covered)
+            if remind_after_s is not None:  # someone must decide again: the level is pinged until then
+                cur = await self.conn.execute(
+                    f"UPDATE {self.s}.cases SET next_remind_at = now() + %s * interval '1 second' WHERE id = %s"
+                    " RETURNING *", (remind_after_s, case_id))
+                row = await cur.fetchone()
+        # failures of the amount replaced are history: a new approval starts from the new amount
+        await self.conn.execute(f"UPDATE {self.s}.issuances SET failure_told = true WHERE case_id = %s"
+                                " AND state = 'failed'", (case_id,))
         await self.event(case_id, actor, _EVENT[action], detail)
         return Case.from_row(row)
 
@@ -485,6 +494,11 @@ class CaseStore(Store):
                     " resolved_at, notes) VALUES (%s, %s, %s, %s::numeric / 100, %s, now(), %s)",
                     (case.customer_id, case.ticket_id, leading_kind, issued, case.decided_by or "billing-bot", notes))
                 return row
+
+    async def remainder_case(self, parent_id: int) -> Case | None:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE parent_case_id = %s", (parent_id,))
+            return _case(await cur.fetchone())
 
     async def mark_notified(self, case_id: int) -> None:
         async with self._conn() as conn:
@@ -663,16 +677,23 @@ class Outbox:
     async def settle(self, issuance_id: int, state: str, polar_ref: str, refund_status: str | None) -> bool:
         """What Polar says of the intent's refund. Only news of the intent's own refund counts (a
         reopened intent's earlier refunds are history); a confirmed refund never goes back here (a
-        reversal is told, not undone: services/issuing.py); and a refund Polar already reported
-        failed is not revived by an older 'pending' that arrives late. True when it changed."""
+        reversal is told, not undone: services/issuing.py); a refund Polar already reported failed
+        is not revived by an older 'pending' that arrives late; and a refund that is pending or
+        succeeded replaces a failed one the intent was tied to (an earlier attempt's failure can
+        arrive while the next POST runs), the failed one becoming history. True when it changed."""
         async with self.store._conn() as conn:
             cur = await conn.execute(
-                f"""UPDATE {self.s}.issuances SET state = %s, polar_ref = %s, refund_status = %s, updated_at = now()
-                    WHERE id = %s AND state <> 'confirmed' AND NOT (%s = ANY(old_refs))
-                      AND (polar_ref IS NULL OR polar_ref = %s)
-                      AND NOT (state = 'failed' AND %s = 'pending')
+                f"""UPDATE {self.s}.issuances SET state = %(state)s, polar_ref = %(ref)s, refund_status = %(rs)s,
+                      old_refs = CASE WHEN polar_ref IS NOT NULL AND polar_ref <> %(ref)s
+                                      THEN array_append(old_refs, polar_ref) ELSE old_refs END,
+                      failure_told = CASE WHEN polar_ref IS DISTINCT FROM %(ref)s THEN false ELSE failure_told END,
+                      updated_at = now()
+                    WHERE id = %(id)s AND state <> 'confirmed' AND NOT (%(ref)s = ANY(old_refs))
+                      AND (polar_ref IS NULL OR polar_ref = %(ref)s
+                           OR (state = 'failed' AND %(state)s IN ('pending', 'confirmed')))
+                      AND NOT (state = 'failed' AND polar_ref = %(ref)s AND %(state)s = 'pending')
                     RETURNING id""",
-                (state, polar_ref, refund_status, issuance_id, polar_ref, polar_ref, state))
+                {"state": state, "ref": polar_ref, "rs": refund_status, "id": issuance_id})
             return await cur.fetchone() is not None
 
     async def reopen(self, issuance_id: int, cents: int) -> dict:
