@@ -177,11 +177,11 @@ class Issuer:
                 return None
         elif case.state != "issuing":
             return None
-        try:
+        try:  # the outbox as settled above: Polar is asked once per run, not again here
             if case.method == "invoice_credit":
-                progress = await self._invoice_credit(case)
+                progress = await self._invoice_credit(case, rows)
             else:
-                progress = await self._refunds(case)
+                progress = await self._refunds(case, rows)
         except IssueFailed as exc:
             return await self._fail(case, str(exc), exc.offer_other_method)
         except Exception as exc:  # a bug or an outage: fail loudly, keep the outbox for the retry
@@ -292,8 +292,7 @@ class Issuer:
             by_period = {max(case.periods): Decimal(1)}
         return allocate(case.credit_cents, by_period)
 
-    async def _refunds(self, case: Case) -> Progress:
-        rows = await self._settled_issuances(case)
+    async def _refunds(self, case: Case, rows: list[dict]) -> Progress:
         _no_unknown_invoice_credit(rows)
         failed_now = [i for i in rows if i["method"] == "refund" and i["state"] == "failed"
                       and i["refund_status"] in ("failed", "canceled") and not i["failure_told"]]
@@ -407,8 +406,7 @@ class Issuer:
 
     # --- invoice credit ----------------------------------------------------------------------------
 
-    async def _invoice_credit(self, case: Case) -> Progress:
-        rows = await self._settled_issuances(case)
+    async def _invoice_credit(self, case: Case, rows: list[dict]) -> Progress:
         if any(i["state"] == "pending" for i in rows):
             return Progress(_refs(rows), _paid(rows), pending=True)
         target = f"billing-bot-case-{case.id}"

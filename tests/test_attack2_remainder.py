@@ -51,7 +51,7 @@ def test_a_remainder_is_offered_even_if_the_worker_dies_after_the_parent_is_issu
         async with World(db_url, polar) as w:
             case = await w.approved_case(periods=("2026-10",))
             claimed = await w.service.start_issuing(case)
-            progress = await w.issuer._refunds(claimed)
+            progress = await w.issuer._refunds(claimed, await w.issuer._settled_issuances(claimed))
             parent = await w.issuer._finalize(claimed, progress)
             # killed here, before offer_remainder; the sweeper resumes the unannounced case
             resumed = await w.issuer.resume_unfinished()
