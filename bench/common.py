@@ -37,3 +37,19 @@ def copy_records(conn, rows):
         with cur.copy(COPY_RECORDS) as copy:
             for r in rows:
                 copy.write_row((*r, r[-1]))
+
+
+def seed_duplicate_hours(url: str, runs: int, name: str) -> None:
+    """For the soaks: run i's instance i-<name>NNNN of customer c-<name>NNNN, running, with one
+    October hour billed twice ($2.08 to credit)."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for i in range(runs):
+            iid, cust = f"i-{name}{i:04d}", f"c-{name}{i:04d}"
+            conn.execute("INSERT INTO instances VALUES (%s,%s,%s,'gpu','running','2026-09-01Z','2026-09-01Z',"
+                         "NULL,'2026-12-01Z')", (iid, f"o-{name}", cust))
+            for rid in (2 * i + 1, 2 * i + 2):
+                conn.execute("INSERT INTO billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour,"
+                             " hours_used, total_charge, billing_period, start_time, end_time) VALUES"
+                             " (%s,%s,%s,%s,'gpu',2.08,1,2.08,'2026-10','2026-10-05 08:00Z','2026-10-05 09:00Z')",
+                             (rid, cust, f"o-{name}", iid))
+

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import fresh_database  # noqa: E402
+from bench.common import fresh_database, seed_duplicate_hours  # noqa: E402
 from handlers.cases import authority_from_levels  # noqa: E402
 from services.cases import CaseService, CheckRequest  # noqa: E402
 from services.config import parse_config  # noqa: E402
@@ -67,23 +67,10 @@ class Quiet:
         pass
 
 
-def seed(url: str, runs: int) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        for i in range(runs):
-            iid, cust = f"i-soak{i:04d}", f"c-soak{i:04d}"
-            conn.execute("INSERT INTO instances VALUES (%s,'o-soak',%s,'gpu','running','2026-09-01Z','2026-09-01Z',"
-                         "NULL,'2026-12-01Z')", (iid, cust))
-            for rid in (2 * i + 1, 2 * i + 2):
-                conn.execute("INSERT INTO billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour,"
-                             " hours_used, total_charge, billing_period, start_time, end_time) VALUES"
-                             " (%s,%s,'o-soak',%s,'gpu',2.08,1,2.08,'2026-10','2026-10-05 08:00Z','2026-10-05 09:00Z')",
-                             (rid, cust, iid))
-
-
 async def soak(runs: int, seed_: int) -> dict:
     rng = random.Random(seed_)
     server, url = fresh_database()
-    seed(url, runs)
+    seed_duplicate_hours(url, runs, "soak")
     polar = FakePolar().start()
     db = await Database.connect(url, max_size=12)
     cases = CaseStore(db)

@@ -33,7 +33,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import fresh_database  # noqa: E402
+from bench.common import fresh_database, seed_duplicate_hours  # noqa: E402
 from tests.fakes.polar_server import TOKEN, WEBHOOK_SECRET, FakePolar  # noqa: E402
 from tests.fakes.slack_server import FakeSlack  # noqa: E402
 from tests.slack_harness import Bot, free_port, wait_for  # noqa: E402
@@ -51,19 +51,6 @@ class Inbox:
     async def handle_DATA(self, server, session, envelope):
         self.messages.append((envelope.rcpt_tos, envelope.content.decode(errors="replace")))
         return "250 OK"
-
-
-def seed(url: str, runs: int) -> None:
-    with psycopg.connect(url, autocommit=True) as conn:
-        for i in range(runs):
-            iid, cust = f"i-rs{i:04d}", f"c-rs{i:04d}"
-            conn.execute("INSERT INTO instances VALUES (%s,'o-rs',%s,'gpu','running','2026-09-01Z','2026-09-01Z',"
-                         "NULL,'2026-12-31Z')", (iid, cust))
-            for rid in (2 * i + 1, 2 * i + 2):  # one hour billed twice: $2.08 to credit
-                conn.execute("INSERT INTO billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour,"
-                             " hours_used, total_charge, billing_period, start_time, end_time) VALUES"
-                             " (%s,%s,'o-rs',%s,'gpu',2.08,1,2.08,'2026-10','2026-10-05 08:00Z','2026-10-05 09:00Z')",
-                             (rid, cust, iid))
 
 
 def rows(url: str, sql: str, args=()):
@@ -85,7 +72,7 @@ def soak(runs: int, seed_: int, tmp: Path, kill_at: frozenset[int] = frozenset()
 
     rng = random.Random(seed_)
     server, url = fresh_database()
-    seed(url, runs)
+    seed_duplicate_hours(url, runs, "rs")
     polar = FakePolar().start()
     slack = FakeSlack({"S_LEADS": ["U_LEAD2"]}).start()
     inbox = Inbox()

@@ -181,7 +181,7 @@ def _sigterm_exits(_signum, _frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from bot.runtime import stop_embedded
+    from services.embedded import stop_embedded
     from services.logs import QUIET_FOR_COMMANDS, setup_logging
 
     parser = _parser()

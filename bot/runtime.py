@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, AsyncIterator
 
 from services.config import Config, Env
-from services.embedded import database_url, stop_embedded  # noqa: F401  (re-exported for the CLI)
+from services.embedded import database_url
 from services.db import Database
 
 if TYPE_CHECKING:  # loaded in open_runtime: `reconcile` and `report` never need these clients

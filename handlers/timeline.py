@@ -48,9 +48,6 @@ def day_of(value: Time) -> date:
     return from_us(day_start(value)).date()
 
 
-def month_of(value: Time) -> str:
-    return from_us(value).strftime("%Y-%m")
-
 
 def _dec(value: Time) -> Decimal:
     if isinstance(value, Fraction):
@@ -114,15 +111,6 @@ def fmt_time(value: Time) -> str:
         return dt.strftime("%Y-%m-%d %H:%M:%S UTC")
     return dt.strftime("%Y-%m-%d %H:%M UTC")
 
-
-def fmt_span(start: Time, end: Time) -> str:
-    a, b = from_us(start), from_us(end)
-    left = fmt_time(start).removesuffix(" UTC")
-    if a.date() == b.date():
-        right = b.strftime("%H:%M:%S" if (b.second or b.microsecond) else "%H:%M")
-    else:
-        right = fmt_time(end).removesuffix(" UTC")
-    return f"{left}–{right} UTC"
 
 
 def fmt_money(cents: int) -> str:

@@ -18,7 +18,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from handlers.model import Instance, OrgInterval, PriorCase, PriorCover, Record
+from handlers.model import Instance, OrgInterval, Record
 from handlers.timeline import to_us
 from services.config import ConfigError, Throttle
 

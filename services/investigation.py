@@ -17,8 +17,7 @@ from handlers.timeline import HOUR_US, fmt_duration, from_us
 from services.config import Config
 from services.db import Database
 from services.kube import KubeSource, describe_error
-from services.inputs import (INSTANCE_ID, PERIOD, InputError, UnknownInstance,  # noqa: F401  (re-exported)
-                             validate_day, validate_instance_id, validate_period)
+from services.inputs import UnknownInstance, validate_instance_id, validate_period
 from services.polar import Customer, PolarClient, PolarNotFound
 from handlers.orders import refund_room
 from services.store import evidence_fingerprint, held_pieces
