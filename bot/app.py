@@ -43,7 +43,8 @@ from services.cases import CaseService
 from services.config import Config, ConfigError, Env
 from services.db import Database
 from services.issuing import Issuer
-from services.store import CaseStore
+from services.remediation import RemediationService
+from services.store import Batches, CaseStore, Watchlist
 
 log = logging.getLogger(__name__)
 LISTENERS = (billing_check, billing_report, billing_watch, check_modal, approve, adjust, reject, retry, open_case, home)
@@ -91,7 +92,8 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
                                             STALE_LIMIT_S))
     service = CaseService(store, rt.investigator, config, lambda user: authority_of(config, groups, user),
                           lambda level: holders(config, groups, level))
-    ctx = BotContext(env=env, config=config, client=client, groups=groups, cases=service)
+    ctx = BotContext(env=env, config=config, client=client, groups=groups, cases=service,
+                     remediation=RemediationService(service, Batches(rt.db), Watchlist(rt.db)))
     if rt.polar is not None:
         async def customer(external_id: str) -> dict:
             c = await rt.polar.customer_by_external_id(external_id)

@@ -16,6 +16,7 @@ from services.approvals import GroupMembers
 from services.background import Background
 from services.cases import CaseService
 from services.config import Env
+from services.remediation import RemediationService
 
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class BotContext:
     client: AsyncWebClient
     groups: GroupMembers
     cases: CaseService
+    remediation: RemediationService | None = None  # SPEC 5.3's batches (None only in listener unit tests)
     metrics: Metrics = field(default_factory=Metrics)
     # case jobs at once: acks stay fast in a burst, and the database pool is not exhausted
     background: Background = field(default_factory=lambda: Background(limit=4, name="listener work"))

@@ -76,8 +76,8 @@ class Case:
     """A stored case. `report` is the check it was opened on (SPEC 5 JSON)."""
 
     id: int
-    instance_id: str
-    org_id: str
+    instance_id: str | None  # None for a case over several instances (instance_ids)
+    org_id: str | None  # None when those instances belong to several orgs
     customer_id: str
     state: CaseState
     periods: tuple[str, ...]
@@ -110,6 +110,8 @@ class Case:
     updated_at: datetime | None = None
     issued_at: datetime | None = None
     next_remind_at: datetime | None = None
+    instance_ids: tuple[str, ...] = ()  # every instance whose billed time the case holds
+    batch_id: int | None = None  # the remediation batch that opened it (SPEC 5.3)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> "Case":
@@ -117,7 +119,30 @@ class Case:
         values = {k: v for k, v in row.items() if k in names}
         values["periods"] = tuple(values.get("periods") or ())
         values["kinds"] = tuple(values.get("kinds") or ())
+        values["instance_ids"] = tuple(values.get("instance_ids") or
+                                       ((values["instance_id"],) if values.get("instance_id") else ()))
         return cls(**values)
+
+    @property
+    def instances(self) -> tuple[str, ...]:
+        """The instances whose billed time the case holds, sorted (the order locks are taken in)."""
+        return tuple(sorted(self.instance_ids or ((self.instance_id,) if self.instance_id else ())))
+
+    @property
+    def instance_orgs(self) -> tuple[tuple[str, str], ...]:
+        """(instance, org) for each instance: the evidence of each is read with its own org's
+        throttle row. A case over several instances keeps them in its report."""
+        if self.instance_id is not None:
+            return ((self.instance_id, self.org_id or ""),)
+        return tuple(sorted((i["instance_id"], i["org_id"]) for i in self.report.get("instances") or ()))
+
+    @property
+    def subject(self) -> str:
+        """What the case is about, in a few words: the instance, or the customer's instances."""
+        if self.instance_id is not None:
+            return self.instance_id
+        n = len(self.instance_ids)
+        return f"{self.customer_id} ({n} instance{'s' if n != 1 else ''})"
 
     @property
     def deciding_cents(self) -> int:

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Iterable, Mapping
 
 from .model import KINDS
-from .timeline import hours_text
+from .timeline import fmt_money, hours_text
 
 
 @dataclass(frozen=True)
@@ -130,3 +130,80 @@ def plan_fingerprint(kind: str, period: str, lines: Iterable[CustomerLine]) -> s
     body = {"kind": kind, "period": period,
             "customers": sorted([line.customer_id, list(line.instance_ids), line.credit_cents] for line in lines)}
     return hashlib.sha256(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()).hexdigest()
+
+
+def plan_from_json(d: Mapping) -> Plan:
+    """A stored plan (its `remediate --json` form, plus what the plan left out) read back."""
+    lines = tuple(CustomerLine(c["customer_id"], tuple(c["instance_ids"]), Decimal(c["hours"]), int(c["credit_cents"]))
+                  for c in d["customers"])
+    return Plan(kind=d["kind"], period=d["period"], customers=lines, total_cents=int(d["total_cents"]),
+                other_kinds=dict(d.get("other_kinds") or {}), instances_checked=int(d.get("instances_checked", 0)),
+                fingerprint=plan_fingerprint(d["kind"], d["period"], lines),
+                held=tuple(tuple(h) for h in d.get("held") or ()))
+
+
+def plan_record(plan: Plan, required_level: int) -> dict:
+    """What a batch stores of its plan: SPEC 5.3's JSON and what the plan left out."""
+    return {**plan.as_json(required_level), "instances_checked": plan.instances_checked,
+            "held": [list(h) for h in plan.held]}
+
+
+# --- a batch's progress (SPEC 5.3: "issued, pending, failed with reasons") -----------------------
+
+@dataclass(frozen=True)
+class BatchCase:
+    """What the progress message needs of one of the batch's cases."""
+
+    case_id: int
+    customer_id: str
+    state: str
+    credit_cents: int
+    issued_cents: int
+    reason: str | None
+    failures: int
+
+
+@dataclass(frozen=True)
+class BatchProgress:
+    customers: int  # in the approved plan
+    issued: int
+    issued_cents: int
+    issuing: int  # approved or issuing: money on its way (a refund Polar has not settled included)
+    failed: tuple[BatchCase, ...]
+    waiting: tuple[BatchCase, ...]  # pending: the check changed, or exposure needs a higher level
+    closed: tuple[BatchCase, ...]  # rejected or expired
+    not_opened: int  # customers without a case yet (the batch is still opening them)
+
+    @property
+    def done(self) -> bool:
+        """Nothing of the batch will move without someone acting: each customer's case is issued,
+        closed, failed (Retry) or waiting for a decision of its own."""
+        return self.issuing == 0 and self.not_opened == 0
+
+    def headline(self) -> str:
+        parts = [f"{self.issued} of {self.customers} issued ({fmt_money(self.issued_cents)})"]
+        if self.issuing:
+            parts.append(f"{self.issuing} issuing")
+        if self.not_opened:
+            parts.append(f"{self.not_opened} being opened")
+        if self.failed:
+            parts.append(f"{len(self.failed)} failed")
+        if self.waiting:
+            parts.append(f"{len(self.waiting)} waiting for a decision")
+        if self.closed:
+            parts.append(f"{len(self.closed)} closed")
+        return ", ".join(parts)
+
+
+def batch_progress(plan_customers: Iterable[str], cases: Iterable[BatchCase]) -> BatchProgress:
+    customers = set(plan_customers)
+    cases = sorted(cases, key=lambda c: c.case_id)
+    have = {c.customer_id for c in cases}
+    issued = [c for c in cases if c.state == "issued"]
+    return BatchProgress(
+        customers=len(customers | have), issued=len(issued), issued_cents=sum(c.issued_cents for c in issued),
+        issuing=sum(1 for c in cases if c.state in ("approved", "issuing")),
+        failed=tuple(c for c in cases if c.state == "failed"),
+        waiting=tuple(c for c in cases if c.state == "pending"),
+        closed=tuple(c for c in cases if c.state in ("rejected", "expired")),
+        not_opened=len(customers - have))

@@ -19,6 +19,7 @@ from handlers.cases import (
 )
 from handlers.settings import Config
 from services.approvals import MembershipUnknown
+from services.case_evidence import Evidence, Scope, gather
 from services.investigation import CheckReport, Investigator
 from services.store import CaseStore, CaseTx, Draft
 
@@ -73,24 +74,41 @@ class CaseService:
     async def open(self, req: CheckRequest) -> Outcome:
         """Check the instance and open a case, unless an open case already holds its time in these
         periods (then that case is shown). The claim re-verifies the evidence under the locks."""
+        return await self.open_scope(Scope.one(req.instance_id, req.periods or ()), req)
+
+    async def open_scope(self, scope: Scope, req: CheckRequest, *, ev: Evidence | None = None,
+                         batch_id: int | None = None, approve_by: Authority | None = None,
+                         expect_cents: int | None = None) -> Outcome:
+        """Open a case over the scope's billed time (one instance, or several of one customer: a
+        customer's or an org's check, a remediation batch's customer) under the customer's lock
+        and every instance's. `ev`: evidence already read, verified again under the locks.
+
+        A batch's case (batch_id) is approved in the same transaction by the batch's approver
+        (approve_by), as any approval is: the policy decides with the case's own exposure, and
+        only when the amount is the one the approved plan showed (expect_cents); otherwise it
+        waits for a decision of its own like any case."""
         for _ in range(RECHECK_ATTEMPTS):
-            report = await self.investigator.check(req.instance_id, req.periods)
-            data = report.as_json()
-            inst = report.result.instance
-            covered = report.result.covered
+            ev = ev or await gather(self.investigator, scope)
+            report, data, covered = ev.report, ev.data, ev.covered
+            if not ev.instances:
+                return Outcome("refused", reason=f"no instance of {scope.customer_id or 'this customer'} was billed "
+                                                 f"in {', '.join(data['periods'])}: there is nothing to open a case on",
+                               report=report)
             requester_covers = await self._covers(req.user, data["credit_cents"])
             approvers = (await self.approvers(data["required_level"])
                          if self.approvers and data["required_level"] else {})
-            async with self.store.locked(inst.customer_id, inst.instance_id) as tx:
-                existing = await tx.open_case_over(inst.instance_id, data["periods"])
+            async with self.store.locked(ev.customer_id, ev.instances) as tx:
+                existing = (await tx.batch_case(batch_id, ev.customer_id) if batch_id is not None
+                            else await tx.open_case_over(ev.instances, data["periods"]))
                 if existing is not None:
                     return Outcome("existing", existing, report=report)
                 if data["credit_cents"] > 0 and (
-                        await tx.fingerprint(inst.instance_id, inst.org_id, data["periods"]) != report.fingerprint
-                        or await tx.holders(inst.instance_id, None) != report.holders
+                        await tx.case_fingerprint(ev.instance_orgs, data["periods"]) != ev.fingerprint
+                        or await tx.holders(ev.instances, None) != ev.holders
                         or await tx.held_elsewhere(covered, None)):
+                    ev = None
                     continue  # a record or another case changed since the check read: check again
-                exposure = await tx.exposure(inst.customer_id, self.config.exposure_window, None) \
+                exposure = await tx.exposure(ev.customer_id, self.config.exposure_window, None) \
                     if data["credit_cents"] > 0 else 0
                 level = self.config.required_level(data["credit_cents"] + exposure) if data["credit_cents"] else 0
                 data["required_level"] = level
@@ -100,13 +118,55 @@ class CaseService:
                 case = await tx.insert(
                     Draft(report=data, covered=covered, fingerprint=report.fingerprint, requested_by=req.user,
                           ticket_id=req.ticket_id, channel_id=req.channel_id, response_url=req.response_url,
-                          method=self.config.polar.credit_method, approvers=approvers),
+                          method=self.config.polar.credit_method, approvers=approvers, batch_id=batch_id),
                     required_level=level, exposure_cents=exposure,
                     remind_after_s=self.config.remind_every.total_seconds() if needs_others else None)
-            log.info("case %s opened for %s by %s: %s cents, level %s", case.id, case.instance_id, req.user,
+                if approve_by is not None and case.state == "pending":
+                    case = await self._approve_in(tx, case, approve_by, expect_cents)
+            log.info("case %s opened for %s by %s: %s cents, level %s", case.id, case.subject, req.user,
                      case.credit_cents, case.required_level)
             return Outcome("done", case, report=report)
-        raise StaleEvidence(f"the billing records of {req.instance_id} kept changing while the case was opened")
+        raise StaleEvidence(f"the billing records of {', '.join(scope.instances[:5])} kept changing while the case "
+                            "was opened")
+
+    async def _approve_in(self, tx: CaseTx, case: Case, authority: Authority, expect_cents: int | None) -> Case:
+        """A batch's approval applied to one of its cases, inside the caller's locked transaction."""
+        if expect_cents is not None and case.credit_cents != expect_cents:
+            await tx.event(case.id, authority.user, "refused", {
+                "action": "approve", "batch_id": case.batch_id, "credit_cents": case.credit_cents,
+                "reason": f"the plan showed {expect_cents} cents for this customer; the check now finds "
+                          f"{case.credit_cents}: it needs a decision of its own"})
+            return case
+        decision = may_approve(case, authority, self.config)
+        if not decision.allowed:
+            await tx.event(case.id, authority.user, "refused", {
+                "action": "approve", "batch_id": case.batch_id, "reason": decision.reason,
+                "deciding_cents": case.deciding_cents, "levels": list(authority.levels)})
+            return case
+        moved = await tx.move(case.id, "approve", authority.user, {
+            "credit_cents": case.credit_cents, "method": case.method, "batch_id": case.batch_id},
+            decided_by=authority.user, method=case.method)
+        return moved or case
+
+    async def approve_for_batch(self, case_id: int, authority: Authority, expect_cents: int) -> Case | None:
+        """Resuming a batch: its pending case approved by the batch's approval (see _approve_in),
+        after the evidence is verified like any approval's. None when it is no longer pending."""
+        case = await self.store.get(case_id)
+        if case is None or case.state != "pending":
+            return case
+        async with self.store.locked(case.customer_id, case.instances) as tx:
+            case = await tx.get(case_id)
+            if case.state != "pending":
+                return case
+            if not await self._evidence_holds(tx, case):
+                stale = True
+            else:
+                stale = False
+                case = await self._refresh_exposure(tx, case)
+                case = await self._approve_in(tx, case, authority, expect_cents)
+        if stale:
+            return (await self.recheck(case, actor=authority.user)).case
+        return case
 
     async def _covers(self, user: str, cents: int) -> Callable[[int], bool]:
         try:
@@ -182,7 +242,7 @@ class CaseService:
             log.info("case %s: %s by %s refused: %s", case_id, action, user, exc)
             return Outcome("refused", case, str(exc), case.required_level)
         changed = False
-        async with self.store.locked(case.customer_id, case.instance_id) as tx:
+        async with self.store.locked(case.customer_id, case.instances) as tx:
             case = await tx.get(case_id)
             if not can(action, case.state):
                 return Outcome("refused", case, state_refusal(case))
@@ -207,7 +267,7 @@ class CaseService:
         return Outcome("done", moved)
 
     async def _evidence_holds(self, tx: CaseTx, case: Case) -> bool:
-        fp = await tx.fingerprint(case.instance_id, case.org_id, case.periods)
+        fp = await tx.case_fingerprint(case.instance_orgs, case.periods)
         return fp == case.fingerprint and not await tx.held_elsewhere(await tx.case_pieces(case.id), case.id)
 
     async def _refresh_exposure(self, tx: CaseTx, case: Case) -> Case:
@@ -224,7 +284,7 @@ class CaseService:
         it completes, at most one; whoever approves it needs authority over it plus exposure."""
         if parent.state != "issued" or not parent.remainder_cents:
             return None
-        async with self.store.locked(parent.customer_id, parent.instance_id) as tx:
+        async with self.store.locked(parent.customer_id, parent.instances) as tx:
             existing = await tx.remainder_of(parent.id)
             if existing is not None:
                 return existing
@@ -233,10 +293,11 @@ class CaseService:
                       "remainder_of": parent.id}
             level = self.config.required_level(parent.remainder_cents + exposure)
             # the evidence as it stands with the parent issued: a later change re-checks the remainder
-            fingerprint = await tx.fingerprint(parent.instance_id, parent.org_id, parent.periods)
+            fingerprint = await tx.case_fingerprint(parent.instance_orgs, parent.periods)
             draft = Draft(report=report, covered=[], fingerprint=fingerprint,
                           requested_by=parent.requested_by, ticket_id=parent.ticket_id, channel_id=parent.channel_id,
-                          response_url=parent.response_url, method="invoice_credit", approvers={})
+                          response_url=parent.response_url, method="invoice_credit", approvers={},
+                          batch_id=parent.batch_id)
             child = await tx.insert(draft, required_level=level, exposure_cents=exposure,
                                     remind_after_s=self.config.remind_every.total_seconds(),
                                     parent_case_id=parent.id, credit_cents=parent.remainder_cents)
@@ -253,20 +314,20 @@ class CaseService:
         if case.parent_case_id is not None:
             return await self._recheck_remainder(case, actor, floor_cents)
         for _ in range(RECHECK_ATTEMPTS):
-            report = await self.investigator.check(case.instance_id, list(case.periods), exclude_case=case.id)
-            data = report.as_json()
-            async with self.store.locked(case.customer_id, case.instance_id) as tx:
+            ev = await gather(self.investigator, Scope.of_case(case), exclude_case=case.id)
+            data = ev.data
+            async with self.store.locked(case.customer_id, case.instances) as tx:
                 # the records, and which other cases hold the time, must be as the check read them:
                 # two twins re-checked at once would otherwise each give up the time to the other
-                if await tx.fingerprint(case.instance_id, case.org_id, case.periods) != report.fingerprint \
-                        or await tx.holders(case.instance_id, case.id) != report.holders \
-                        or await tx.held_elsewhere(report.result.covered, case.id):
+                if await tx.case_fingerprint(case.instance_orgs, case.periods) != ev.fingerprint \
+                        or await tx.holders(case.instances, case.id) != ev.holders \
+                        or await tx.held_elsewhere(ev.covered, case.id):
                     continue
                 exposure = await tx.exposure(case.customer_id, self.config.exposure_window, case.id)
                 level = self.config.required_level(data["credit_cents"] + exposure) if data["credit_cents"] else 0
                 data["required_level"] = level
                 new = await tx.replace_evidence(
-                    case.id, Draft(report=data, covered=report.result.covered, fingerprint=report.fingerprint,
+                    case.id, Draft(report=data, covered=ev.covered, fingerprint=ev.fingerprint,
                                    requested_by=case.requested_by, ticket_id=case.ticket_id,
                                    channel_id=case.channel_id, response_url=case.response_url, method=case.method,
                                    approvers={}),
@@ -282,18 +343,18 @@ class CaseService:
             return Outcome("changed", new, "The billing evidence changed since this case was opened: it was "
                                            "checked again and needs a new decision.", new.required_level,
                            previous=case)
-        raise StaleEvidence(f"the billing records of {case.instance_id} kept changing")
+        raise StaleEvidence(f"the billing records of {case.subject} kept changing")
 
     async def _recheck_remainder(self, child: Case, actor: str, floor_cents: int) -> Outcome:
         """A remainder's evidence changed: what the periods are worth now, less what its parent
         issued, is what it may still credit (never less than what already moved; expired at 0)."""
         parent = await self.store.get(child.parent_case_id)
         for _ in range(RECHECK_ATTEMPTS):
-            report = await self.investigator.check(child.instance_id, list(child.periods), exclude_case=parent.id)
-            data = report.as_json()
+            ev = await gather(self.investigator, Scope.of_case(parent), exclude_case=parent.id)
+            data = ev.data
             owed = max(data["credit_cents"] - (parent.issued_cents or 0), 0)
-            async with self.store.locked(child.customer_id, child.instance_id) as tx:
-                if await tx.fingerprint(child.instance_id, child.org_id, child.periods) != report.fingerprint:
+            async with self.store.locked(child.customer_id, child.instances) as tx:
+                if await tx.case_fingerprint(child.instance_orgs, child.periods) != ev.fingerprint:
                     continue
                 exposure = await tx.exposure(child.customer_id, self.config.exposure_window, child.id)
                 credit = max(owed, floor_cents)
@@ -301,7 +362,7 @@ class CaseService:
                 new = await tx.replace_evidence(
                     child.id, Draft(report={**data, "credit_cents": owed, "credit_by_period": {},
                                             "remainder_of": parent.id, "required_level": level},
-                                    covered=[], fingerprint=report.fingerprint, requested_by=child.requested_by,
+                                    covered=[], fingerprint=ev.fingerprint, requested_by=child.requested_by,
                                     ticket_id=child.ticket_id, channel_id=child.channel_id,
                                     response_url=child.response_url, method=child.method, approvers={}),
                     required_level=level, exposure_cents=exposure, actor=actor, floor_cents=floor_cents,
@@ -316,7 +377,7 @@ class CaseService:
             return Outcome("changed", new, "The billing evidence changed since this remainder was offered: it "
                                            "was checked again and needs a new decision.", new.required_level,
                            previous=child)
-        raise StaleEvidence(f"the billing records of {child.instance_id} kept changing")
+        raise StaleEvidence(f"the billing records of {child.subject} kept changing")
 
     # --- issuing (services/issuing.py moves the money; these are its changes of state) --------------
 
@@ -327,7 +388,7 @@ class CaseService:
         """The last look before money of this case moves (SPEC 2.2), however it got here (a first
         issuing, a resumed one, a retry): None when the evidence still holds, else the outcome of
         checking the case again, which never asks for less than what already moved."""
-        async with self.store.locked(case.customer_id, case.instance_id) as tx:
+        async with self.store.locked(case.customer_id, case.instances) as tx:
             if await self._evidence_holds(tx, case):
                 return None
         return await self.recheck(case, floor_cents=moved_cents)

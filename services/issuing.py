@@ -372,9 +372,11 @@ class Issuer:
         found = await self._find_refund(order["id"], case.id)
         if found:
             return found
-        metadata = {"case_id": str(case.id), "instance_id": case.instance_id, "period": period}
+        metadata = {"case_id": str(case.id), "instance_id": _instances_text(case), "period": period}
         if case.ticket_id:
             metadata["ticket_id"] = case.ticket_id
+        if case.batch_id:
+            metadata["batch_id"] = str(case.batch_id)
         body = {"order_id": order["id"], "amount": amount, "reason": reason, "metadata": metadata,
                 "comment": f"billing-bot case {case.id}: {', '.join(case.kinds)}", "revoke_benefits": False}
         last = ""
@@ -434,13 +436,14 @@ class Issuer:
         source = await self.store.get(case.parent_case_id) if case.parent_case_id else case
         pieces = await self.store.pieces(source.id)
         share = Decimal(amount) / Decimal(source.proposed_cents or 1)
-        true_tier = source.report.get("true_tier")
+        true_tiers = source.report.get("true_tiers") or {}  # per instance, for a case over several
         name = self.config.polar.usage_event_name
         events = []
         for i, p in enumerate(pieces):
             hours = Decimal(p["end_us"] - p["start_us"]) / Decimal(3_600_000_000) * max(p["extra_events"], 1) * share
             h = float(round(hours, 6))  # a quantity of hours for Polar's meter, not money
-            meta = {"org_id": case.org_id, "instance_id": case.instance_id, "record_id": p["record_id"],
+            true_tier = true_tiers.get(p["instance_id"]) or source.report.get("true_tier")
+            meta = {"org_id": p["org_id"], "instance_id": p["instance_id"], "record_id": p["record_id"],
                     "start_time": _iso(p["start_us"]), "end_time": _iso(p["end_us"]), "case_id": str(case.id)}
             events.append({"name": name, "external_customer_id": case.customer_id, "external_id": f"{prefix}-{i}-neg",
                            "metadata": {**meta, "tier": p["tier"], "hours": -h}})
@@ -456,7 +459,7 @@ class Issuer:
         findings = case.report["findings"]
         leading = max(findings, key=lambda f: f["credit_cents"])["kind"] if findings else "duplicate_charge"
         remainder = max(case.credit_cents - progress.issued, 0)
-        notes = (f"billing-bot case {case.id} ({case.instance_id}, {', '.join(case.periods)}); "
+        notes = (f"billing-bot case {case.id} ({case.subject}, {', '.join(case.periods)}); "
                  f"method {case.method}; Polar: {', '.join(progress.refs)}; root cause: "
                  + "; ".join(f"{f['kind']} {fmt_money(f['credit_cents'])}: {f['summary']}" for f in findings))
         if case.parent_case_id:
@@ -510,6 +513,12 @@ def _no_unknown_invoice_credit(rows: list[dict]) -> None:
             raise IssueFailed(f"an invoice credit of {fmt_money(i['amount_cents'])} may be partly on the next invoice "
                               "already: retry it as invoice credit (its events are idempotent) before refunding",
                               offer_other_method=True)
+
+
+def _instances_text(case: Case) -> str:
+    """The instance, or the instances of a case over several, within Polar's 500 characters."""
+    text = case.instance_id or " ".join(case.instances)
+    return text if len(text) <= 500 else text[:497] + "..."
 
 
 def _iso(us: int) -> str:

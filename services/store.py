@@ -16,6 +16,7 @@ use that connection: issuing never holds one connection while waiting for a seco
 from __future__ import annotations
 
 import contextvars
+import hashlib
 import json
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
                                      ',' ORDER BY p.case_id, p.record_id, p.start_us, p.extra_events)
                     FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
                     JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
-                    WHERE c.instance_id = %(i)s)""" if has_cases else "''")
+                                           AND r.instance_id = %(i)s
+                    WHERE %(i)s = ANY(c.instance_ids))""" if has_cases else "''")
     # Only what can change the checked periods: the records a check of them reads (the periods'
     # records and the history that can change them, services/sql/records_for_periods.sql, the
     # same query the check uses), and the heartbeat only while it falls before their end (after
@@ -183,6 +185,23 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
     return (await cur.fetchone())["fp"]
 
 
+async def evidence_fingerprint_of(conn, s: str, instance_orgs: Iterable[tuple[str, str]],
+                                  periods: Iterable[str]) -> str:
+    """The fingerprint of a case's evidence: one instance's own, or for a case over several, a
+    digest of each instance's (in instance order, so the check and every later look agree)."""
+    pairs = sorted(instance_orgs)
+    periods = list(periods)
+    if len(pairs) == 1:
+        return await evidence_fingerprint(conn, s, pairs[0][0], pairs[0][1], periods)
+    parts = [f"{i}={await evidence_fingerprint(conn, s, i, o, periods)}" for i, o in pairs]
+    return combine_fingerprints(parts)
+
+
+def combine_fingerprints(parts: Iterable[str]) -> str:
+    """`instance=fingerprint` parts -> one digest (sorted, so the order they were read in is moot)."""
+    return hashlib.md5("|".join(sorted(parts)).encode()).hexdigest()
+
+
 async def held_pieces(conn, s: str, instance_id: str, exclude_case: int | None = None
                       ) -> tuple[list[PriorCover], list[PriorCase]]:
     """Pieces of this instance's records that other cases hold (SPEC 2.2): open cases from
@@ -194,14 +213,15 @@ async def held_pieces(conn, s: str, instance_id: str, exclude_case: int | None =
     cur = await conn.execute(
         f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
         f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
-        f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
-        (instance_id, list(HOLDING), exclude_case))
+        f" JOIN billing_records r ON r.id = p.record_id AND r.instance_id = %s"
+        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
+        (instance_id, instance_id, list(HOLDING), exclude_case))
     covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
               for r in await cur.fetchall()]
     cur = await conn.execute(
         f"SELECT c.id, c.state, CASE WHEN c.state = 'issued' THEN c.issued_cents ELSE c.credit_cents END AS cents,"
         f" c.kinds, c.issued_at FROM {s}.cases c"
-        f" WHERE c.instance_id = %s AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
+        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
         (instance_id, list(HOLDING), exclude_case))
     cases = [PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()),
                        None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
@@ -232,6 +252,10 @@ def _case(row) -> Case | None:
     return None if row is None else Case.from_row(row)
 
 
+def _ids(instances: str | Iterable[str]) -> list[str]:
+    return [instances] if isinstance(instances, str) else sorted(set(instances))
+
+
 @dataclass
 class Draft:
     """What a check proposes, before it becomes a case."""
@@ -245,6 +269,14 @@ class Draft:
     response_url: str | None
     method: str
     approvers: dict
+    batch_id: int | None = None
+
+
+def _report_instances(report: dict) -> list[str]:
+    """The instances a check's JSON covers: its instance, or each of its `instances`."""
+    if report.get("instance_id"):
+        return [report["instance_id"]]
+    return sorted(i["instance_id"] for i in report.get("instances") or ())
 
 
 class CaseTx:
@@ -257,15 +289,29 @@ class CaseTx:
         cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE id = %s FOR UPDATE", (case_id,))
         return _case(await cur.fetchone())
 
-    async def open_case_over(self, instance_id: str, periods: Iterable[str]) -> Case | None:
-        """An open case of the instance whose periods meet these: a second check shows it."""
+    async def open_case_over(self, instances: str | Iterable[str], periods: Iterable[str],
+                             batch_id: int | None = None) -> Case | None:
+        """The open case a second check shows instead of opening another: one holding time of all
+        of these instances in periods that meet these (for one instance: any open case of it).
+        With a batch: that batch's case of these instances, whatever else holds time (the plan
+        left other cases' pieces out)."""
         cur = await self.conn.execute(
-            f"SELECT * FROM {self.s}.cases WHERE instance_id = %s AND state = ANY(%s) AND periods && %s"
-            " ORDER BY id LIMIT 1", (instance_id, list(OPEN), list(periods)))
+            f"SELECT * FROM {self.s}.cases WHERE instance_ids @> %s AND state = ANY(%s) AND periods && %s"
+            " AND (%s::bigint IS NULL OR batch_id = %s) ORDER BY id LIMIT 1",
+            (_ids(instances), list(OPEN), list(periods), batch_id, batch_id))
+        return _case(await cur.fetchone())
+
+    async def batch_case(self, batch_id: int, customer_id: str) -> Case | None:
+        cur = await self.conn.execute(
+            f"SELECT * FROM {self.s}.cases WHERE batch_id = %s AND customer_id = %s AND parent_case_id IS NULL",
+            (batch_id, customer_id))
         return _case(await cur.fetchone())
 
     async def fingerprint(self, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
         return await self.store.fingerprint(self.conn, instance_id, org_id, periods)
+
+    async def case_fingerprint(self, instance_orgs: Iterable[tuple[str, str]], periods: Iterable[str]) -> str:
+        return await evidence_fingerprint_of(self.conn, self.s, instance_orgs, periods)
 
     async def exposure(self, customer_id: str, window: timedelta, exclude_case: int | None) -> int:
         """The customer's other credits within the window: issued, or awaiting a decision or
@@ -304,16 +350,17 @@ class CaseTx:
         cur = await self.conn.execute(
             f"""INSERT INTO {self.s}.cases (instance_id, org_id, customer_id, ticket_id, periods, proposed_cents,
                   credit_cents, required_level, systematic, kinds, report, approvers, requested_by, channel_id,
-                  response_url, method, next_remind_at, state, fingerprint, exposure_cents, parent_case_id)
+                  response_url, method, next_remind_at, state, fingerprint, exposure_cents, parent_case_id,
+                  instance_ids, batch_id)
                 VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,
                         now() + %s::float8 * interval '1 second',  -- NULL when no reminders
-                        %s,%s,%s,%s)
+                        %s,%s,%s,%s,%s,%s)
                 RETURNING *""",
             (r["instance_id"], r["org_id"], r["customer_id"], draft.ticket_id, r["periods"], credit, credit,
              required_level, r["systematic"], [f["kind"] for f in r["findings"]], json.dumps(r),
              json.dumps(draft.approvers), draft.requested_by, draft.channel_id, draft.response_url, draft.method,
              remind_after_s, "pending" if credit > 0 else "expired", draft.fingerprint, exposure_cents,
-             parent_case_id))
+             parent_case_id, _report_instances(r), draft.batch_id))
         case = Case.from_row(await cur.fetchone())
         await self._pieces(case.id, draft.covered)
         await self.event(case.id, draft.requested_by, "opened",
@@ -364,11 +411,11 @@ class CaseTx:
     async def move(self, case_id: int, action: Action, actor: str, detail: dict | None = None, **fields) -> Case | None:
         return await self.store._move(self.conn, case_id, action, actor, detail, fields)
 
-    async def holders(self, instance_id: str, exclude_case: int | None) -> tuple[int, ...]:
-        """The cases that hold the instance's time now (SPEC 2.2), but exclude_case."""
+    async def holders(self, instances: str | Iterable[str], exclude_case: int | None) -> tuple[int, ...]:
+        """The cases that hold time of these instances now (SPEC 2.2), but exclude_case."""
         cur = await self.conn.execute(
-            f"SELECT id FROM {self.s}.cases WHERE instance_id = %s AND state = ANY(%s) AND id IS DISTINCT FROM %s"
-            " ORDER BY id", (instance_id, list(HOLDING), exclude_case))
+            f"SELECT id FROM {self.s}.cases WHERE instance_ids && %s AND state = ANY(%s) AND id IS DISTINCT FROM %s"
+            " ORDER BY id", (_ids(instances), list(HOLDING), exclude_case))
         return tuple(r["id"] for r in await cur.fetchall())
 
     async def remainder_of(self, parent_id: int) -> Case | None:
@@ -411,14 +458,16 @@ class CaseStore(Store):
     """Cases and their audit trail."""
 
     @asynccontextmanager
-    async def locked(self, customer_id: str, instance_id: str) -> AsyncIterator[CaseTx]:
-        """A transaction holding the customer's lock, then the instance's (always in that order):
-        two replicas never claim the same billed time, and exposure is read while no other
-        decision for the customer is in flight."""
+    async def locked(self, customer_id: str, instances: str | Iterable[str]) -> AsyncIterator[CaseTx]:
+        """A transaction holding the customer's lock, then each instance's in sorted order (always
+        in that order, so two cases over overlapping instances never wait on each other in a
+        circle): two replicas never claim the same billed time, and exposure is read while no
+        other decision for the customer is in flight."""
         async with self._conn() as conn:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (CUSTOMER_LOCKS, customer_id))
-                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (INSTANCE_LOCKS, instance_id))
+                for instance_id in _ids(instances):
+                    await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (INSTANCE_LOCKS, instance_id))
                 yield CaseTx(self, conn)
 
     async def fingerprint(self, conn, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
@@ -601,7 +650,7 @@ class CaseStore(Store):
         """The case's pieces with the billed tier of their record (for compensating events)."""
         async with self._conn() as conn:
             cur = await conn.execute(
-                f"SELECT p.kind, p.record_id, p.start_us, p.end_us, p.extra_events, r.tier"
+                f"SELECT p.kind, p.record_id, p.start_us, p.end_us, p.extra_events, r.tier, r.instance_id, r.org_id"
                 f" FROM {self.s}.case_pieces p JOIN billing_records r ON r.id = p.record_id"
                 " WHERE p.case_id = %s ORDER BY p.record_id, p.start_us", (case_id,))
             return await cur.fetchall()
@@ -806,3 +855,112 @@ class Watchlist(Store):
                                      " ORDER BY added_at, customer_id")
             rows = await cur.fetchall()
             return rows
+
+
+BATCH_LOCKS = 7_242_005  # pg_try_advisory_lock(space, batch id): one process opens a batch's cases
+
+
+class Batches(Store):
+    """Remediation batches (SPEC 5.3): the plan, its one approval, and the progress of its cases."""
+
+    async def insert(self, *, kind: str, period: str, fingerprint: str, total_cents: int, required_level: int,
+                     plan: dict, requested_by: str, channel_id: str | None = None) -> dict:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""INSERT INTO {self.s}.remediation_batches (kind, period, fingerprint, total_cents, required_level,
+                      plan, requested_by, channel_id) VALUES (%s,%s,%s,%s,%s,%s,%s,%s) RETURNING *""",
+                (kind, period, fingerprint, total_cents, required_level, json.dumps(plan), requested_by, channel_id))
+            return await cur.fetchone()
+
+    async def get(self, batch_id: int) -> dict | None:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.remediation_batches WHERE id = %s", (batch_id,))
+            return await cur.fetchone()
+
+    async def set_message(self, batch_id: int, channel_id: str, ts: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.remediation_batches SET channel_id = %s, message_ts = %s,"
+                               " updated_at = now() WHERE id = %s", (channel_id, ts, batch_id))
+
+    async def approve(self, batch_id: int, fingerprint: str, user: str, levels: tuple[int, ...]) -> dict | None:
+        """planned -> approved, only if still planned and bound to this fingerprint: a double
+        click, two approvers or two replicas give one approval."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""UPDATE {self.s}.remediation_batches SET state = 'approved', decided_by = %s, decided_levels = %s,
+                      decided_at = now(), updated_at = now()
+                    WHERE id = %s AND state = 'planned' AND fingerprint = %s RETURNING *""",
+                (user, list(levels), batch_id, fingerprint))
+            return await cur.fetchone()
+
+    async def supersede(self, batch_id: int, by: int) -> dict | None:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"UPDATE {self.s}.remediation_batches SET state = 'superseded', superseded_by = %s, updated_at = now()"
+                " WHERE id = %s AND state = 'planned' RETURNING *", (by, batch_id))
+            return await cur.fetchone()
+
+    async def reject(self, batch_id: int, user: str, reason: str) -> dict | None:
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""UPDATE {self.s}.remediation_batches SET state = 'rejected', decided_by = %s, reason = %s,
+                      decided_at = now(), updated_at = now(), finished = true
+                    WHERE id = %s AND state = 'planned' RETURNING *""", (user, reason, batch_id))
+            return await cur.fetchone()
+
+    async def mark_opened(self, batch_id: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.remediation_batches SET cases_opened = true, updated_at = now()"
+                               " WHERE id = %s", (batch_id,))
+
+    async def unopened(self) -> list[dict]:
+        """Approved batches some of whose customers may have no case yet (a crash cut the opening)."""
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.remediation_batches WHERE state = 'approved'"
+                                     " AND NOT cases_opened ORDER BY id")
+            return await cur.fetchall()
+
+    async def unfinished(self) -> list[dict]:
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.remediation_batches WHERE state = 'approved'"
+                                     " AND NOT finished ORDER BY id")
+            return await cur.fetchall()
+
+    async def try_lock(self, batch_id: int) -> bool:
+        """A session lock on the task's bound connection (use inside `bound()`)."""
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (BATCH_LOCKS, batch_id))
+            return (await cur.fetchone())["ok"]
+
+    async def unlock(self, batch_id: int) -> None:
+        async with self._conn() as conn:
+            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCKS, batch_id))
+
+    async def cases(self, batch_id: int) -> list[Case]:
+        """The batch's cases (one per customer; remainders are their own cases, not counted)."""
+        async with self._conn() as conn:
+            cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE batch_id = %s AND parent_case_id IS NULL"
+                                     " ORDER BY id", (batch_id,))
+            return [Case.from_row(r) for r in await cur.fetchall()]
+
+    async def claim_progress(self, batch_id: int, text: str, finished: bool) -> bool:
+        """Record what the progress message is about to say; False when it already says that
+        (nothing to post) — one replica posts each change."""
+        async with self._conn() as conn:
+            cur = await conn.execute(
+                f"""UPDATE {self.s}.remediation_batches SET progress_text = %s, finished = finished OR %s,
+                      updated_at = now()
+                    WHERE id = %s AND progress_text IS DISTINCT FROM %s RETURNING id""",
+                (text, finished, batch_id, text))
+            return await cur.fetchone() is not None
+
+    async def release_progress(self, batch_id: int) -> None:
+        """Posting failed: forget what was claimed, so the next tick posts it again."""
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.remediation_batches SET progress_text = NULL, finished = false"
+                               " WHERE id = %s", (batch_id,))
+
+    async def set_progress_ts(self, batch_id: int, ts: str) -> None:
+        async with self._conn() as conn:
+            await conn.execute(f"UPDATE {self.s}.remediation_batches SET progress_ts = %s WHERE id = %s",
+                               (ts, batch_id))
