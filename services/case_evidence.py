@@ -112,7 +112,9 @@ def evidence_of(inv: Investigator, scope: Scope, periods: list[str], reports: li
     if scope.kind is not None:
         data["remediation_kind"] = scope.kind
     covered = [p for r in reports for p in r.result.covered]
-    fingerprint = combine_fingerprints(f"{r.result.instance.instance_id}={r.fingerprint}" for r in reports)
+    # as the store computes it again (evidence_fingerprint_of): one instance's own, or the combination
+    fingerprint = (reports[0].fingerprint if len(reports) == 1 else
+                   combine_fingerprints(f"{r.result.instance.instance_id}={r.fingerprint}" for r in reports))
     holders = tuple(sorted({h for r in reports for h in r.holders}))
     return Evidence(data, covered, fingerprint, holders, multi)
 

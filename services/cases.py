@@ -116,7 +116,7 @@ class CaseService:
                 needs_others = data["credit_cents"] > 0 and (self.config.four_eyes or
                                                              not requester_covers(data["credit_cents"] + exposure))
                 case = await tx.insert(
-                    Draft(report=data, covered=covered, fingerprint=report.fingerprint, requested_by=req.user,
+                    Draft(report=data, covered=covered, fingerprint=ev.fingerprint, requested_by=req.user,
                           ticket_id=req.ticket_id, channel_id=req.channel_id, response_url=req.response_url,
                           method=self.config.polar.credit_method, approvers=approvers, batch_id=batch_id),
                     required_level=level, exposure_cents=exposure,

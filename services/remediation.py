@@ -156,7 +156,8 @@ class RemediationService:
         log.info("%s approved by %s: %s customers, %s cents", batch_ticket(batch_id), user, len(plan.customers),
                  plan.total_cents)
         await self._watch(approved, plan.customers)
-        cases = await self._open_all(approved, plan, kept, authority)
+        async with self.batches.locked(batch_id):  # the sweepers leave a batch being opened alone
+            cases = await self._open_all(approved, plan, kept, authority)
         return BatchOutcome("done", approved, plan, cases=tuple(cases))
 
     async def reject(self, batch_id: int, user: str, reason: str) -> BatchOutcome:
@@ -223,23 +224,20 @@ class RemediationService:
         approval acts with the approver's levels as they were when approving."""
         done = []
         for batch in await self.batches.unopened():
-            async with self.batches.bound():
-                if not await self.batches.try_lock(batch["id"]):
+            async with self.batches.locked(batch["id"]) as mine:
+                if not mine:
                     continue  # another process is opening this batch
-                try:
-                    batch = await self.batches.get(batch["id"])
-                    if batch["cases_opened"]:
-                        continue
-                    have = {c.customer_id for c in await self.batches.cases(batch["id"])}
-                    plan = plan_from_json(batch["plan"])
-                    missing = [line for line in plan.customers if line.customer_id not in have]
-                    authority = authority_from_levels(self.config, batch["decided_by"],
-                                                      tuple(batch["decided_levels"] or ()))
-                    log.info("%s: resuming, %s customers without a case", batch_ticket(batch["id"]), len(missing))
-                    await self._open_all(batch, replace(plan, customers=tuple(missing)), None, authority)
-                    done.append(batch["id"])
-                finally:
-                    await self.batches.unlock(batch["id"])
+                batch = await self.batches.get(batch["id"])
+                if batch["cases_opened"]:
+                    continue
+                have = {c.customer_id for c in await self.batches.cases(batch["id"])}
+                plan = plan_from_json(batch["plan"])
+                missing = [line for line in plan.customers if line.customer_id not in have]
+                authority = authority_from_levels(self.config, batch["decided_by"],
+                                                  tuple(batch["decided_levels"] or ()))
+                log.info("%s: resuming, %s customers without a case", batch_ticket(batch["id"]), len(missing))
+                await self._open_all(batch, replace(plan, customers=tuple(missing)), None, authority)
+                done.append(batch["id"])
         return done
 
     async def progress(self, batch_id: int) -> BatchProgress:

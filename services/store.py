@@ -926,15 +926,18 @@ class Batches(Store):
                                      " AND NOT finished ORDER BY id")
             return await cur.fetchall()
 
-    async def try_lock(self, batch_id: int) -> bool:
-        """A session lock on the task's bound connection (use inside `bound()`)."""
-        async with self._conn() as conn:
+    @asynccontextmanager
+    async def locked(self, batch_id: int) -> AsyncIterator[bool]:
+        """A session lock on a connection of its own, held while the body runs (which uses other
+        connections, several at once): True when this process got it. Dies with the process."""
+        async with self.db.pool.connection() as conn:
             cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (BATCH_LOCKS, batch_id))
-            return (await cur.fetchone())["ok"]
-
-    async def unlock(self, batch_id: int) -> None:
-        async with self._conn() as conn:
-            await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCKS, batch_id))
+            got = (await cur.fetchone())["ok"]
+            try:
+                yield got
+            finally:
+                if got:
+                    await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCKS, batch_id))
 
     async def cases(self, batch_id: int) -> list[Case]:
         """The batch's cases (one per customer; remainders are their own cases, not counted)."""
