@@ -76,6 +76,29 @@ class CaseService:
         periods (then that case is shown). The claim re-verifies the evidence under the locks."""
         return await self.open_scope(Scope.one(req.instance_id, req.periods or ()), req)
 
+    async def open_customer(self, customer_id: str, req: CheckRequest) -> list[Outcome]:
+        """`check customer`: one case over every instance of the customer billed in the periods."""
+        return await self._open_grouped("customer", customer_id, req)
+
+    async def open_org(self, org_id: str, req: CheckRequest) -> list[Outcome]:
+        """`check org`: one case per customer whose instances the org was billed for."""
+        return await self._open_grouped("org", org_id, req)
+
+    async def _open_grouped(self, label: str, scope_id: str, req: CheckRequest) -> list[Outcome]:
+        from services.inputs import validate_customer_id, validate_org_id
+        from services.multi_check import check_periods, instances_by_customer
+        scope_id = validate_customer_id(scope_id) if label == "customer" else validate_org_id(scope_id)
+        periods = check_periods(self.investigator, req.periods)
+        groups = await instances_by_customer(self.investigator.db, periods, **{f"{label}_id": scope_id})
+        if not groups:
+            return [Outcome("refused", reason=f"{label} {scope_id} has no billing records in {', '.join(periods)}: "
+                                              "there is no charge to judge and no case was opened")]
+        out = []
+        for customer, instances in sorted(groups.items()):
+            scope = Scope(customer, tuple(instances), tuple(periods), multi=True, label=label, label_id=scope_id)
+            out.append(await self.open_scope(scope, req))
+        return out
+
     async def open_scope(self, scope: Scope, req: CheckRequest, *, ev: Evidence | None = None,
                          batch_id: int | None = None, approve_by: Authority | None = None,
                          expect_cents: int | None = None) -> Outcome:

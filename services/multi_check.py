@@ -42,6 +42,29 @@ async def instances_billed(db, periods: list[str], *, customer_id: str | None = 
         return [r["instance_id"] for r in await cur.fetchall()]
 
 
+async def instances_by_customer(db, periods: list[str], *, customer_id: str | None = None,
+                                org_id: str | None = None) -> dict[str, list[str]]:
+    """customer -> the instances with records in the periods (of the customer, or of the org)."""
+    where, args = ["billing_period = ANY(%s)"], [periods]
+    if customer_id is not None:
+        where.append("customer_id = %s")
+        args.append(customer_id)
+    if org_id is not None:
+        where.append("org_id = %s")
+        args.append(org_id)
+    async with db.snapshot() as conn:
+        cur = await conn.execute(f"SELECT DISTINCT customer_id, instance_id FROM billing_records"
+                                 f" WHERE {' AND '.join(where)} ORDER BY 1, 2", args)
+        out: dict[str, list[str]] = {}
+        for r in await cur.fetchall():
+            out.setdefault(r["customer_id"], []).append(r["instance_id"])
+        return out
+
+
+def check_periods(inv: Investigator, periods: Iterable[str] | None) -> list[str]:
+    return sorted({validate_period(p) for p in periods}) if periods else default_periods(inv.now())
+
+
 async def org_days(db, instance_ids: list[str], periods: list[str]) -> dict[str, list[datetime]]:
     """Per org, the UTC days on which these instances have records in the periods: a superset of
     the days any of their checks asks the daily limit about (a check's pieces lie inside its

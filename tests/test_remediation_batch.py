@@ -207,3 +207,21 @@ def test_a_customer_check_opens_one_case_over_its_instances(db, db_url, polar):
     assert second.status == "existing" and second.case.id == first.case.id
     assert single.status == "existing" and single.case.id == first.case.id
     assert approved.ok and final.state == "issued" and final.issued_cents == first.case.credit_cents
+
+
+def test_an_org_check_opens_one_case_per_customer(db, db_url, polar):
+    seed_customers(db, polar, n=2, instances_each=2)
+    db.execute("UPDATE billing_records SET org_id = 'o-shared'")
+    db.execute("UPDATE instances SET org_id = 'o-shared'")
+
+    async def go():
+        async with World(db_url, polar) as w:
+            outs = await w.service.open_org("o-shared", CheckRequest("", ["2026-10"], "U1"))
+            none = await w.service.open_customer("c-nobody", CheckRequest("", ["2026-10"], "U1"))
+            return outs, none
+
+    outs, none = asyncio.run(go())
+    assert [(o.status, o.case.customer_id, o.case.instances) for o in outs] == [
+        ("done", "c-00", ("i-00-0", "i-00-1")), ("done", "c-01", ("i-01-0", "i-01-1"))]
+    assert all(o.case.report["scope"] == "org" and o.case.report["instance_id"] is None for o in outs)
+    assert none[0].status == "refused" and "no billing records" in none[0].reason
