@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 from decimal import Decimal
 
@@ -26,6 +27,8 @@ class CreditsReport:
     refusals: int
     rejections: list[tuple[int, str, str, str]]  # case, instance, by, reason
     rows: list[dict]
+    # a remediation batch's credits (one corrections row per customer) as one line each
+    batches: list[tuple[str, str, int, int]] = field(default_factory=list)  # batch, what, count, cents
 
     def as_text(self) -> str:
         lines = [f"Credits issued since {self.since.isoformat()}: {self.count} for {fmt_money(self.total_cents)}"]
@@ -34,6 +37,9 @@ class CreditsReport:
                              ("Largest customers", self.top_customers)):
             lines.append(f"{title}:")
             lines += [f"  {name}: {n} credit(s), {fmt_money(c)}" for name, n, c in items] or ["  none"]
+        if self.batches:
+            lines.append("Remediation batches (one line each; their credits are counted above too):")
+            lines += [f"  {name} ({what}): {n} customer(s), {fmt_money(c)}" for name, what, n, c in self.batches]
         lines.append(f"Refused approval attempts: {self.refusals}")
         lines.append(f"Rejected cases: {len(self.rejections)}")
         lines += [f"  #{cid} {inst} by {by}: {reason}" for cid, inst, by, reason in self.rejections[:20]]
@@ -78,7 +84,13 @@ async def credits_report(store, since: date) -> CreditsReport:
             a[1] += _cents(r["credit_amount"])
         return sorted(((k, n, c) for k, (n, c) in acc.items()), key=lambda x: (-x[2], x[0]))
 
+    batches = []
+    for ticket, n, cents in sorted(group("ticket_id"), key=lambda x: x[0] or ""):
+        m = re.fullmatch(r"batch-(\d+)", ticket or "")
+        if m:
+            b = await store.batch_summary(int(m.group(1)))
+            batches.append((ticket, f"{b['kind']} {b['period']}" if b else "unknown batch", n, cents))
     return CreditsReport(
-        since=since, total_cents=sum(_cents(r["credit_amount"]) for r in rows), count=len(rows),
+        since=since, batches=batches, total_cents=sum(_cents(r["credit_amount"]) for r in rows), count=len(rows),
         by_kind=group("issue_type"), by_approver=group("resolved_by"), by_level=by_level,
         top_customers=group("customer_id")[:5], refusals=refusals, rejections=rejections, rows=rows)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from datetime import datetime, timezone
@@ -101,11 +102,19 @@ class PolarClient:
                                        headers=headers)
         self.attempts = attempts
         self.backoff = backoff
+        # Polar's rate limit is per organisation token, not per call: a 429 to one worker pauses
+        # every call of this client until the Retry-After passes, so a batch slows down as a whole
+        # instead of each worker finding the limit again.
+        self._paused_until = 0.0
+        self.rate_limited = 0  # 429s seen (the batch bench reports them)
 
     async def close(self) -> None:
         await self._http.aclose()
 
     async def _send_once(self, method: str, path: str, **kw) -> httpx.Response:
+        wait = self._paused_until - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         try:
             response = await self._http.request(method, path, **kw)
         except httpx.TimeoutException as exc:
@@ -113,7 +122,10 @@ class PolarClient:
         except httpx.TransportError as exc:
             raise _Retryable(f"connection: {type(exc).__name__}") from exc
         if response.status_code == 429:
-            raise _Retryable("429 Too Many Requests", _retry_after(response))
+            self.rate_limited += 1
+            after = _retry_after(response)
+            self._paused_until = max(self._paused_until, time.monotonic() + (after if after is not None else 1.0))
+            raise _Retryable("429 Too Many Requests", after)
         if response.status_code >= 500:
             raise _Retryable(f"{response.status_code} {response.reason_phrase}", _retry_after(response))
         return response

@@ -646,6 +646,16 @@ class CaseStore(Store):
                                      (limit,))
             return [Case.from_row(r) for r in await cur.fetchall()]
 
+    async def batch_summary(self, batch_id: int) -> dict | None:
+        """A remediation batch's kind and period (for the credits review)."""
+        async with self._conn() as conn:
+            if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
+                                              (f"{self.s}.remediation_batches",))).fetchone())["ok"]:
+                return None
+            cur = await conn.execute(f"SELECT id, kind, period, state FROM {self.s}.remediation_batches WHERE id = %s",
+                                     (batch_id,))
+            return await cur.fetchone()
+
     async def pieces(self, case_id: int) -> list[dict]:
         """The case's pieces with the billed tier of their record (for compensating events)."""
         async with self._conn() as conn:
@@ -669,7 +679,8 @@ class CaseStore(Store):
                 f"SELECT count(*) AS n FROM {self.s}.case_events WHERE action = 'refused' AND at >= %s", (lo,))
             refusals = (await cur.fetchone())["n"]
             cur = await conn.execute(
-                f"SELECT id, instance_id, decided_by, reason FROM {self.s}.cases WHERE state = 'rejected'"
+                f"SELECT id, coalesce(instance_id, customer_id || ' (' || cardinality(instance_ids) || ' instances)')"
+                f" AS instance_id, decided_by, reason FROM {self.s}.cases WHERE state = 'rejected'"
                 " AND decided_at >= %s ORDER BY id", (lo,))
             return by_level, refusals, await cur.fetchall()
 

@@ -3,7 +3,7 @@ fingerprint, one case per customer over its instances, each issued exactly once 
 one corrections row per customer with the batch as ticket; a changed record supersedes the plan;
 a crash while the cases are opened is resumed without crediting anyone twice."""
 import asyncio
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 import psycopg
 
@@ -11,6 +11,7 @@ from handlers.cases import authority_from_levels
 from services.case_evidence import Scope
 from services.cases import CaseService, CheckRequest
 from services.config import parse_config
+from services.credits_report import credits_report
 from services.db import Database
 from services.investigation import Investigator
 from services.issuing import Issuer
@@ -108,6 +109,14 @@ def test_one_approval_credits_every_customer_once_over_all_their_instances(db, d
     corr = rows(db_url, "SELECT customer_id, ticket_id, credit_amount FROM billing_corrections ORDER BY customer_id")
     assert [(c, t, str(a)) for c, t, a in corr] == [(f"c-{i:02d}", batch_ticket(out.batch["id"]), "4.16")
                                                    for i in range(4)]
+    # the weekly review shows the batch as one line: its count and its total
+    async def review():
+        async with World(db_url, polar) as w:
+            return await credits_report(w.service.store, date(2026, 1, 1))
+    report = asyncio.run(review())
+    name = batch_ticket(out.batch["id"])
+    assert report.batches == [(name, "duplicate_charge 2026-10", 4, 1664)]
+    assert f"  {name} (duplicate_charge 2026-10): 4 customer(s), $16.64" in report.as_text().splitlines()
     # the wrong-tier hour is still free for its own case: a check of the instance credits it
     async def later():
         async with World(db_url, polar) as w:
