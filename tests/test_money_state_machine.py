@@ -37,7 +37,8 @@ from services.investigation import Investigator
 from services.issuing import Issuer
 from services.polar import PolarClient
 from services.polar_webhooks import parse as parse_event
-from services.store import CaseStore
+from services.remediation import RemediationService
+from services.store import Batches, CaseStore
 
 from .conftest import _db_url
 from .fakes.polar_server import TOKEN, FakePolar
@@ -152,6 +153,8 @@ class MoneyMachine(RuleBasedStateMachine):
         self.notifier = FlakyNotifier(self.polar)
         self.workers = [Issuer(self.service, self.client, CONFIG, self.notifier, lookup_delay_s=0.01)
                         for _ in range(2)]
+        # batches' cases are issued by the `issue` and `sweep` rules, like any approved case
+        self.remediation = RemediationService(self.service, Batches(self.db))
 
     def case_ids(self, *states) -> list[int]:
         """Cases, most of the time in the states a rule is about, so the exploration goes deep."""
@@ -187,6 +190,46 @@ class MoneyMachine(RuleBasedStateMachine):
                                         self.service.open(CheckRequest(instance_id, periods, "U_AGENT2")))
         for out in self.run(go()):
             assert out.status in ("done", "existing")
+
+    @rule(customer=st.sampled_from(["c-1", "c-2"]), periods=st.sampled_from(PERIODS), user=st.sampled_from(PEOPLE))
+    def check_customer(self, customer, periods, user):
+        """One case over every instance of the customer (issue 16), next to the instances' own."""
+        for out in self.run(self.service.open_customer(customer, CheckRequest("", periods, user))):
+            assert out.status in ("done", "existing"), out
+
+    @rule(period=st.sampled_from(["2026-09", "2026-10"]), requester=st.sampled_from(PEOPLE), approver=DECIDERS,
+          twice=st.booleans(), crash_after=st.none() | st.integers(0, 1))
+    def remediate(self, period, requester, approver, twice, crash_after):
+        """A remediation of the duplicates: one plan, one approval (or two at once: a double click,
+        two replicas), one case per customer; or the approver's process dies while opening them."""
+        batch, plan = self.run(self.remediation.propose("duplicate_charge", period, requester))
+        real, opened = self.remediation._open_one, [0]
+        if crash_after is not None:
+            async def dies(*a, **kw):
+                opened[0] += 1
+                if opened[0] > crash_after:
+                    raise ConnectionError("the replica died while opening the batch")
+                return await real(*a, **kw)
+            self.remediation._open_one = dies
+
+        async def go():
+            calls = [self.remediation.approve(batch["id"], approver) for _ in range(2 if twice else 1)]
+            return await asyncio.gather(*calls)
+        try:
+            outs = self.run(go())
+        finally:
+            self.remediation._open_one = real
+        done = [o for o in outs if o.ok]
+        assert len(done) <= 1, "a batch approved twice"
+        if done:
+            APPROVALS["batch"] += 1
+            limit = LIMIT.get(approver)
+            assert approver in LIMIT and (limit is None or Decimal(plan.total_cents) / 100 <= limit), \
+                (approver, plan.total_cents)
+
+    @rule()
+    def resume_batches(self):
+        self.run(self.remediation.resume())
 
     def _decided(self, out, case_id, user, deciding):
         if out.ok:
@@ -330,6 +373,20 @@ class MoneyMachine(RuleBasedStateMachine):
             assert refunded[case_id] <= cents
 
     @invariant()
+    def a_batch_opens_one_case_per_customer_each_approved_within_the_approvers_authority(self):
+        with psycopg.connect(self.url) as conn:
+            per = conn.execute("SELECT batch_id, customer_id, count(*) FROM billing_bot.cases"
+                               " WHERE batch_id IS NOT NULL AND parent_case_id IS NULL GROUP BY 1, 2").fetchall()
+            assert all(n == 1 for _, _, n in per), per
+            approvals = conn.execute(
+                """SELECT e.case_id, e.actor, c.credit_cents FROM billing_bot.case_events e
+                   JOIN billing_bot.cases c ON c.id = e.case_id
+                   WHERE e.action = 'approved' AND e.detail ? 'batch_id' AND e.detail->>'batch_id' IS NOT NULL"""
+            ).fetchall()
+        for case_id, actor, _credit in approvals:
+            assert actor in LIMIT, f"{actor} approved batch case {case_id} without money authority"
+
+    @invariant()
     def nobody_told_of_money_polar_did_not_confirm(self):
         assert self.notifier.told_without_money == []
 
@@ -349,6 +406,7 @@ class MoneyMachine(RuleBasedStateMachine):
             for w in self.workers:
                 w.poll_pending_after_s = 0  # and, as after 10 minutes, the bot reads the outcomes back
                 w.in_flight_window_s = 0  # a cancelled worker's call ended with it (as a sweep minutes later)
+            self.run(self.remediation.resume())  # a batch a crash left half opened opens the rest
             for _ in range(3):  # a bounded number of sweeps finishes whatever was approved
                 for refund in [r for r in self.polar.refunds if r["status"] == "pending"]:
                     self.polar.settle_refund(refund["id"], "succeeded")  # Polar settles what it held
