@@ -234,3 +234,27 @@ def test_an_org_check_opens_one_case_per_customer(db, db_url, polar):
         ("done", "c-00", ("i-00-0", "i-00-1")), ("done", "c-01", ("i-01-0", "i-01-1"))]
     assert all(o.case.report["scope"] == "org" and o.case.report["instance_id"] is None for o in outs)
     assert none[0].status == "refused" and "no billing records" in none[0].reason
+
+
+def test_a_throttle_remediation_puts_its_customers_on_the_watchlist(db, db_url, polar):
+    from .seed import throttle
+    for c in range(2):
+        cust, org, iid = f"c-t{c}", f"o-t{c}", f"i-t{c}"
+        polar.add_customer(cust)
+        polar.add_order(cust, datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 100_00)
+        throttle(db, org, None, "1 hour", None)  # the daily limit that failed to pause anyone
+        instance(db, iid, org=org, customer=cust, tier="small", heartbeat="2026-12-31 00:00")
+        record(db, 100 + c, iid, "2026-10-05 08:00", "2026-10-05 11:00", "0.249", tier="small", rate="0.083",
+               org=org, customer=cust)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            batch, plan = await w.remediation.propose("throttle_daily", "2026-10", "U1", "C1")
+            out = await w.remediation.approve(batch["id"], "U_LEAD")
+            return plan, out, await w.remediation.watchlist.list()
+
+    plan, out, watched = asyncio.run(go())
+    assert out.ok and [c.customer_id for c in plan.customers] == ["c-t0", "c-t1"]
+    assert [c.credit_cents for c in plan.customers] == [17, 17]  # 2 of 3 hours at $0.083, each rounded once
+    assert {(w["customer_id"], w["reason"]) for w in watched} == {
+        (f"c-t{c}", f"{batch_ticket(out.batch['id'])}: throttle_daily 2026-10 remediated") for c in range(2)}
