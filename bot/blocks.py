@@ -6,7 +6,7 @@ from __future__ import annotations
 from handlers.cases import Case, other_method
 from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
-from handlers.timeline import fmt_money
+from handlers.timeline import fmt_money, hours_text
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
@@ -287,6 +287,27 @@ def failure_message(case: Case, reason: str, offer_other_method: bool) -> dict:
     text = f":x: Issuing case #{case.id} failed: {escape(reason)}"
     return {"text": cut_text(text, 4000), "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": cut_text(text)}},
                                                      {"type": "actions", "elements": buttons}]}
+
+
+def usage_report_message(report) -> dict:
+    """`/billing-report usage`: services.usage_report.UsageReport as Block Kit, one section per top
+    customer (charges, hours, instances, credits, anomalies by kind, watchlist), held to the limits."""
+    head = (f"*{report.total_customers} customers billed* · {hours_text(report.total_hours)} h · "
+            f"{fmt_money(report.total_charge_cents)}")
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Usage in {report.month}"}},
+              _mrkdwn(head), _context(escape(report.coverage_text()))]
+    if not report.customers:
+        blocks.append(_mrkdwn("No billing records in the month."))
+    for i, c in enumerate(report.customers, 1):
+        line = (f"*{i}. {escape(c.customer_id)}* · {fmt_money(c.charge_cents)} · {hours_text(c.hours)} h · "
+                f"{c.instances} instance{'s' if c.instances != 1 else ''}"
+                + ("  :eyes: *watchlist*" if c.watched else "")
+                + f"\nCredits issued in the month: {c.credits} for {fmt_money(c.credits_cents)}")
+        if report.reconciled_days:
+            line += f"\nAnomalies: {escape(c.anomalies_text())}"
+        blocks.append(_mrkdwn(line))
+    return enforce_limits({"text": f"Usage in {report.month}: {report.total_customers} customers billed, "
+                                   f"{fmt_money(report.total_charge_cents)}", "blocks": blocks})
 
 
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:

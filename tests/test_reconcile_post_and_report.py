@@ -93,3 +93,44 @@ def test_billing_report_command_answers_privately(db, db_url, slack, tmp_path):
         assert "unknown span 'year'" in bad.json()["text"]
     finally:
         bot.stop()
+
+
+def test_billing_report_usage_answers_privately_with_the_months_audit(db, db_url, slack, tmp_path):
+    from datetime import datetime, timezone
+
+    from .seed import record
+    now = datetime.now(timezone.utc).strftime("%Y-%m")
+    record(db, 9001, "i-now", f"{now}-01 08:00", f"{now}-01 10:00", "4.16", customer="c-now")
+    seed_all_kinds(db)  # 2026-10-05, every kind, reconciled: October's customers show their anomalies
+    env = {"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-10-05"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bot = Bot(db_url, slack, tmp_path)
+
+    def command(text):
+        return bot.post({"command": "/billing-report", "text": text, "user_id": "U_LEAD", "channel_id": "C1",
+                         "team_id": "T1", "trigger_id": "t", "response_url": slack.response_url})
+    try:
+        assert command("usage").status_code == 200  # this month by default
+        first = wait_for(lambda: slack.of("response_url"), what="usage report")[0]
+        assert first["response_type"] == "ephemeral" and first["blocks"][0]["text"]["text"] == f"Usage in {now}"
+        assert "c-now" in json.dumps(first["blocks"]) and "$4.16" in json.dumps(first["blocks"])
+        assert command("usage 2026-10").status_code == 200
+        oct_ = wait_for(lambda: slack.of("response_url")[1:], what="October's report")[0]
+        blocks = json.dumps(oct_["blocks"])
+        assert "Usage in 2026-10" in blocks and "Anomalies from 1 of 31 days reconciled" in blocks
+        line = next(b["text"]["text"] for b in oct_["blocks"] if "c-u*" in b.get("text", {}).get("text", ""))
+        assert "Anomalies: duplicate 1 ($2.08)" in line
+        # malformed: a specific private error at once, nothing read, nothing posted
+        for text, words in [("usage 2026-13", "'2026-13' is not a month: expected YYYY-MM with a month 01-12"),
+                            ("usage foo", "'foo' is not a month"),
+                            ("usage 2026-10 2026-11", "usage takes one month, got '2026-10 2026-11'")]:
+            r = command(text)
+            assert r.status_code == 200 and r.json()["response_type"] == "ephemeral", text
+            assert words in r.json()["text"] and "/billing-report usage [YYYY-MM]" in r.json()["text"], r.json()
+        import time
+        time.sleep(0.5)
+        assert len(slack.of("response_url")) == 2 and slack.of("chat.postEphemeral") == []
+    finally:
+        bot.stop()
