@@ -158,11 +158,32 @@ def case_message(case, config, customer_name: str | None = None, status: str | N
             _button("case_approve", view["id"], f"Approve {fmt_money(view['credit_cents'])} ({method})", "primary"),
             _button("case_approve_other_method", view["id"], f"Approve as {other}"),
             _button("case_adjust", view["id"], "Adjust"),
-            _button("case_reject", view["id"], "Reject", "danger")]})
+            _button("case_reject", view["id"], "Reject", "danger")] + remediate_buttons(view)})
     else:
         blocks.append(_context(status or status_line(view)))
     return enforce_limits({"text": f"Billing case #{view['id']} for {r['instance_id']}: credit "
                                    f"{fmt_money(view['credit_cents'])}", "blocks": blocks})
+
+
+def leading_kind(findings: list[dict]) -> str | None:
+    """The finding kind with the largest credit (the first of equals), as issuing names a case's kind."""
+    return max(findings, key=lambda f: f["credit_cents"])["kind"] if findings else None
+
+
+def remediate_button(finding_kind: str, period: str, text: str = "Remediate all") -> dict:
+    """SPEC 5.3's plan for one finding kind and month; the listener (action_id remediate_plan) reads
+    "<finding kind> <YYYY-MM>" from the value and builds the plan from the data, not from the message."""
+    return {"type": "button", "action_id": "remediate_plan", "value": f"{finding_kind} {period}",
+            "text": {"type": "plain_text", "text": text[:75]}}
+
+
+def remediate_buttons(view: dict) -> list[dict]:
+    """A pending systematic case offers its leading kind's plan over the case's latest period."""
+    r = view["report"]
+    kind = leading_kind(r.get("findings") or [])
+    if view["state"] != "pending" or not view["systematic"] or kind is None or not r.get("periods"):
+        return []
+    return [remediate_button(kind, max(r["periods"]))]
 
 
 def refund_room_notes(report: dict) -> list[str]:

@@ -197,3 +197,36 @@ def test_usage_report_message_without_reconciled_days_shows_no_anomaly_lines():
     assert "\\nAnomalies:" not in text and "none can be shown (not: none found)" in text
     empty = usage_report_message(usage(n_customers=0))
     assert "No billing records in the month." in json.dumps(empty)
+
+
+def _remediate(msg):
+    return [e for b in msg["blocks"] if b["type"] == "actions" for e in b["elements"]
+            if e["action_id"] == "remediate_plan"]
+
+
+def test_a_pending_systematic_case_offers_remediate_all_for_its_leading_kind_and_latest_period():
+    c = case()
+    c["systematic"] = True
+    c["report"]["periods"] = ["2026-09", "2026-10"]
+    c["report"]["findings"][1]["credit_cents"] = 900  # stuck_instance leads
+    [button] = _remediate(case_message(c, CONFIG))
+    assert button["value"] == "stuck_instance 2026-10" and button["text"]["text"] == "Remediate all"
+    actions = [b for b in case_message(c, CONFIG)["blocks"] if b["type"] == "actions"][0]
+    assert [e["action_id"] for e in actions["elements"]][:4] == ["case_approve", "case_approve_other_method",
+                                                                 "case_adjust", "case_reject"]
+    # equal credits: the first finding leads, as issuing names the case's kind
+    c["report"]["findings"][1]["credit_cents"] = 100
+    c["report"]["findings"][0]["credit_cents"] = 100
+    c["report"]["findings"][2]["credit_cents"] = 100
+    assert _remediate(case_message(c, CONFIG))[0]["value"] == "duplicate_charge 2026-10"
+
+
+def test_remediate_all_is_not_offered_unless_systematic_and_pending():
+    assert _remediate(case_message(case(), CONFIG)) == []  # not systematic
+    for state in ("approved", "issuing", "issued", "rejected", "failed", "expired"):
+        c = case(state)
+        c["systematic"] = True
+        assert _remediate(case_message(c, CONFIG)) == [], state
+    c = case(n_findings=0)
+    c["systematic"] = True  # systematic by the control-plane log, nothing to credit: no kind to remediate
+    assert _remediate(case_message(c, CONFIG)) == []
