@@ -6,7 +6,7 @@ from __future__ import annotations
 from handlers.cases import Case, other_method
 from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
-from handlers.timeline import fmt_money
+from handlers.timeline import fmt_money, hours_text
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
@@ -158,11 +158,32 @@ def case_message(case, config, customer_name: str | None = None, status: str | N
             _button("case_approve", view["id"], f"Approve {fmt_money(view['credit_cents'])} ({method})", "primary"),
             _button("case_approve_other_method", view["id"], f"Approve as {other}"),
             _button("case_adjust", view["id"], "Adjust"),
-            _button("case_reject", view["id"], "Reject", "danger")]})
+            _button("case_reject", view["id"], "Reject", "danger")] + remediate_buttons(view)})
     else:
         blocks.append(_context(status or status_line(view)))
     return enforce_limits({"text": f"Billing case #{view['id']} for {r['instance_id']}: credit "
                                    f"{fmt_money(view['credit_cents'])}", "blocks": blocks})
+
+
+def leading_kind(findings: list[dict]) -> str | None:
+    """The finding kind with the largest credit (the first of equals), as issuing names a case's kind."""
+    return max(findings, key=lambda f: f["credit_cents"])["kind"] if findings else None
+
+
+def remediate_button(finding_kind: str, period: str, text: str = "Remediate all") -> dict:
+    """SPEC 5.3's plan for one finding kind and month; the listener (action_id remediate_plan) reads
+    "<finding kind> <YYYY-MM>" from the value and builds the plan from the data, not from the message."""
+    return {"type": "button", "action_id": "remediate_plan", "value": f"{finding_kind} {period}",
+            "text": {"type": "plain_text", "text": text[:75]}}
+
+
+def remediate_buttons(view: dict) -> list[dict]:
+    """A pending systematic case offers its leading kind's plan over the case's latest period."""
+    r = view["report"]
+    kind = leading_kind(r.get("findings") or [])
+    if view["state"] != "pending" or not view["systematic"] or kind is None or not r.get("periods"):
+        return []
+    return [remediate_button(kind, max(r["periods"]))]
 
 
 def refund_room_notes(report: dict) -> list[str]:
@@ -287,6 +308,27 @@ def failure_message(case: Case, reason: str, offer_other_method: bool) -> dict:
     text = f":x: Issuing case #{case.id} failed: {escape(reason)}"
     return {"text": cut_text(text, 4000), "blocks": [{"type": "section", "text": {"type": "mrkdwn", "text": cut_text(text)}},
                                                      {"type": "actions", "elements": buttons}]}
+
+
+def usage_report_message(report) -> dict:
+    """`/billing-report usage`: services.usage_report.UsageReport as Block Kit, one section per top
+    customer (charges, hours, instances, credits, anomalies by kind, watchlist), held to the limits."""
+    head = (f"*{report.total_customers} customers billed* · {hours_text(report.total_hours)} h · "
+            f"{fmt_money(report.total_charge_cents)}")
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Usage in {report.month}"}},
+              _mrkdwn(head), _context(escape(report.coverage_text()))]
+    if not report.customers:
+        blocks.append(_mrkdwn("No billing records in the month."))
+    for i, c in enumerate(report.customers, 1):
+        line = (f"*{i}. {escape(c.customer_id)}* · {fmt_money(c.charge_cents)} · {hours_text(c.hours)} h · "
+                f"{c.instances} instance{'s' if c.instances != 1 else ''}"
+                + ("  :eyes: *watchlist*" if c.watched else "")
+                + f"\nCredits issued in the month: {c.credits} for {fmt_money(c.credits_cents)}")
+        if report.reconciled_days:
+            line += f"\nAnomalies: {escape(c.anomalies_text())}"
+        blocks.append(_mrkdwn(line))
+    return enforce_limits({"text": f"Usage in {report.month}: {report.total_customers} customers billed, "
+                                   f"{fmt_money(report.total_charge_cents)}", "blocks": blocks})
 
 
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:

@@ -1,15 +1,17 @@
 """The morning message: one summary in the alerts channel, grouped by kind, worst cases first, each
 with an "Open case" button that starts the /billing-check flow for that instance. Customers on the
-watchlist (/billing-watch) come first: every anomaly of theirs, however small."""
+watchlist (/billing-watch) come first: every anomaly of theirs, however small. A finding kind seen
+for at least systematic_min_customers customers gets a "Remediate all" button (SPEC 5.3)."""
 from __future__ import annotations
 
 import logging
 
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot.blocks import enforce_limits
+from bot.blocks import enforce_limits, remediate_button
 from handlers.timeline import fmt_money
 from services.config import Config, ConfigError, Env
+from services.reconcile import FINDING_KIND, KIND_ORDER
 
 log = logging.getLogger(__name__)
 WORST_PER_KIND = 3
@@ -27,8 +29,23 @@ def _anomaly_block(a, rec, instance_for: dict[tuple, str], label: str = "") -> d
     return block
 
 
-def reconciliation_blocks(rec, instance_for: dict[tuple, str], watched: frozenset[str] | set[str] = frozenset()
-                          ) -> dict:
+def remediation_offers(rec, min_customers: int | None) -> list[tuple[str, int]]:
+    """(finding kind, customers) for each finding kind the day saw, with an overcharge, for at least
+    `min_customers` customers: the systematic rule's own count (Reconciliation.customers_by_finding_kind,
+    which is what reconcile_kind_customers stores), so the reconciliation kinds of one finding kind
+    (duplicate and overlap, billed_after_stop and billed_while_idle) count their customers together
+    and give one button. Kinds without a finding kind (charge_mismatch, usage_mismatch) give none."""
+    if not min_customers:
+        return []
+    seen = rec.customers_by_finding_kind()
+    order = [fk for k in KIND_ORDER if (fk := FINDING_KIND.get(k))]
+    return [(fk, len(seen[fk])) for fk in dict.fromkeys(order) if fk in seen and len(seen[fk]) >= min_customers]
+
+
+def reconciliation_blocks(rec, instance_for: dict[tuple, str], watched: frozenset[str] | set[str] = frozenset(),
+                          min_customers: int | None = None) -> dict:
+    """min_customers: config.systematic_min_customers; a finding kind that reached it gets a
+    "Remediate all" button (SPEC 5.3) in the last block, which enforce_limits always keeps."""
     totals = rec.totals()
     money = sum(t["overcharge_cents"] for t in totals.values())
     blocks = [{"type": "header", "text": {"type": "plain_text", "text": f"Billing reconciliation {rec.day.isoformat()}"}},
@@ -53,6 +70,11 @@ def reconciliation_blocks(rec, instance_for: dict[tuple, str], watched: frozense
         # the worst of the others: the watched customers' are listed above already
         worst = [a for a in rec.anomalies if a.kind == kind and a.customer_id not in watched][:WORST_PER_KIND]
         blocks += [_anomaly_block(a, rec, instance_for) for a in worst]
+    offers = remediation_offers(rec, min_customers)
+    if offers:
+        period = rec.day.strftime("%Y-%m")
+        blocks.append({"type": "actions", "block_id": "remediate_plans", "elements": [
+            remediate_button(fk, period, f"Remediate all {fk} ({n} customers)") for fk, n in offers]})
     return enforce_limits({"text": f"Billing reconciliation {rec.day.isoformat()}: {len(rec.anomalies)} anomalies",
                            "blocks": blocks})
 
@@ -65,7 +87,7 @@ async def post_reconciliation(env: Env, config: Config, rec, db=None) -> None:
     watched = await _watched(db) if db is not None else frozenset()
     from bot.app import slack_client
     client: AsyncWebClient = slack_client(env)
-    msg = reconciliation_blocks(rec, instance_for, watched)
+    msg = reconciliation_blocks(rec, instance_for, watched, config.systematic_min_customers)
     await client.chat_postMessage(channel=channel, text=msg["text"], blocks=msg["blocks"])
 
 

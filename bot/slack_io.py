@@ -161,9 +161,31 @@ async def show_outcome(ctx: BotContext, out: Outcome, user: str, channel: str | 
         await safely("thread", case.id, post_thread(ctx, case, done_text))
 
 
+async def upload_csv(client, channel_id: str, thread_ts: str | None, filename: str, content: str,
+                     title: str) -> str | None:
+    """Share a CSV into a channel (and thread) with Slack's external upload: files.getUploadURLExternal,
+    a POST of the bytes to the URL it gave, files.completeUploadExternal (slack_sdk's files_upload_v2).
+    The file id, or None with one logged line when Slack refuses or cannot be reached: the message the
+    file goes with is still useful without it, so nothing is raised to the caller."""
+    try:
+        r = await client.files_upload_v2(channel=channel_id, thread_ts=thread_ts, filename=filename,
+                                         content=content.encode("utf-8"), title=title)
+        f = r.get("file") or {}
+        if not f.get("id"):
+            log.warning("csv %s not shared in %s: Slack answered without a file id", filename, channel_id)
+            return None
+        return f["id"]
+    except SlackApiError as exc:
+        log.warning("csv %s not shared in %s: %s", filename, channel_id, exc.response.get("error"))
+    except Exception as exc:  # the upload POST refused (SlackRequestError), no connection, a timeout
+        log.warning("csv %s not shared in %s: %s", filename, channel_id,
+                    " ".join(str(exc).split())[:200] or type(exc).__name__)
+    return None
+
+
 def who(user: str) -> str:
     return f"<@{user}>"
 
 
 __all__ = ["ephemeral", "button_ids", "refresh_case_message", "post_thread", "post_evidence", "permalink",
-           "ping_level", "report_systematic", "safely", "show_outcome", "escape", "who"]
+           "ping_level", "report_systematic", "safely", "show_outcome", "escape", "who", "upload_csv"]

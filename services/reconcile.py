@@ -84,6 +84,17 @@ class Reconciliation:
         return {"date": self.day.isoformat(), "anomalies": [a.as_json() for a in self.anomalies],
                 "totals": self.totals()}
 
+    def customer_kind_counts(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(customer, anomaly kind) -> (anomalies, overcharge cents), for the usage audit. The
+        control-plane kinds only: credit_mismatch is about the bot's own books (and a sharded day
+        adds it after its run is stored), and an anomaly without a customer has nobody to count for."""
+        out: dict[tuple[str, str], tuple[int, int]] = {}
+        for a in self.anomalies:
+            if a.customer_id and a.kind in FINDING_KIND:
+                n, cents = out.get((a.customer_id, a.kind), (0, 0))
+                out[(a.customer_id, a.kind)] = (n + 1, cents + a.overcharge_cents)
+        return out
+
     def customers_by_finding_kind(self) -> dict[str, set[str]]:
         seen: dict[str, set[str]] = {}
         for a in self.anomalies:

@@ -117,7 +117,45 @@ class Store:
                     await conn.execute(
                         f"INSERT INTO {self.s}.reconcile_kind_customers VALUES (%s, %s, %s, %s)",
                         (run_id, period, kind, len(customers)))
+                await self._record_customer_kinds(conn, run_id, rec)
         return run_id
+
+    async def _record_customer_kinds(self, conn, run_id: int, rec) -> None:
+        """The run's anomalies per (customer, kind): counts and overcharge cents (migration 035), in
+        the run's own transaction, and the run marked as having them."""
+        counts = sorted(rec.customer_kind_counts().items())
+        if counts:
+            await conn.execute(
+                f"INSERT INTO {self.s}.reconcile_customer_kinds (run_id, customer_id, kind, anomalies, overcharge_cents)"
+                " SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::integer[], %s::bigint[])",
+                (run_id, [c for (c, _), _ in counts], [k for (_, k), _ in counts], [n for _, (n, _) in counts],
+                 [cents for _, (_, cents) in counts]))
+        await conn.execute(f"UPDATE {self.s}.reconcile_runs SET customer_kinds_stored = true WHERE id = %s", (run_id,))
+
+    async def customer_anomalies(self, lo, hi, customer_ids: list[str]) -> tuple[dict[str, dict[str, dict]], int]:
+        """Per customer and anomaly kind, {anomalies, overcharge_cents} summed over the days lo <= day < hi,
+        each day counted from its latest whole-day run (one process, or the merge of all shards; a
+        shard's own row never), and how many of those days' latest runs have the counts. Before the
+        bot's schema has the table: ({}, 0)."""
+        async with self._conn() as conn:
+            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.s}.reconcile_customer_kinds",))
+            if not (await cur.fetchone())["ok"]:
+                return {}, 0
+            latest = (f"SELECT DISTINCT ON (day) id, customer_kinds_stored FROM {self.s}.reconcile_runs"
+                      " WHERE shard IS NULL AND day >= %(lo)s AND day < %(hi)s ORDER BY day, id DESC")
+            cur = await conn.execute(f"SELECT count(*) FILTER (WHERE customer_kinds_stored) AS days FROM ({latest}) r",
+                                     {"lo": lo, "hi": hi})
+            days = (await cur.fetchone())["days"]
+            cur = await conn.execute(
+                f"SELECT k.customer_id, k.kind, sum(k.anomalies)::bigint AS n, sum(k.overcharge_cents)::bigint AS cents"
+                f" FROM {self.s}.reconcile_customer_kinds k JOIN ({latest}) r ON r.id = k.run_id"
+                " WHERE k.customer_id = ANY(%(ids)s) GROUP BY k.customer_id, k.kind",
+                {"lo": lo, "hi": hi, "ids": customer_ids})
+            out: dict[str, dict[str, dict]] = {}
+            for row in await cur.fetchall():
+                out.setdefault(row["customer_id"], {})[row["kind"]] = {"anomalies": int(row["n"]),
+                                                                     "overcharge_cents": int(row["cents"])}
+            return out, int(days)
 
     async def save_shard_row(self, run_key: str, shard: tuple[int, int], day, totals: dict, anomalies: list) -> None:
         """A shard's part of a day (reconcile --shard); a retried shard replaces its row."""

@@ -1,4 +1,6 @@
 """Block Kit builders: valid JSON from the templates, Block Kit's limits held, amounts from the case."""
+import json
+
 from bot.blocks import MAX_BLOCKS, MAX_TEXT, case_message, enforce_limits, evidence_messages
 from services.config import parse_config
 
@@ -155,3 +157,76 @@ def test_exposure_that_raises_the_level_is_shown():
     c = case() | {"exposure_cents": 4500, "required_level": 2, "customer_id": "c-acme"}
     text = str(case_message(c, CONFIG))
     assert "Needs level 2 (Support lead) for $51.00: this credit plus $45.00" in text
+
+
+def usage(n_customers=20, reconciled_days=31, id_len=10):
+    from decimal import Decimal
+
+    from services.usage_report import UsageLine, UsageReport
+    kinds = ["daily_limit", "continuous_limit", "rate_mismatch", "duplicate", "overlap", "billed_after_stop"]
+    lines = [UsageLine(customer_id=f"c-<!channel>-{i}-" + "x" * id_len, instances=i % 3 + 1, hours=Decimal("12.5000"),
+                       charge_cents=100_000 - i, credits_cents=125, credits=i % 2, watched=i == 3,
+                       anomalies={k: {"count": 9999, "overcharge_cents": 123_456} for k in kinds[: i % 7]})
+             for i in range(n_customers)]
+    return UsageReport(month="2026-10", customers=lines, total_customers=4000, total_hours=Decimal("1234.5000"),
+                       total_charge_cents=123_456_789, reconciled_days=reconciled_days, days_in_month=31)
+
+
+def test_usage_report_message_lists_every_top_customer_within_block_kits_limits():
+    from bot.blocks import usage_report_message
+    msg = usage_report_message(usage(id_len=4000))
+    assert len(msg["blocks"]) <= MAX_BLOCKS
+    assert all(len(b["text"]["text"]) <= MAX_TEXT for b in msg["blocks"] if "text" in b)
+    assert msg["blocks"][0]["text"]["text"] == "Usage in 2026-10"
+    text = json.dumps(msg)
+    assert "<!channel>" not in text and "&lt;!channel&gt;" in text  # customer ids are escaped
+    small = usage_report_message(usage())
+    sections = [b["text"]["text"] for b in small["blocks"] if b["type"] == "section"]
+    assert sections[0] == "*4000 customers billed* · 1234.5000 h · $1,234,567.89"
+    assert len(sections) == 1 + 20
+    assert "Anomalies from 31 of 31 days reconciled" in json.dumps(small["blocks"][2])
+    third = sections[1 + 3]
+    assert ":eyes: *watchlist*" in third and "Anomalies: daily_limit 9999 ($1,234.56), continuous_limit 9999" in third
+    assert "Anomalies: none" in sections[1]  # customer 0: nothing found in the reconciled days
+
+
+def test_usage_report_message_without_reconciled_days_shows_no_anomaly_lines():
+    from bot.blocks import usage_report_message
+    msg = usage_report_message(usage(n_customers=2, reconciled_days=0))
+    text = json.dumps(msg)
+    assert "\\nAnomalies:" not in text and "none can be shown (not: none found)" in text
+    empty = usage_report_message(usage(n_customers=0))
+    assert "No billing records in the month." in json.dumps(empty)
+
+
+def _remediate(msg):
+    return [e for b in msg["blocks"] if b["type"] == "actions" for e in b["elements"]
+            if e["action_id"] == "remediate_plan"]
+
+
+def test_a_pending_systematic_case_offers_remediate_all_for_its_leading_kind_and_latest_period():
+    c = case()
+    c["systematic"] = True
+    c["report"]["periods"] = ["2026-09", "2026-10"]
+    c["report"]["findings"][1]["credit_cents"] = 900  # stuck_instance leads
+    [button] = _remediate(case_message(c, CONFIG))
+    assert button["value"] == "stuck_instance 2026-10" and button["text"]["text"] == "Remediate all"
+    actions = [b for b in case_message(c, CONFIG)["blocks"] if b["type"] == "actions"][0]
+    assert [e["action_id"] for e in actions["elements"]][:4] == ["case_approve", "case_approve_other_method",
+                                                                 "case_adjust", "case_reject"]
+    # equal credits: the first finding leads, as issuing names the case's kind
+    c["report"]["findings"][1]["credit_cents"] = 100
+    c["report"]["findings"][0]["credit_cents"] = 100
+    c["report"]["findings"][2]["credit_cents"] = 100
+    assert _remediate(case_message(c, CONFIG))[0]["value"] == "duplicate_charge 2026-10"
+
+
+def test_remediate_all_is_not_offered_unless_systematic_and_pending():
+    assert _remediate(case_message(case(), CONFIG)) == []  # not systematic
+    for state in ("approved", "issuing", "issued", "rejected", "failed", "expired"):
+        c = case(state)
+        c["systematic"] = True
+        assert _remediate(case_message(c, CONFIG)) == [], state
+    c = case(n_findings=0)
+    c["systematic"] = True  # systematic by the control-plane log, nothing to credit: no kind to remediate
+    assert _remediate(case_message(c, CONFIG)) == []

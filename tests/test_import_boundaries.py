@@ -45,7 +45,7 @@ def test_only_the_store_writes_sql_on_the_bots_tables():
             continue
         text = path.read_text()
         for table in ("cases", "case_events", "case_pieces", "issuances", "polar_webhook_deliveries",
-                      "reconcile_runs", "reconcile_kind_customers", "case_transitions"):
+                      "reconcile_runs", "reconcile_kind_customers", "reconcile_customer_kinds", "case_transitions"):
             if any(f"{{{name}}}.{table}" in text for name in ("s", "self.s", "schema", "db.schema", "self.schema")):
                 offenders.append(f"{path.relative_to(ROOT)}: {table}")
     assert offenders == [], offenders

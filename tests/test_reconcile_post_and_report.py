@@ -93,3 +93,105 @@ def test_billing_report_command_answers_privately(db, db_url, slack, tmp_path):
         assert "unknown span 'year'" in bad.json()["text"]
     finally:
         bot.stop()
+
+
+def test_billing_report_usage_answers_privately_with_the_months_audit(db, db_url, slack, tmp_path):
+    from datetime import datetime, timezone
+
+    from .seed import record
+    now = datetime.now(timezone.utc).strftime("%Y-%m")
+    record(db, 9001, "i-now", f"{now}-01 08:00", f"{now}-01 10:00", "4.16", customer="c-now")
+    seed_all_kinds(db)  # 2026-10-05, every kind, reconciled: October's customers show their anomalies
+    env = {"DATABASE_URL": db_url, "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-10-05"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    bot = Bot(db_url, slack, tmp_path)
+
+    def command(text):
+        return bot.post({"command": "/billing-report", "text": text, "user_id": "U_LEAD", "channel_id": "C1",
+                         "team_id": "T1", "trigger_id": "t", "response_url": slack.response_url})
+    try:
+        assert command("usage").status_code == 200  # this month by default
+        first = wait_for(lambda: slack.of("response_url"), what="usage report")[0]
+        assert first["response_type"] == "ephemeral" and first["blocks"][0]["text"]["text"] == f"Usage in {now}"
+        assert "c-now" in json.dumps(first["blocks"]) and "$4.16" in json.dumps(first["blocks"])
+        assert command("usage 2026-10").status_code == 200
+        oct_ = wait_for(lambda: slack.of("response_url")[1:], what="October's report")[0]
+        blocks = json.dumps(oct_["blocks"])
+        assert "Usage in 2026-10" in blocks and "Anomalies from 1 of 31 days reconciled" in blocks
+        line = next(b["text"]["text"] for b in oct_["blocks"] if "c-u*" in b.get("text", {}).get("text", ""))
+        assert "Anomalies: duplicate 1 ($2.08)" in line
+        # malformed: a specific private error at once, nothing read, nothing posted
+        for text, words in [("usage 2026-13", "'2026-13' is not a month: expected YYYY-MM with a month 01-12"),
+                            ("usage foo", "'foo' is not a month"),
+                            ("usage 2026-10 2026-11", "usage takes one month, got '2026-10 2026-11'")]:
+            r = command(text)
+            assert r.status_code == 200 and r.json()["response_type"] == "ephemeral", text
+            assert words in r.json()["text"] and "/billing-report usage [YYYY-MM]" in r.json()["text"], r.json()
+        import time
+        time.sleep(0.5)
+        assert len(slack.of("response_url")) == 2 and slack.of("chat.postEphemeral") == []
+    finally:
+        bot.stop()
+
+
+def _remediate_buttons(msg):
+    return [e for b in msg["blocks"] if b["type"] == "actions" for e in b["elements"]
+            if e["action_id"] == "remediate_plan"]
+
+
+def test_remediate_all_is_offered_per_finding_kind_that_reached_the_systematic_threshold():
+    from datetime import date
+
+    from bot.reconcile_post import reconciliation_blocks
+    from services.reconcile import Anomaly, Reconciliation
+
+    def a(kind, customer, cents=100, instance="i-x", org="o-1"):
+        return Anomaly(kind, instance, org, customer, [1], cents, "d")
+    rec = Reconciliation(date(2026, 10, 5), [
+        # duplicate_charge: c-1 and c-2 by duplicate, c-3 by overlap (and c-1 again): 3 customers
+        a("duplicate", "c-1"), a("duplicate", "c-2"), a("overlap", "c-3"), a("overlap", "c-1"),
+        # throttle_daily: 3 customers, org-level anomalies
+        a("daily_limit", "c-4", instance=None, org="o-4"), a("daily_limit", "c-5", instance=None, org="o-5"),
+        a("daily_limit", "c-6", instance=None, org="o-6"),
+        # stuck_instance: 2 customers only; wrong_tier: 3 customers but one with no overcharge
+        a("billed_after_stop", "c-1"), a("billed_while_idle", "c-2"),
+        a("rate_mismatch", "c-1"), a("rate_mismatch", "c-2"), a("rate_mismatch", "c-3", cents=0),
+        # no finding kind: never a button, however many customers
+        a("charge_mismatch", "c-1", 0), a("charge_mismatch", "c-2", 0), a("charge_mismatch", "c-3", 0),
+        a("usage_mismatch", "c-1", 0), a("usage_mismatch", "c-2", 0), a("usage_mismatch", "c-3", 0)])
+    msg = reconciliation_blocks(rec, {}, frozenset(), 3)
+    buttons = _remediate_buttons(msg)
+    assert [b["value"] for b in buttons] == ["throttle_daily 2026-10", "duplicate_charge 2026-10"]  # SPEC 5.2's order
+    assert [b["text"]["text"] for b in buttons] == ["Remediate all throttle_daily (3 customers)",
+                                                    "Remediate all duplicate_charge (3 customers)"]
+    assert msg["blocks"][-1]["block_id"] == "remediate_plans"
+    assert [b["value"] for b in _remediate_buttons(reconciliation_blocks(rec, {}, frozenset(), 2))] == [
+        "throttle_daily 2026-10", "wrong_tier 2026-10", "duplicate_charge 2026-10", "stuck_instance 2026-10"]
+    assert _remediate_buttons(reconciliation_blocks(rec, {}, frozenset(), 4)) == []
+    assert _remediate_buttons(reconciliation_blocks(rec, {})) == []  # no threshold given: no offer
+    # a long day keeps its buttons: the last block survives Block Kit's 50-block cut
+    from services.reconcile import KIND_ORDER
+    many = Reconciliation(rec.day, rec.anomalies + [a(k, f"c-{k}-{n}", instance=f"i-{k}-{n}")
+                                                     for k in KIND_ORDER[:9] for n in range(30)])
+    big = reconciliation_blocks(many, {}, frozenset(f"c-overlap-{n}" for n in range(30)), 3)
+    assert len(big["blocks"]) == 50
+    assert "throttle_continuous 2026-10" in [b["value"] for b in _remediate_buttons(big)]
+
+
+def test_the_posted_morning_message_offers_remediate_all_for_the_configured_threshold(db, db_url, slack, tmp_path):
+    seed_all_kinds(db)  # one customer per kind: reaches a threshold of 1, not the default 3
+    cfg = tmp_path / "c.yaml"
+    env = {"DATABASE_URL": db_url, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_API_URL": slack.api_url,
+           "BILLING_BOT_CONFIG": str(cfg), "PATH": "/usr/bin:/bin"}
+    for threshold in (3, 1):
+        cfg.write_text(f"channels: {{alerts: C_ALERTS}}\nsystematic_min_customers: {threshold}\n")
+        proc = subprocess.run([sys.executable, "-m", "bot.cli", "reconcile", "--date", "2026-10-05", "--post"],
+                              env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+    default, low = slack.of("chat.postMessage")
+    assert _remediate_buttons(default) == []
+    assert sorted(b["value"] for b in _remediate_buttons(low)) == sorted(
+        f"{k} 2026-10" for k in ("throttle_daily", "throttle_continuous", "wrong_tier", "duplicate_charge",
+                                 "stuck_instance"))
