@@ -94,7 +94,7 @@ async def ping_level(ctx: BotContext, case: Case, why: str) -> list[str]:
     h = await holders(ctx.config, ctx.groups, case.required_level)
     link = await permalink(ctx, case)
     amount = fmt_money(case.deciding_cents)
-    text = (f"{mention_text(h)}: billing case #{case.id} for {case.instance_id} needs "
+    text = (f"{mention_text(h)}: billing case #{case.id} for {escape(case.subject)} needs "
             f"level {h['level']} ({h['name']}) to approve {amount}. {why} {link}")
     channel = ctx.config.channels.get("escalation")
     if channel:
@@ -103,7 +103,7 @@ async def ping_level(ctx: BotContext, case: Case, why: str) -> list[str]:
     for user in members:
         try:
             await ctx.client.chat_postMessage(channel=user, text=f"Billing case #{case.id} is waiting for your "
-                                              f"approval: {amount} for {case.instance_id}. {link}")
+                                              f"approval: {amount} for {escape(case.subject)}. {link}")
         except SlackApiError as exc:
             log.warning("could not DM %s: %s", user, exc.response.get("error"))
     return members
@@ -118,8 +118,23 @@ async def report_systematic(ctx: BotContext, case: Case) -> None:
     kinds = ", ".join(f["kind"] for f in r["findings"])
     link = await permalink(ctx, case)
     await ctx.client.chat_postMessage(channel=channel, text=(
-        f":rotating_light: Systematic billing defect (case #{case.id}, {case.instance_id}, org {case.org_id})\n"
+        f":rotating_light: Systematic billing defect (case #{case.id}, {escape(case.subject)}"
+        f"{', org ' + escape(case.org_id) if case.org_id else ''})\n"
         f"Kinds: {kinds}; credit {fmt_money(case.credit_cents)}.\n{reasons}\n{link}"))
+
+
+async def upload_csv(client, channel_id: str, thread_ts: str | None, filename: str, content: str,
+                     title: str) -> str | None:
+    """Upload a CSV file into a channel (in a thread when thread_ts is given): the file's id, or
+    None when Slack refused it (logged; the message it belongs to stands without it)."""
+    try:
+        r = await client.files_upload_v2(channel=channel_id, thread_ts=thread_ts, filename=filename,
+                                         content=content, title=title)
+    except SlackApiError as exc:
+        log.warning("could not upload %s: %s", filename, exc.response.get("error"))
+        return None
+    f = r.get("file") or (r.get("files") or [{}])[0]
+    return f.get("id")
 
 
 async def safely(what: str, case_id: int | None, coro) -> None:
@@ -166,4 +181,4 @@ def who(user: str) -> str:
 
 
 __all__ = ["ephemeral", "button_ids", "refresh_case_message", "post_thread", "post_evidence", "permalink",
-           "ping_level", "report_systematic", "safely", "show_outcome", "escape", "who"]
+           "ping_level", "report_systematic", "upload_csv", "safely", "show_outcome", "escape", "who"]
