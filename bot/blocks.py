@@ -406,7 +406,7 @@ def plan_message(batch: dict, plan, config, status: str | None = None) -> dict:
                               + (f"\n…and {more} more in the CSV" if more > 0 else "")))
     if plan.other_kinds:
         blocks.append(_context("Also found, not credited by this plan (each needs its own case or plan): "
-                               + ", ".join(f"{kind_title(k)} ({n} customer{'s' if n != 1 else ''})"
+                               + ", ".join(f"{k} ({n} customer{'s' if n != 1 else ''})"
                                            for k, n in plan.other_kinds.items())))
     if plan.held:
         held = [f"{escape(c)} ({escape(i)}: case #{case_id}, {state})" for c, i, case_id, state in plan.held[:MAX_PLAN_HELD]]
