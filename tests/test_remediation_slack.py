@@ -471,3 +471,23 @@ def test_pings_systematic_report_and_letter_read_well_without_an_instance():
     letter = email.compose(case, {"name": "Ada", "email": "ada@example.com"}, ["r1"])
     assert "What we found for your instances i-a, i-b, i-c (October 2026 usage):" in letter.body
     assert "None" not in letter.body
+
+
+def test_a_batch_cases_draft_goes_to_the_plans_thread_without_smtp():
+    from bot.issuing_notifier import SlackNotifier
+    from handlers.cases import Case as C
+    row = {"id": 9, "instance_id": None, "instance_ids": ["i-a", "i-b"], "org_id": "o-a", "customer_id": "c-a",
+           "periods": ["2026-10"], "state": "issued", "method": "refund", "report": multi_report(),
+           "credit_cents": 416, "proposed_cents": 416, "required_level": 1, "ticket_id": "batch-7",
+           "requested_by": "U1", "channel_id": "C1", "message_ts": None, "issued_cents": 416, "batch_id": 7,
+           "decided_by": "U_LEAD"}
+    case = C.from_row(row)
+    store = SimpleNamespace(event=AsyncMock())
+    ctx = fake_ctx(SimpleNamespace(batches=SimpleNamespace(get=AsyncMock(return_value=make_batch(make_plan())))))
+    ctx.env = SimpleNamespace(smtp_url=None)
+    ctx.cases = SimpleNamespace(store=store)
+    run(SlackNotifier(ctx)._letter(case, ["r1"]))
+    post = ctx.client.chat_postMessage.await_args.kwargs
+    assert post["channel"] == "C1" and post["thread_ts"] == "1.000001"
+    assert post["text"].startswith("Case #9 (c-a). Draft for the customer") and "your instances i-a, i-b" in post["text"]
+    store.event.assert_awaited_once_with(9, "billing-bot", "email_drafted", {"to": None})
