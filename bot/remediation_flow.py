@@ -105,6 +105,21 @@ async def _tell_engineering(ctx: BotContext, batch: dict, plan: Plan, channel: s
         f"{link}"))
 
 
+async def _ping_level(ctx: BotContext, batch: dict, h: dict, user: str) -> None:
+    """As for a case (slack_io.ping_level): the level's groups and users in the escalation channel."""
+    channel = ctx.config.channels.get("escalation")
+    if not channel:
+        return
+    try:
+        link = (await ctx.client.chat_getPermalink(channel=batch["channel_id"], message_ts=batch["message_ts"]))["permalink"]
+    except (SlackApiError, KeyError, TypeError):
+        link = batch_name(batch["id"])
+    await ctx.client.chat_postMessage(channel=channel, text=(
+        f"{mention_text(h)}: remediation plan {batch_name(batch['id'])} ({batch['kind']} {batch['period']}) needs "
+        f"level {h['level']} ({h['name']}) to approve {fmt_money(batch['total_cents'])}. <@{user}> tried to approve "
+        f"it and was refused. {link}"))
+
+
 def _plan_of(batch: dict) -> Plan:
     return plan_from_json(batch["plan"])
 
@@ -126,7 +141,9 @@ async def approve(ctx: BotContext, batch_id: int, user: str, channel: str | None
         text = f":no_entry: {out.reason}"
         if out.needed_level:
             h = await holders(ctx.config, ctx.groups, out.needed_level)
-            text += f". {fmt_money(out.batch['total_cents'])} needs level {h['level']} ({h['name']}): {mention_text(h)}."
+            text += (f". {fmt_money(out.batch['total_cents'])} needs level {h['level']} ({h['name']}): "
+                     f"{mention_text(h)}. They have been pinged.")
+            await slack_io.safely("ping", None, _ping_level(ctx, out.batch, h, user))
         await slack_io.ephemeral(ctx, channel, user, text)
     elif out.status == "changed":
         old = await ctx.remediation.batches.get(batch_id)

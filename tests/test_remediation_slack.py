@@ -255,7 +255,13 @@ def test_refused_approval_is_private_and_names_who_can_approve():
     eph = ctx.client.chat_postEphemeral.await_args.kwargs
     assert eph["user"] == "U_AGENT" and "$124.80 needs level 2 (Support lead): <@U_LEAD>" in eph["text"]
     ctx.client.chat_update.assert_not_awaited()
-    ctx.client.chat_postMessage.assert_not_awaited()
+    ctx.client.chat_postMessage.assert_not_awaited()  # no escalation channel configured
+    ctx = fake_ctx(SimpleNamespace(approve=AsyncMock(return_value=out)))
+    ctx.config = parse_config({"levels": {2: {"users": ["U_LEAD"]}}, "channels": {"escalation": "C_ESC"}})
+    run(remediation_flow.approve(ctx, 7, "U_AGENT", "C1"))
+    ping = ctx.client.chat_postMessage.await_args.kwargs
+    assert ping["channel"] == "C_ESC" and ping["text"].startswith("<@U_LEAD>: remediation plan batch-7")
+    assert "<@U_AGENT> tried to approve it and was refused" in ping["text"] and "archives/C1" in ping["text"]
 
 
 def test_a_changed_plan_replaces_the_old_message_and_posts_the_new_one():

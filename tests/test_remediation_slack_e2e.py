@@ -74,6 +74,8 @@ def test_fifty_customers_remediated_with_one_approval(db, db_url, slack, polar, 
         refusal = wait_for(lambda: slack.of("chat.postEphemeral"), what="refusal")[0]
         assert refusal["user"] == "U_AGENT" and "needs level 2 (Support lead)" in refusal["text"]
         assert "<@U_LEAD>" in refusal["text"]
+        esc = wait_for(lambda: [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ESC"], what="escalation")
+        assert "<!subteam^S_LEADS>" in esc[0]["text"] and f"batch-{batch_id}" in esc[0]["text"]
         assert rows(db_url, "SELECT state FROM billing_bot.remediation_batches")[0][0] == "planned"
         assert rows(db_url, "SELECT count(*) FROM billing_bot.cases")[0][0] == 0 and polar.refunds == []
 
