@@ -30,9 +30,9 @@ from slack_bolt.adapter.aiohttp import to_aiohttp_response, to_bolt_request
 from slack_bolt.async_app import AsyncApp
 from slack_sdk.web.async_client import AsyncWebClient
 
-from bot import home, scheduler
-from bot.actions import adjust, approve, open_case, reject, retry
-from bot.commands import billing_check, billing_report, billing_watch
+from bot import home, remediation_flow, scheduler
+from bot.actions import adjust, approve, batch, open_case, reject, retry
+from bot.commands import billing_check, billing_remediate, billing_report, billing_watch
 from bot.context import BotContext
 from bot.issuing_notifier import SlackNotifier
 from bot.runtime import open_runtime
@@ -47,7 +47,8 @@ from services.remediation import RemediationService
 from services.store import Batches, CaseStore, Watchlist
 
 log = logging.getLogger(__name__)
-LISTENERS = (billing_check, billing_report, billing_watch, check_modal, approve, adjust, reject, retry, open_case, home)
+LISTENERS = (billing_check, billing_remediate, billing_report, billing_watch, check_modal, approve, adjust, reject, retry,
+             open_case, batch, home)
 
 
 class _DropTokenSkippedWarning(logging.Filter):
@@ -214,6 +215,9 @@ def _start_background(ctx: BotContext, state: ServeState) -> None:
         sweep_every = float(os.environ.get("BILLING_BOT_SWEEP_S", "30"))
         sweep_age = float(os.environ.get("BILLING_BOT_SWEEP_AGE_S", "60"))
         state.loops.spawn(issuer.run_sweeper(sweep_every, sweep_age), "issuing sweeper")
+    if ctx.remediation is not None:  # every replica: resume batches, keep their progress messages current
+        batch_tick = float(os.environ.get("BILLING_BOT_BATCH_TICK_S", "2"))
+        state.loops.spawn(remediation_flow.run_forever(ctx, batch_tick), "remediation progress")
 
 
 def _stop_event() -> asyncio.Event:

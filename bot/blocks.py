@@ -110,16 +110,29 @@ def case_message(case, config, customer_name: str | None = None, status: str | N
                  "the amount may change.")
     who = f"{customer_name} ({r['customer_id']})" if customer_name else r["customer_id"]
     periods = ", ".join(r["periods"]) + (f"  ·  ticket {view['ticket_id']}" if view["ticket_id"] else "")
+    subject = _subject(r)
+    multi = r.get("instance_id") is None
+    if multi:
+        ids = [i["instance_id"] for i in r.get("instances") or ()]
+        orgs = r.get("org_ids") or ([r["org_id"]] if r.get("org_id") else [])
+        instance_field = f"*Instances*\n{len(ids)}: " + ", ".join(ids[:8]) + (", …" if len(ids) > 8 else "")
+        org_field = f"*Org*\n{', '.join(orgs[:3]) + (', …' if len(orgs) > 3 else '') if orgs else 'several'}"
+    else:
+        instance_field = f"*Instance*\n{r['instance_id']} (true tier {r['true_tier']})"
+        org_field = f"*Org*\n{r['org_id']}"
     blocks = [
-        {"type": "header", "text": {"type": "plain_text", "text": f"Billing case #{view['id']} · {r['instance_id']}"}},
+        {"type": "header", "text": {"type": "plain_text", "text": cut_text(f"Billing case #{view['id']} · {subject}", 150)}},
         _mrkdwn(head),
         {"type": "section", "fields": [
-            {"type": "mrkdwn", "text": f"*Customer*\n{who}"}, {"type": "mrkdwn", "text": f"*Org*\n{r['org_id']}"},
-            {"type": "mrkdwn", "text": f"*Instance*\n{r['instance_id']} (true tier {r['true_tier']})"},
+            {"type": "mrkdwn", "text": f"*Customer*\n{who}"}, {"type": "mrkdwn", "text": org_field},
+            {"type": "mrkdwn", "text": instance_field},
             {"type": "mrkdwn", "text": f"*Periods*\n{periods}"}]},
         {"type": "divider"},
     ]
-    for f in shown:
+    if multi:
+        blocks += _instance_blocks(r, cov)
+        shown = findings  # listed by instance above
+    for f in ([] if multi else shown):
         unsure = "  _(not fully judged)_" if cov and f["kind"] in cov.get("kinds", []) else ""
         evidence = ("\n• " + "\n• ".join(f["evidence"][:2])) if f["evidence"] else ""
         blocks.append(_mrkdwn(f"*{kind_title(f['kind'])}* — *{fmt_money(f['credit_cents'])}*{unsure}\n"
@@ -128,7 +141,7 @@ def case_message(case, config, customer_name: str | None = None, status: str | N
         blocks.append(_context(f"…and {len(findings) - len(shown)} more findings in the thread"))
     if not findings:
         blocks.append(_mrkdwn(no_findings_text(cov, r["periods"], len(r["credited_before"])) + "\n" + next_step(
-            cov, credit_cents=0, level_text=levels, instance_id=r["instance_id"], periods=r["periods"],
+            cov, credit_cents=0, level_text=levels, instance_id=r["instance_id"] or subject, periods=r["periods"],
             sources=r["sources"], credited_before=len(r["credited_before"]))))
     blocks += [_context(c["text"]) for c in r["credited_before"]]
     if view["state"] == "pending" and view["method"] == "refund":
@@ -161,7 +174,7 @@ def case_message(case, config, customer_name: str | None = None, status: str | N
             _button("case_reject", view["id"], "Reject", "danger")] + remediate_buttons(view)})
     else:
         blocks.append(_context(status or status_line(view)))
-    return enforce_limits({"text": f"Billing case #{view['id']} for {r['instance_id']}: credit "
+    return enforce_limits({"text": f"Billing case #{view['id']} for {subject}: credit "
                                    f"{fmt_money(view['credit_cents'])}", "blocks": blocks})
 
 
@@ -184,6 +197,41 @@ def remediate_buttons(view: dict) -> list[dict]:
     if view["state"] != "pending" or not view["systematic"] or kind is None or not r.get("periods"):
         return []
     return [remediate_button(kind, max(r["periods"]))]
+
+
+MAX_INSTANCES_IN_MESSAGE = 10
+
+
+def _subject(report: dict) -> str:
+    """What a case is about: its instance, or its customer and how many instances (Case.subject)."""
+    if report.get("instance_id"):
+        return report["instance_id"]
+    n = len(report.get("instances") or ())
+    return f"{report.get('customer_id')} ({n} instance{'s' if n != 1 else ''})"
+
+
+def _instance_blocks(report: dict, cov) -> list[dict]:
+    """A case over several instances: its findings grouped by instance (the largest first), the
+    instances without findings in one line. `report` is already escaped."""
+    rows = sorted(report.get("instances") or (), key=lambda i: (-i["credit_cents"], i["instance_id"]))
+    with_findings = [i for i in rows if i["findings"]]
+    out = []
+    for i in with_findings[:MAX_INSTANCES_IN_MESSAGE]:
+        lines = []
+        for f in i["findings"][:3]:
+            unsure = "  _(not fully judged)_" if cov and f["kind"] in cov.get("kinds", []) else ""
+            lines.append(f"• {kind_title(f['kind'])} {fmt_money(f['credit_cents'])}{unsure}: {f['summary']}")
+        if len(i["findings"]) > 3:
+            lines.append(f"• …and {len(i['findings']) - 3} more findings in the thread")
+        out.append(_mrkdwn(f"*{i['instance_id']}* — *{fmt_money(i['credit_cents'])}*\n" + "\n".join(lines)))
+    if len(with_findings) > MAX_INSTANCES_IN_MESSAGE:
+        out.append(_context(f"…and {len(with_findings) - MAX_INSTANCES_IN_MESSAGE} more instances with findings "
+                            "in the thread"))
+    clean = [i["instance_id"] for i in rows if not i["findings"]]
+    if clean and with_findings:
+        out.append(_context(f"No findings on {len(clean)} instance{'s' if len(clean) != 1 else ''}: "
+                            + ", ".join(clean[:20]) + (", …" if len(clean) > 20 else "")))
+    return out
 
 
 def refund_room_notes(report: dict) -> list[str]:
@@ -218,6 +266,12 @@ def escaped_report(report: dict) -> dict:
     out["credited_before"] = [{**c, "text": escape(c.get("text", ""))} for c in report.get("credited_before", [])]
     if report.get("coverage"):
         out["coverage"] = {**report["coverage"], "why": esc_list(report["coverage"].get("why"))}
+    if report.get("instances"):
+        out["instances"] = [{**i, "findings": [{**f, "summary": escape(f["summary"]), "evidence": esc_list(f["evidence"])}
+                                               for f in i.get("findings") or ()],
+                             "notes": esc_list(i.get("notes"))} for i in report["instances"]]
+    if report.get("customer_id"):
+        out["customer_id"] = escape(report["customer_id"])
     return out
 
 
@@ -243,12 +297,20 @@ def evidence_messages(report: dict, limit: int = MAX_TEXT) -> list[str]:
     lines = [coverage_line(cov)]
     if cov and cov.get("state") == "partial":
         lines += [f"• {w}" for w in cov.get("why", [])]
-    for f in report["findings"]:
+    def finding_lines(f: dict) -> list[str]:
         hours = f["hours"].rstrip("0").rstrip(".")
-        lines.append(f"*{kind_title(f['kind'])}* {fmt_money(f['credit_cents'])} ({hours} h; "
-                     f"{id_ranges(f['record_ids'])})")
-        lines.append(f["summary"])
-        lines += [f"• {e}" for e in f["evidence"]]
+        return [f"*{kind_title(f['kind'])}* {fmt_money(f['credit_cents'])} ({hours} h; "
+                f"{id_ranges(f['record_ids'])})", f["summary"]] + [f"• {e}" for e in f["evidence"]]
+    if report.get("instance_id") is None and report.get("instances") is not None:
+        for i in sorted(report["instances"], key=lambda i: (-i["credit_cents"], i["instance_id"])):
+            if not i["findings"]:
+                continue
+            lines.append(f"*Instance {i['instance_id']}* ({i.get('org_id') or '?'}): {fmt_money(i['credit_cents'])}")
+            for f in i["findings"]:
+                lines += finding_lines(f)
+    else:
+        for f in report["findings"]:
+            lines += finding_lines(f)
     lines += [f"_Note: {n}_" for n in report.get("notes", [])]
     lines += [f":rotating_light: systematic: {why}" for why in report.get("systematic_reasons", [])]
     for line in lines:
@@ -333,7 +395,7 @@ def usage_report_message(report) -> dict:
 
 def home_view(mine: list[Case], waiting: list[Case]) -> dict:
     def line(case: Case) -> dict:
-        text = (f"*#{case.id}* {case.instance_id} · {fmt_money(case.credit_cents)} · {case.state}"
+        text = (f"*#{case.id}* {escape(case.subject)} · {fmt_money(case.credit_cents)} · {case.state}"
                 f" · needs level {case.required_level}")
         return {"type": "section", "text": {"type": "mrkdwn", "text": text}}
 
@@ -344,3 +406,107 @@ def home_view(mine: list[Case], waiting: list[Case]) -> dict:
     blocks.append({"type": "header", "text": {"type": "plain_text", "text": "Waiting for my approval"}})
     blocks += [line(c) for c in waiting[:20]] or [note("Nothing is waiting for you.")]
     return {"type": "home", "blocks": blocks[:100]}
+
+
+# --- remediation batches (SPEC 5.3) ------------------------------------------------------------------
+
+MAX_PLAN_HELD = 10
+MAX_PROGRESS_FAILURES = 15
+MAX_PROGRESS_WAITING = 20
+
+
+def batch_name(batch_id: int) -> str:
+    return f"batch-{batch_id}"
+
+
+def plan_message(batch: dict, plan, config, status: str | None = None) -> dict:
+    """The plan of a batch: its totals, the largest customers, what it lists but does not credit,
+    and Approve / Reject (value: the batch id). With `status`, the decided plan: no buttons.
+    An empty plan says so plainly, with no buttons."""
+    name = batch_name(batch["id"])
+    head = f"Remediation plan {name}: {plan.kind} {plan.period}"
+    level = batch["required_level"]
+    hours = format(plan.hours.normalize(), "f") if plan.customers else "0"
+    blocks = [{"type": "header", "text": {"type": "plain_text", "text": cut_text(head, 150)}}]
+    if not plan.customers:
+        blocks.append(_mrkdwn(f"Nothing to remediate: no instance billed in {plan.period} has a "
+                              f"{kind_title(plan.kind)} finding left to credit "
+                              f"({plan.instances_checked} instance{'s' if plan.instances_checked != 1 else ''} "
+                              "checked)."))
+    else:
+        blocks.append({"type": "section", "fields": [
+            {"type": "mrkdwn", "text": f"*Customers*\n{len(plan.customers)}"},
+            {"type": "mrkdwn", "text": f"*Instances*\n{plan.instance_count} (of {plan.instances_checked} checked)"},
+            {"type": "mrkdwn", "text": f"*Hours*\n{hours}"},
+            {"type": "mrkdwn", "text": f"*Total credit*\n{fmt_money(plan.total_cents)}"},
+            {"type": "mrkdwn", "text": f"*Needs*\nlevel {config.level_label(level)}"}]})
+        lines = [f"{n}. {escape(c.customer_id)}: {fmt_money(c.credit_cents)} ({format(c.hours.normalize(), 'f')} h, "
+                 f"{len(c.instance_ids)} instance{'s' if len(c.instance_ids) != 1 else ''})"
+                 for n, c in enumerate(plan.largest(10), 1)]
+        more = len(plan.customers) - len(lines)
+        blocks.append(_mrkdwn("*Largest customers*\n" + "\n".join(lines)
+                              + (f"\n…and {more} more in the CSV" if more > 0 else "")))
+    if plan.other_kinds:
+        blocks.append(_context("Also found, not credited by this plan (each needs its own case or plan): "
+                               + ", ".join(f"{k} ({n} customer{'s' if n != 1 else ''})"
+                                           for k, n in plan.other_kinds.items())))
+    if plan.held:
+        held = [f"{escape(c)} ({escape(i)}: case #{case_id}, {state})" for c, i, case_id, state in plan.held[:MAX_PLAN_HELD]]
+        extra = len(plan.held) - len(held)
+        blocks.append(_context("Left out, another case holds that time: " + "; ".join(held)
+                               + (f"; …and {extra} more" if extra > 0 else "")))
+    blocks.append(_context(f"Planned by <@{batch['requested_by']}>"
+                           + ("  ·  the CSV of every customer is in the thread" if plan.customers else "")))
+    if status:
+        blocks.append(_context(status))
+    elif plan.customers:
+        blocks.append({"type": "actions", "block_id": f"batch_actions_{batch['id']}", "elements": [
+            _button("batch_approve", batch["id"], f"Approve {fmt_money(plan.total_cents)} for "
+                                                  f"{len(plan.customers)} customers", "primary"),
+            _button("batch_reject", batch["id"], "Reject", "danger")]})
+    summary = (f"{head}: {len(plan.customers)} customers, {fmt_money(plan.total_cents)}, needs level "
+               f"{config.level_label(level)}" if plan.customers else f"{head}: nothing to remediate")
+    return enforce_limits({"text": summary, "blocks": blocks})
+
+
+def progress_message(batch: dict, progress) -> dict:
+    """The batch's one progress message (SPEC 5.3): the headline, each failure with its reason and
+    the case's own Retry button (the case retry path checks authority), the cases waiting for a
+    decision. Its `text` says everything the blocks say, so it is what a replica claims."""
+    name = batch_name(batch["id"])
+    mark = ":white_check_mark:" if progress.done and not progress.failed and not progress.waiting else (
+        ":warning:" if progress.failed else ":hourglass:")
+    headline = f"{mark} {name} ({batch['kind']} {batch['period']}): {progress.headline()}"
+    blocks = [_mrkdwn(headline)]
+    lines = [headline]
+    shown = progress.failed[:MAX_PROGRESS_FAILURES]
+    for c in shown:
+        text = (f":x: Case #{c.case_id} ({escape(c.customer_id)}, {fmt_money(c.credit_cents)}) failed: "
+                f"{escape(c.reason or 'no reason given')}")
+        lines.append(text)
+        blocks.append({"type": "section", "text": {"type": "mrkdwn", "text": cut_text(text)},
+                       "accessory": {"type": "button", "action_id": "case_retry", "value": f"{c.case_id}:{c.failures}",
+                                     "text": {"type": "plain_text", "text": "Retry"}}})
+    if len(progress.failed) > len(shown):
+        more = f"…and {len(progress.failed) - len(shown)} more failed"
+        lines.append(more)
+        blocks.append(_context(more))
+    if progress.waiting:
+        waiting = [f"#{c.case_id} {escape(c.customer_id)} ({fmt_money(c.credit_cents)})"
+                   for c in progress.waiting[:MAX_PROGRESS_WAITING]]
+        extra = len(progress.waiting) - len(waiting)
+        text = ("Waiting for a decision of their own (the check changed, or the customer's recent credits need a "
+                "higher level): " + ", ".join(waiting) + (f", …and {extra} more" if extra > 0 else ""))
+        lines.append(text)
+        blocks.append(_context(text))
+    if progress.closed:
+        text = "Closed without credit: " + ", ".join(f"#{c.case_id} {escape(c.customer_id)} ({c.state})"
+                                                     for c in progress.closed[:MAX_PROGRESS_WAITING])
+        lines.append(text)
+        blocks.append(_context(text))
+    return enforce_limits({"text": cut_text("\n".join(lines), 4000), "blocks": blocks})
+
+
+def batch_reject_modal(batch: dict) -> dict:
+    return _modal("batch_reject_modal", f"Reject {batch_name(batch['id'])}", "Reject", str(batch["id"]), [
+        _input("reason", "Why is this plan rejected?", multiline=True, min_length=3)])

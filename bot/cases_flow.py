@@ -19,7 +19,31 @@ from services.cases import CheckRequest, StaleEvidence
 from services.inputs import InputError, validate_period, validate_ticket
 
 log = logging.getLogger(__name__)
-USAGE = "usage: /billing-check <instance-id> [YYYY-MM] [ticket]"
+USAGE = ("usage: /billing-check <instance-id> [YYYY-MM] [ticket], or /billing-check customer <customer-id> "
+         "[YYYY-MM] [ticket], or /billing-check org <org-id> [YYYY-MM] [ticket]")
+GROUPED = ("customer", "org")
+
+
+def parse_grouped_text(text: str) -> tuple[str, str, list[str] | None, str | None]:
+    """'customer|org <id> [YYYY-MM] [ticket]' -> (scope, id, periods, ticket). Raises InputError."""
+    from services.inputs import validate_customer_id, validate_org_id
+
+    parts = text.split()
+    scope = parts[0].lower() if parts else ""
+    if scope not in GROUPED:
+        raise InputError(USAGE)
+    if len(parts) < 2:
+        raise InputError(f"the {scope} id is missing: {USAGE}")
+    scope_id = validate_customer_id(parts[1]) if scope == "customer" else validate_org_id(parts[1])
+    periods, ticket = None, None
+    rest = parts[2:]
+    if rest and rest[0][:4].isascii() and rest[0][:4].isdigit() and "-" in rest[0]:
+        periods = [validate_period(rest.pop(0))]
+    if rest:
+        ticket = validate_ticket(rest.pop(0))
+    if rest:
+        raise InputError(f"unexpected {escape(' '.join(rest))!r}: {USAGE}")
+    return scope, scope_id, periods, ticket
 
 
 def parse_check_text(text: str) -> tuple[str, list[str] | None, str | None]:
@@ -112,9 +136,17 @@ async def _open_case(ctx: BotContext, *, channel: str, user: str, instance_id: s
                                      text=f":x: Could not investigate {instance_id}: {what}. Try again shortly.")
         return None
     ctx.metrics.check_seconds.observe(time.perf_counter() - started)
+    return await _show(ctx, out, channel, ts, user)
+
+
+async def _show(ctx: BotContext, out, channel: str, ts: str, user: str) -> Case | None:
+    """One opened case (or the case already holding the time) in the message at ts."""
     if out.status == "existing":
         await ctx.client.chat_update(channel=channel, ts=ts, text=await _existing_text(ctx, out.case))
         return out.case
+    if out.case is None:  # refused: nothing billed to judge
+        await ctx.client.chat_update(channel=channel, ts=ts, text=f":information_source: {escape(out.reason)}")
+        return None
     case = await ctx.cases.attach_message(out.case, channel, ts)
     await slack_io.refresh_case_message(ctx, case)
     await slack_io.safely("evidence", case.id, slack_io.post_evidence(ctx, case))
@@ -131,6 +163,50 @@ async def _existing_text(ctx: BotContext, case: Case) -> str:
     waits = {"pending": f"waiting for level {ctx.config.level_label(case.required_level)} to decide",
              "approved": "approved, issuing in Polar", "issuing": "issuing in Polar",
              "failed": "issuing failed, waiting for a retry"}[case.state]
-    return (f":information_source: Case #{case.id} already holds this billed time of {case.instance_id} "
+    return (f":information_source: Case #{case.id} already holds this billed time of {escape(case.subject)} "
             f"({', '.join(case.periods)}): {fmt_money(case.credit_cents)}, {waits}. {link}\n"
             "No second case was opened, so nothing can be credited twice. To check other periods, name them.")
+
+
+async def open_grouped(ctx: BotContext, *, scope: str, scope_id: str, channel: str, user: str,
+                       periods: list[str] | None, ticket: str | None, response_url: str | None = None) -> list[Case]:
+    """`/billing-check customer|org <id>`: one case per customer over every instance billed in
+    the periods, each posted as a case message like an instance's (the first in the
+    "Investigating…" message, the others after it)."""
+    label = f"{scope} {scope_id}"
+    try:
+        channel, ts = await _start(ctx, channel, user, label, response_url)
+    except Exception as exc:
+        log.exception("check of %s failed", label)
+        if not await respond(response_url, f":x: Could not check {label}: {type(exc).__name__}. Try again shortly."):
+            await slack_io.ephemeral(ctx, None, user, f":x: Could not check {label}: {type(exc).__name__}.")
+        return []
+    started = time.perf_counter()
+    req = CheckRequest("", periods, user, ticket, channel, response_url)
+    try:
+        outs = await (ctx.cases.open_customer(scope_id, req) if scope == "customer" else ctx.cases.open_org(scope_id, req))
+    except InputError as exc:
+        await ctx.client.chat_update(channel=channel, ts=ts, text=f":warning: {escape(exc)}")
+        return []
+    except Exception as exc:
+        log.exception("check of %s failed", label)
+        what = ("the database is unavailable" if isinstance(exc, (psycopg.OperationalError, PoolTimeout))
+                else type(exc).__name__)
+        await ctx.client.chat_update(channel=channel, ts=ts, text=f":x: Could not investigate {escape(label)}: {what}. "
+                                                                  "Try again shortly.")
+        return []
+    ctx.metrics.check_seconds.observe(time.perf_counter() - started)
+    shown: list[Case] = []
+    for n, out in enumerate(outs):
+        if n:
+            posted = await ctx.client.chat_postMessage(channel=channel, text=f":mag: {escape(label)}: case {n + 1} "
+                                                                             f"of {len(outs)}…")
+            ts = posted["ts"]
+        try:
+            case = await _show(ctx, out, channel, ts, user)
+        except Exception:
+            log.exception("showing a case of %s failed", label)
+            continue
+        if case is not None:
+            shown.append(case)
+    return shown

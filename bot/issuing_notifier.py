@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 
 from bot import slack_io
-from bot.blocks import case_message, failure_message
+from bot.blocks import case_message, escape, failure_message
 from bot.context import BotContext
 from handlers.cases import Case
 from handlers.timeline import fmt_money
@@ -85,9 +85,22 @@ class SlackNotifier:
                 log.warning("email for case %s failed: %s", case.id, type(exc).__name__)
                 await slack_io.safely("thread", case.id, slack_io.post_thread(ctx, case, (
                     f":warning: The email could not be sent ({type(exc).__name__}); here is the draft to send by hand.")))
-        await slack_io.post_thread(ctx, case, f"Draft for the customer{(' <' + letter.to + '>') if letter.to else ''}:\n"
-                                              f"*{letter.subject}*\n```{letter.body}```")
+        await self._post_draft(case, f"Draft for the customer{(' <' + letter.to + '>') if letter.to else ''}:\n"
+                                     f"*{letter.subject}*\n```{letter.body}```")
         await ctx.cases.store.event(case.id, "billing-bot", "email_drafted", {"to": letter.to})
+
+    async def _post_draft(self, case: Case, text: str) -> None:
+        """The draft in the case's thread; a remediation batch's case has no message of its own, so
+        its draft goes to the thread of the batch's plan (where the agent looks), named by case."""
+        ctx = self.ctx
+        if case.message_ts or case.batch_id is None or ctx.remediation is None:
+            await slack_io.post_thread(ctx, case, text)
+            return
+        batch = await ctx.remediation.batches.get(case.batch_id)
+        if not batch or not batch["channel_id"] or not batch["message_ts"]:
+            raise RuntimeError(f"batch-{case.batch_id} has no plan message to post case {case.id}'s draft in")
+        await ctx.client.chat_postMessage(channel=batch["channel_id"], thread_ts=batch["message_ts"],
+                                          text=f"Case #{case.id} ({escape(case.customer_id)}). {text}")
 
     async def failed(self, case: Case, reason: str, offer_other_method: bool) -> None:
         ctx = self.ctx

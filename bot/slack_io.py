@@ -94,7 +94,7 @@ async def ping_level(ctx: BotContext, case: Case, why: str) -> list[str]:
     h = await holders(ctx.config, ctx.groups, case.required_level)
     link = await permalink(ctx, case)
     amount = fmt_money(case.deciding_cents)
-    text = (f"{mention_text(h)}: billing case #{case.id} for {case.instance_id} needs "
+    text = (f"{mention_text(h)}: billing case #{case.id} for {escape(case.subject)} needs "
             f"level {h['level']} ({h['name']}) to approve {amount}. {why} {link}")
     channel = ctx.config.channels.get("escalation")
     if channel:
@@ -103,7 +103,7 @@ async def ping_level(ctx: BotContext, case: Case, why: str) -> list[str]:
     for user in members:
         try:
             await ctx.client.chat_postMessage(channel=user, text=f"Billing case #{case.id} is waiting for your "
-                                              f"approval: {amount} for {case.instance_id}. {link}")
+                                              f"approval: {amount} for {escape(case.subject)}. {link}")
         except SlackApiError as exc:
             log.warning("could not DM %s: %s", user, exc.response.get("error"))
     return members
@@ -118,7 +118,8 @@ async def report_systematic(ctx: BotContext, case: Case) -> None:
     kinds = ", ".join(f["kind"] for f in r["findings"])
     link = await permalink(ctx, case)
     await ctx.client.chat_postMessage(channel=channel, text=(
-        f":rotating_light: Systematic billing defect (case #{case.id}, {case.instance_id}, org {case.org_id})\n"
+        f":rotating_light: Systematic billing defect (case #{case.id}, {escape(case.subject)}"
+        f"{', org ' + escape(case.org_id) if case.org_id else ''})\n"
         f"Kinds: {kinds}; credit {fmt_money(case.credit_cents)}.\n{reasons}\n{link}"))
 
 

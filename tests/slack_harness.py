@@ -86,8 +86,8 @@ class Bot:
         return self.http.post("/slack/events", content=body, headers=headers or sign(body))
 
     def command(self, text: str, user: str = "U_AGENT", channel: str = "C_SUPPORT",
-                response_url: str = "https://hooks.invalid/x") -> httpx.Response:
-        return self.post({"command": "/billing-check", "text": text, "user_id": user, "channel_id": channel,
+                response_url: str = "https://hooks.invalid/x", name: str = "/billing-check") -> httpx.Response:
+        return self.post({"command": name, "text": text, "user_id": user, "channel_id": channel,
                           "team_id": "T1", "trigger_id": "trig-1", "response_url": response_url,
                           "token": "legacy"})
 

@@ -203,7 +203,8 @@ def test_pgserver_is_imported_only_when_the_demo_runs():
 
 def test_manifest_declares_commands_interactivity_home_and_scopes():
     m = yaml.safe_load((ROOT / "manifest.yml").read_text())
-    assert {c["command"] for c in m["features"]["slash_commands"]} == {"/billing-check", "/billing-report", "/billing-watch"}
+    assert {c["command"] for c in m["features"]["slash_commands"]} == {"/billing-check", "/billing-remediate", "/billing-report",
+                                                                       "/billing-watch"}
     assert all(c["url"].endswith("/slack/events") for c in m["features"]["slash_commands"])
     assert m["settings"]["interactivity"]["is_enabled"] and m["features"]["app_home"]["home_tab_enabled"]
     assert {"commands", "chat:write", "usergroups:read"} <= set(m["oauth_config"]["scopes"]["bot"])

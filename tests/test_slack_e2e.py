@@ -288,7 +288,9 @@ def test_no_email_when_polar_fails_and_the_case_says_why(db, db_url, slack, pola
                                 and m.get("thread_ts")], what="failure in thread")[0]
         assert "2026-10 not invoiced yet" in msg["text"]
         assert [e["action_id"] for e in msg["blocks"][1]["elements"]] == ["case_retry", "case_invoice_credit"]
-        assert any(m["channel"] == "U_AGENT" and "failed" in m["text"] for m in slack.of("chat.postMessage"))
+        # the approver's DM follows the thread post (after a permalink): wait for it rather than race it
+        wait_for(lambda: any(m["channel"] == "U_AGENT" and "failed" in m["text"] for m in slack.of("chat.postMessage")),
+                 what="the approver's DM")
         time.sleep(0.3)
         assert smtp.messages == [] and polar.refunds == []
         # switch to invoice credit from the button: issued, and the letter says 'next invoice'

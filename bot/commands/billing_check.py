@@ -1,8 +1,9 @@
-"""/billing-check <instance-id> [YYYY-MM] [ticket]: ack at once, then investigate."""
+"""/billing-check <instance-id> [YYYY-MM] [ticket], /billing-check customer <customer-id> ... and
+/billing-check org <org-id> ...: ack at once, then investigate."""
 from __future__ import annotations
 
 from bot.blocks import check_modal, escape
-from bot.cases_flow import open_case, parse_check_text
+from bot.cases_flow import GROUPED, open_case, open_grouped, parse_check_text, parse_grouped_text
 from bot.context import ctx_of
 from services.inputs import InputError
 
@@ -14,6 +15,17 @@ async def billing_check(ack, command, client, context) -> None:
     if not text:  # the form opens at once, while Slack's trigger is valid
         await ack()
         await client.views_open(trigger_id=command["trigger_id"], view=check_modal(command.get("channel_id")))
+        return
+    if text.split()[0].lower() in GROUPED:
+        try:
+            scope, scope_id, periods, ticket = parse_grouped_text(text)
+        except InputError as exc:
+            await ack(response_type="ephemeral", text=f":warning: {escape(exc)}")
+            return
+        await ack()
+        ctx.spawn(open_grouped(ctx, scope=scope, scope_id=scope_id, channel=command["channel_id"],
+                               user=command["user_id"], periods=periods, ticket=ticket,
+                               response_url=command.get("response_url")), f"check of {scope} {scope_id}")
         return
     try:
         instance, periods, ticket = parse_check_text(text)
