@@ -182,7 +182,7 @@ async def update_progress(ctx: BotContext, batch_id: int) -> bool:
             return False
         progress = await ctx.remediation.progress(batch_id)
         msg = progress_message(batch, progress)
-        if not await batches.claim_progress(batch_id, msg["text"], progress.done):
+        if not await batches.claim_progress(batch_id, msg["text"], progress.settled):
             return False
         try:
             if batch["progress_ts"]:

@@ -180,6 +180,13 @@ class BatchProgress:
         closed, failed (Retry) or waiting for a decision of its own."""
         return self.issuing == 0 and self.not_opened == 0
 
+    @property
+    def settled(self) -> bool:
+        """Nothing of the batch can change any more: every customer's case is issued or closed. A
+        failed case can still be retried and a waiting one decided: the progress message must
+        keep following those, so a batch is only finished when settled."""
+        return self.done and not self.failed and not self.waiting
+
     def headline(self) -> str:
         parts = [f"{self.issued} of {self.customers} issued ({fmt_money(self.issued_cents)})"]
         if self.issuing:

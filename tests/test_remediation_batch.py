@@ -258,3 +258,28 @@ def test_a_throttle_remediation_puts_its_customers_on_the_watchlist(db, db_url, 
     assert [c.credit_cents for c in plan.customers] == [17, 17]  # 2 of 3 hours at $0.083, each rounded once
     assert {(w["customer_id"], w["reason"]) for w in watched} == {
         (f"c-t{c}", f"{batch_ticket(out.batch['id'])}: throttle_daily 2026-10 remediated") for c in range(2)}
+
+
+def test_a_batch_with_a_failed_case_stays_followed_until_the_retry_is_issued(db, db_url, polar):
+    """A failure can still be retried: the batch is not finished, so the progress message follows it."""
+    seed_customers(db, polar, n=2, instances_each=1)
+    polar.orders.pop()  # c-01 has no order for October: its refund fails ("not invoiced yet")
+
+    async def go():
+        async with World(db_url, polar) as w:
+            batch, _ = await w.remediation.propose("duplicate_charge", "2026-10", "U1", "C1")
+            await w.remediation.approve(batch["id"], "U1")
+            await w.issuer.drain(30)
+            p = await w.remediation.progress(batch["id"])
+            assert len(p.failed) == 1 and p.done
+            assert await w.batches.claim_progress(batch["id"], p.headline(), p.settled)  # what the bot's loop does
+            failed = p.failed[0]
+            out = await w.service.retry(failed.case_id, "U1", failed.failures, switch=True)  # as invoice credit
+            assert out.ok, out
+            await w.issuer.drain(30)
+            assert (await w.remediation.progress(batch["id"])).issued == 2
+            # the progress message must be brought up to date: the batch must still be listed
+            return [b["id"] for b in await w.batches.unfinished()], batch["id"]
+
+    unfinished, batch_id = asyncio.run(go())
+    assert batch_id in unfinished

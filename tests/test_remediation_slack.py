@@ -218,7 +218,7 @@ def test_propose_posts_one_plan_uploads_its_csv_to_the_thread_and_tells_engineer
     batches.set_message.assert_awaited_once_with(7, "C1", "2.000001")
     up = ctx.client.files_upload_v2.await_args.kwargs
     assert up == {"channel": "C1", "thread_ts": "2.000001", "filename": "batch-7-duplicate_charge-2026-10.csv",
-                  "content": plan.as_csv(), "title": "batch-7: duplicate_charge 2026-10, 3 customers"}
+                  "content": plan.as_csv().encode("utf-8"), "title": "batch-7: duplicate_charge 2026-10, 3 customers"}
     assert posts[1]["channel"] == "C_ENG" and "batch-7" in posts[1]["text"] and "archives/C1" in posts[1]["text"]
 
 
