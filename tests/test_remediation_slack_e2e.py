@@ -64,10 +64,13 @@ def test_fifty_customers_remediated_with_one_approval(db, db_url, slack, polar, 
         # Level 3 is informed, with a link to the plan
         eng = wait_for(lambda: [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ENG"], what="engineering")
         assert f"batch-{batch_id}" in eng[0]["text"] and "archives/C_SUPPORT" in eng[0]["text"]
-        # the CSV, where our Slack records uploads (files.upload v2 starts with files.getUploadURLExternal)
-        uploads = slack.of("files.getUploadURLExternal")
-        if uploads:
-            assert uploads[0]["filename"] == f"batch-{batch_id}-duplicate_charge-2026-10.csv"
+        # the CSV in the plan's thread, through Slack's external upload, byte for byte the plan's
+        plan_ts = rows(db_url, "SELECT message_ts FROM billing_bot.remediation_batches")[0][0]
+        files = wait_for(lambda: slack.shared_files("C_SUPPORT", plan_ts), what="the plan's CSV")
+        assert [f["filename"] for f in files] == [f"batch-{batch_id}-duplicate_charge-2026-10.csv"]
+        lines = files[0]["content"].decode().splitlines()
+        assert lines[0] == "customer_id,instance_ids,hours,credit_cents" and len(lines) == 51
+        assert sum(int(line.rsplit(",", 1)[1]) for line in lines[1:]) == 10400
 
         # an agent (level 1) is one level too low: refused, privately, and nothing moves
         batch_action(bot, "batch_approve", batch_id, "U_AGENT")
