@@ -86,14 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     rm = sub.add_parser("remediate", help="plan the remediation of one finding kind over a period (SPEC 5.3)",
                         epilog=EPILOG, formatter_class=fmt,
                         description="Check every instance billed in the period and add up, per customer, the "
-                                    "findings of one kind (read-only). Issuing the batch from the CLI is not "
-                                    "available yet: without --dry-run the plan is printed and the command exits 2.")
+                                    "findings of one kind. With --dry-run only print it (read-only). Without, "
+                                    "store the plan as a batch and post it to the escalation channel, where one "
+                                    "approval by the level covering its total issues it (needs DATABASE_URL, "
+                                    "SLACK_BOT_TOKEN and channels.escalation).")
     rm.add_argument("--kind", required=True, help="duplicate_charge, stuck_instance, throttle_continuous, "
                     "throttle_daily or wrong_tier")
     rm.add_argument("--period", required=True, help="billing period YYYY-MM")
     rm.add_argument("--dry-run", action="store_true", help="only print (and with --csv write) the plan")
     rm.add_argument("--csv", metavar="FILE", help="write the plan as CSV: customer_id,instance_ids,hours,credit_cents")
     rm.add_argument("--json", action="store_true", help="print the plan as JSON (SPEC 5.3)")
+    rm.add_argument("--demo", action="store_true",
+                    help="allow posting a plan from the embedded demo database (without DATABASE_URL)")
     w = sub.add_parser("watch", help="the watchlist: add, remove or list customers", epilog=EPILOG, formatter_class=fmt)
     w.add_argument("action", choices=("add", "remove", "list"))
     w.add_argument("customer_id", nargs="?")
@@ -170,6 +174,9 @@ def _refuse_demo(args) -> None:
     if args.command == "serve" and not args.demo:
         raise ConfigError("serve: DATABASE_URL is not set; refusing to answer Slack from the embedded demo "
                           "database (pass --demo to do that on purpose)")
+    if args.command == "remediate" and not args.dry_run and not args.demo:
+        raise ConfigError("remediate: DATABASE_URL is not set; refusing to post a plan that would credit customers "
+                          "from the embedded demo database (use --dry-run for the plan alone, or --demo on purpose)")
     if args.command == "reconcile" and args.post and not args.demo:
         raise ConfigError("reconcile --post: DATABASE_URL is not set; refusing to post the demo database's "
                           "reconciliation to the alerts channel (pass --demo to do that on purpose)")
@@ -299,14 +306,34 @@ async def _check_many(env: Env, config: Config, args) -> int:
 
 
 async def run_remediate_cli(env: Env, config: Config, args) -> int:
-    """The plan of SPEC 5.3, read-only. Issuing the batch needs the Slack approval bound to the
-    plan's fingerprint, which does not exist yet: without --dry-run this says so (exit 2)."""
+    """The plan of SPEC 5.3. --dry-run: printed (and written with --csv), nothing stored. Otherwise
+    the plan is stored as a batch and posted to the escalation channel with its CSV, where one
+    approval by the level covering the total issues it: the approval is a person's, in Slack."""
+    import getpass
+
     from bot.runtime import open_runtime
-    from services.remediation import plan_remediation
     from templates import render
 
+    channel = config.channels.get("escalation")
+    if not args.dry_run and not (env.slack_bot_token and channel):
+        print("billing-bot: remediate: a plan is approved in Slack, so posting it needs SLACK_BOT_TOKEN and "
+              "channels.escalation in the configuration; nothing was stored (use --dry-run for the plan alone)",
+              file=sys.stderr)
+        return 2
     async with open_runtime(env, config) as rt:
-        plan = await plan_remediation(rt.investigator, args.kind, args.period)
+        if args.dry_run:
+            from services.remediation import plan_remediation
+            plan, batch = await plan_remediation(rt.investigator, args.kind, args.period), None
+        else:
+            from bot.app import build_context, slack_client
+            from bot.remediation_flow import post_plan
+            from services.store import CaseStore
+            await CaseStore(rt.db).migrate()
+            ctx = build_context(env, config, rt, slack_client(env))
+            user = f"cli:{getpass.getuser()}"
+            batch, plan = await ctx.remediation.propose(args.kind, args.period, user, channel)
+            if plan.customers:
+                batch = await post_plan(ctx, batch, plan, channel, user)
     level = config.required_level(plan.total_cents)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -316,10 +343,10 @@ async def run_remediate_cli(env: Env, config: Config, args) -> int:
     else:
         print(render("remediation_plan.txt.j2", plan=plan, level_text=config.level_label(level),
                      csv_file=args.csv, dry_run=args.dry_run), end="")
-    if not args.dry_run:
-        print("billing-bot: remediate: issuing a batch from the CLI is not available yet; nothing was issued "
-              "(use --dry-run for the plan alone)", file=sys.stderr)
-        return 2
+    if batch is not None:
+        where = f"posted to {channel} for approval" if plan.customers else \
+            "not posted: it credits nobody"
+        print(f"batch-{batch['id']} stored, {where}", file=sys.stderr)
     return 0
 
 

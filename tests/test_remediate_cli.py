@@ -65,24 +65,51 @@ def test_remediate_dry_run_json_and_csv(db, kube, polar, bot_env, tmp_path):
         assert dup == next(c["credit_cents"] for c in plan["customers"] if c["customer_id"] == cust)
 
 
-def test_remediate_text_and_without_dry_run_it_says_issuing_is_not_available(db, kube, polar, bot_env):
+def test_remediate_text_and_without_slack_it_stores_nothing(db, kube, polar, bot_env, db_url):
     seed_incident(db, kube, polar)
     proc = cli(bot_env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10")
-    assert proc.returncode == 2
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
-        "billing-bot: remediate: issuing a batch from the CLI is not available yet; nothing was issued "
-        "(use --dry-run for the plan alone)"]
+        "billing-bot: remediate: a plan is approved in Slack, so posting it needs SLACK_BOT_TOKEN and "
+        "channels.escalation in the configuration; nothing was stored (use --dry-run for the plan alone)"]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT to_regclass('billing_bot.remediation_batches')").fetchone()[0] is None or \
+            conn.execute("SELECT count(*) FROM billing_bot.remediation_batches").fetchone()[0] == 0
+    proc = cli(bot_env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10", "--dry-run")
+    assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "Remediation plan: Billed more than once (duplicate_charge) in 2026-10"
+    assert lines[0] == "Remediation plan: Billed more than once (duplicate_charge) in 2026-10 (dry run)"
     assert "3 customers, 4 instances, 7 h: $4.58   Needed level: 1 (Support agent)" in lines
     assert "  1. c-b: $4.16  (2 h, 1 instance: i-b1)" in lines
     assert "  - stuck_instance: 1 customer" in lines
     assert lines[-1].startswith("Plan fingerprint: ") and len(lines[-1].split()[-1]) == 64
-    # nothing was written: no case, no correction
-    assert db.execute("SELECT count(*) FROM billing_corrections").fetchone()[0] == 0
-    # the same data gives the same fingerprint
-    again = cli(bot_env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10", "--dry-run")
-    assert again.returncode == 0 and again.stdout.splitlines()[-1] == lines[-1]
+
+
+def test_remediate_without_dry_run_stores_the_batch_and_posts_the_plan_for_approval(db, kube, polar, bot_env,
+                                                                                   db_url, tmp_path):
+    from .fakes.slack_server import BOT_TOKEN, FakeSlack
+    seed_incident(db, kube, polar)
+    slack = FakeSlack().start()
+    try:
+        cfg = tmp_path / "c.yaml"
+        cfg.write_text("channels: {escalation: C_ESC, engineering: C_ENG}\nlevels: {1: {users: [U_AGENT]}}\n")
+        env = {**bot_env, "SLACK_BOT_TOKEN": BOT_TOKEN, "SLACK_API_URL": slack.api_url, "BILLING_BOT_CONFIG": str(cfg)}
+        proc = cli(env, "remediate", "--kind", "duplicate_charge", "--period", "2026-10", "--json")
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        with psycopg.connect(db_url) as conn:
+            (bid, state, total, fp, channel, ts), = conn.execute(
+                "SELECT id, state, total_cents, fingerprint, channel_id, message_ts"
+                " FROM billing_bot.remediation_batches").fetchall()
+        assert proc.stderr.strip().splitlines()[-1] == f"batch-{bid} stored, posted to C_ESC for approval"
+        assert state == "planned" and total == out["total_cents"] == 458 and channel == "C_ESC" and ts
+        plan_msg = [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ESC"][0]
+        assert plan_msg["text"].startswith(f"Remediation plan batch-{bid}: duplicate_charge 2026-10")
+        files = slack.shared_files("C_ESC", ts)
+        assert [f["filename"] for f in files] == [f"batch-{bid}-duplicate_charge-2026-10.csv"]
+        assert [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ENG"]  # engineering is told
+    finally:
+        slack.stop()
 
 
 def test_check_customer_and_org_through_the_cli(db, kube, polar, bot_env):
