@@ -174,8 +174,8 @@ async def update_progress(ctx: BotContext, batch_id: int) -> bool:
     session lock keeps two replicas (or the approval and the loop) from posting it twice, and the
     database claim makes each change posted once. True when Slack was told something new."""
     batches = ctx.remediation.batches
-    async with batches.locked(batch_id) as mine:
-        if not mine:  # the cases are being opened, or another replica is posting: next tick
+    async with batches.locked(batch_id, "progress") as mine:
+        if not mine:  # another replica (or the approval) is posting it: next tick
             return False
         batch = await batches.get(batch_id)
         if batch is None or batch["state"] != "approved" or not batch["channel_id"]:

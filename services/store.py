@@ -907,6 +907,7 @@ class Watchlist(Store):
 
 
 BATCH_LOCKS = 7_242_005  # pg_try_advisory_lock(space, batch id): one process opens a batch's cases
+PROGRESS_LOCKS = 7_242_006  # and one posts its progress message (while the cases are still being opened)
 
 
 class Batches(Store):
@@ -976,17 +977,20 @@ class Batches(Store):
             return await cur.fetchall()
 
     @asynccontextmanager
-    async def locked(self, batch_id: int) -> AsyncIterator[bool]:
+    async def locked(self, batch_id: int, what: str = "opening") -> AsyncIterator[bool]:
         """A session lock on a connection of its own, held while the body runs (which uses other
-        connections, several at once): True when this process got it. Dies with the process."""
+        connections, several at once): True when this process got it. Dies with the process.
+        what: "opening" (the batch's cases) or "progress" (its message): two locks, so the
+        progress is shown while the cases are still being opened."""
+        space = {"opening": BATCH_LOCKS, "progress": PROGRESS_LOCKS}[what]
         async with self.db.pool.connection() as conn:
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (BATCH_LOCKS, batch_id))
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s) AS ok", (space, batch_id))
             got = (await cur.fetchone())["ok"]
             try:
                 yield got
             finally:
                 if got:
-                    await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (BATCH_LOCKS, batch_id))
+                    await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (space, batch_id))
 
     async def cases(self, batch_id: int) -> list[Case]:
         """The batch's cases (one per customer; remainders are their own cases, not counted)."""

@@ -286,8 +286,9 @@ class FakeBatches:
         self.claimed, self.released, self.ts = [], 0, None
         self.lock_free = True
 
-    def locked(self, batch_id):
+    def locked(self, batch_id, what="opening"):
         outer = self
+        self.lock_asked = what
 
         class L:
             async def __aenter__(self):
@@ -345,9 +346,11 @@ def test_the_progress_message_is_posted_once_in_the_thread_then_updated_and_rele
     with pytest.raises(SlackApiError):
         run(remediation_flow.update_progress(ctx, 7))
     assert batches.released == 1
-    # locked by another replica or by the opening of the cases: nothing this tick
+    # another replica holds the progress lock: nothing this tick (the opening's lock is another one,
+    # so the progress shows while the cases are being opened)
     batches.lock_free = False
     assert not run(remediation_flow.update_progress(ctx, 7))
+    assert batches.lock_asked == "progress"
 
 
 def test_the_progress_loop_survives_errors():
