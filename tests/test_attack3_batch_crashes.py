@@ -189,3 +189,33 @@ def test_the_weekly_report_counts_a_batch_customer_with_a_remainder_once(db, db_
     assert progress.customers == 3 and progress.issued == 3
     assert rows(db_url, "SELECT count(*) FROM billing_corrections WHERE ticket_id = %s", (name,))[0][0] == 4
     assert report.batches == [(name, "duplicate_charge 2026-10", 3, 3 * 416)]
+
+
+def test_a_batch_cases_remainder_checked_again_owes_only_the_batchs_kind(db, db_url, polar):
+    """The remainder of a batch's case is what the parent's kind is worth now less what the parent
+    issued: never the other kinds the batch left for their own cases (Scope.of_case keeps the kind)."""
+    rid = seed_customers(db, polar, n=1, instances_each=2)
+    order = polar.orders[0]
+    order["refunded_amount"] = order["total_amount"] - 200
+    order["refundable_amount"] = 200
+    order["status"] = "partially_refunded"
+
+    async def go():
+        async with World(db_url, polar) as w:
+            batch, _ = await w.remediation.propose("duplicate_charge", "2026-10", "U1", "C1")
+            out = await w.remediation.approve(batch["id"], "U1")
+            await w.issuer.drain(30)
+            parent = await w.service.store.get(out.cases[0].id)
+            child_id = rows(db_url, "SELECT id FROM billing_bot.cases WHERE parent_case_id = %s", (parent.id,))[0][0]
+            # a correctly billed hour arrives: the evidence changes, no credit does
+            record(db, rid, "i-00-0", "2026-10-07 08:00", "2026-10-07 09:00", "0.083", tier="small", rate="0.083",
+                   org="o-00", customer="c-00")
+            first = await w.service.approve(child_id, "U1")
+            second = await w.service.approve(child_id, "U1")
+            await w.issuer.drain(30)
+            return parent, first, second, await w.service.store.get(child_id)
+
+    parent, first, second, child = asyncio.run(go())
+    assert parent.state == "issued" and parent.issued_cents == 200 and parent.remainder_cents == 216
+    assert first.status == "changed" and first.case.credit_cents == 216  # not 216 + the wrong-tier 399
+    assert second.ok and child.state == "issued" and child.issued_cents == 216
