@@ -342,7 +342,8 @@ class CaseService:
             async with self.store.locked(case.customer_id, case.instances) as tx:
                 # the records, and which other cases hold the time, must be as the check read them:
                 # two twins re-checked at once would otherwise each give up the time to the other
-                if await tx.case_fingerprint(case.instance_orgs, case.periods) != ev.fingerprint \
+                # with the orgs the check read (an instance moved to another org since the case)
+                if await tx.case_fingerprint(ev.instance_orgs, case.periods) != ev.fingerprint \
                         or await tx.holders(case.instances, case.id) != ev.holders \
                         or await tx.held_elsewhere(ev.covered, case.id):
                     continue
@@ -377,7 +378,7 @@ class CaseService:
             data = ev.data
             owed = max(data["credit_cents"] - (parent.issued_cents or 0), 0)
             async with self.store.locked(child.customer_id, child.instances) as tx:
-                if await tx.case_fingerprint(child.instance_orgs, child.periods) != ev.fingerprint:
+                if await tx.case_fingerprint(ev.instance_orgs, child.periods) != ev.fingerprint:
                     continue
                 exposure = await tx.exposure(child.customer_id, self.config.exposure_window, child.id)
                 credit = max(owed, floor_cents)

@@ -89,7 +89,9 @@ async def credits_report(store, since: date) -> CreditsReport:
         m = re.fullmatch(r"batch-(\d+)", ticket or "")
         if m:
             b = await store.batch_summary(int(m.group(1)))
-            batches.append((ticket, f"{b['kind']} {b['period']}" if b else "unknown batch", n, cents))
+            # customers, not rows: a customer's remainder (invoice credit) is a second row of the batch
+            customers = len({r["customer_id"] for r in rows if r["ticket_id"] == ticket})
+            batches.append((ticket, f"{b['kind']} {b['period']}" if b else "unknown batch", customers, cents))
     return CreditsReport(
         since=since, batches=batches, total_cents=sum(_cents(r["credit_amount"]) for r in rows), count=len(rows),
         by_kind=group("issue_type"), by_approver=group("resolved_by"), by_level=by_level,

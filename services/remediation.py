@@ -236,6 +236,7 @@ class RemediationService:
                 authority = authority_from_levels(self.config, batch["decided_by"],
                                                   tuple(batch["decided_levels"] or ()))
                 log.info("%s: resuming, %s customers without a case", batch_ticket(batch["id"]), len(missing))
+                await self._watch(batch, plan.customers)  # a crash may have come before the approval's own
                 await self._open_all(batch, replace(plan, customers=tuple(missing)), None, authority)
                 done.append(batch["id"])
         return done

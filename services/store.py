@@ -425,10 +425,12 @@ class CaseTx:
         cur = await self.conn.execute(
             f"""UPDATE {self.s}.cases SET state = %s, proposed_cents = %s, credit_cents = %s, required_level = %s,
                   kinds = %s, report = %s, fingerprint = %s, exposure_cents = %s, decided_by = NULL,
-                  decided_at = NULL, updated_at = now()
+                  decided_at = NULL, updated_at = now(), org_id = %s
                 WHERE id = %s AND state = ANY(%s) RETURNING *""",
             (to_state, credit, credit, required_level, [f["kind"] for f in draft.report["findings"]],
-             json.dumps(draft.report), draft.fingerprint, exposure_cents, case_id, list(TRANSITIONS[action].sources)))
+             json.dumps(draft.report), draft.fingerprint, exposure_cents,
+             # the org the new check read the instance in (it may have moved): later looks use it
+             draft.report.get("org_id"), case_id, list(TRANSITIONS[action].sources)))
         row = await cur.fetchone()
         if row is None:
             return None
