@@ -268,8 +268,10 @@ def test_approve_issues_a_refund_logs_it_and_emails_the_customer(db, db_url, sla
         thread = [m["text"] for m in slack.of("chat.postMessage") if m.get("thread_ts")]
         assert any("Issued $10.28 by refund" in t and "Root cause" in t for t in thread)
         assert any("Emailed the customer (ada@example.com)" in t for t in thread)
-        final = [u for u in slack.of("chat.update") if "issued in Polar" in json.dumps(u["blocks"])]
-        assert final and polar.refunds[0]["id"] in json.dumps(final[-1]["blocks"])
+        # the case message is updated last (after the thread note and the letter): wait for it
+        final = wait_for(lambda: [u for u in slack.of("chat.update") if "issued in Polar" in json.dumps(u["blocks"])],
+                         what="the case message updated")
+        assert polar.refunds[0]["id"] in json.dumps(final[-1]["blocks"])
         events_ = events(db_url, case_id)
         assert events_.index("approved") < events_.index("issuing") < events_.index("issued") < events_.index("customer_emailed")
     finally:
