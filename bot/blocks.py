@@ -474,7 +474,7 @@ def progress_message(batch: dict, progress) -> dict:
     the case's own Retry button (the case retry path checks authority), the cases waiting for a
     decision. Its `text` says everything the blocks say, so it is what a replica claims."""
     name = batch_name(batch["id"])
-    mark = ":white_check_mark:" if progress.done and not progress.failed and not progress.waiting else (
+    mark = ":white_check_mark:" if progress.settled else (
         ":warning:" if progress.failed else ":hourglass:")
     headline = f"{mark} {name} ({batch['kind']} {batch['period']}): {progress.headline()}"
     blocks = [_mrkdwn(headline)]
@@ -492,7 +492,8 @@ def progress_message(batch: dict, progress) -> dict:
         lines.append(more)
         blocks.append(_context(more))
     if progress.waiting:
-        waiting = [f"#{c.case_id} {escape(c.customer_id)} ({fmt_money(c.credit_cents)})"
+        waiting = [f"#{c.case_id} {escape(c.customer_id)} ({fmt_money(c.credit_cents)}"
+                   + (f", the rest of #{c.remainder_of} as invoice credit)" if c.remainder_of else ")")
                    for c in progress.waiting[:MAX_PROGRESS_WAITING]]
         extra = len(progress.waiting) - len(waiting)
         text = ("Waiting for a decision of their own (the check changed, or the customer's recent credits need a "

@@ -57,7 +57,14 @@ async def propose(ctx: BotContext, *, kind: str, period: str, user: str, channel
                     f":x: Could not compute the remediation plan for {kind} {period}: {type(exc).__name__}. "
                     "Try again shortly.")
         return None
-    return await post_plan(ctx, batch, plan, channel, user, response_url)
+    try:
+        return await post_plan(ctx, batch, plan, channel, user, response_url)
+    except Exception as exc:  # Slack down or refusing: the requester hears of it, nothing was decided
+        log.exception("batch-%s: posting the plan failed", batch["id"])
+        await slack_io.safely("plan failure", None, _tell(ctx, channel, user, response_url, (
+            f":x: The plan {batch_name(batch['id'])} ({kind} {period}) was computed but could not be posted: "
+            f"{type(exc).__name__}. Nothing was approved or issued; run `/billing-remediate {kind} {period}` again.")))
+        return None
 
 
 async def _tell(ctx, channel, user, response_url, text) -> None:

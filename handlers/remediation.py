@@ -161,6 +161,7 @@ class BatchCase:
     issued_cents: int
     reason: str | None
     failures: int
+    remainder_of: int | None = None  # a remainder's case: what the customer's order could not take
 
 
 @dataclass(frozen=True)
@@ -203,14 +204,20 @@ class BatchProgress:
 
 
 def batch_progress(plan_customers: Iterable[str], cases: Iterable[BatchCase]) -> BatchProgress:
+    """Counts are per customer's case; a remainder's case (offered as invoice credit when an order
+    could not take the whole refund) is listed while it waits or failed, so the batch is not
+    settled before it is decided, and its money is added to the issued total once issued."""
     customers = set(plan_customers)
-    cases = sorted(cases, key=lambda c: c.case_id)
+    everything = sorted(cases, key=lambda c: c.case_id)
+    remainders = [c for c in everything if c.remainder_of is not None]
+    cases = [c for c in everything if c.remainder_of is None]
     have = {c.customer_id for c in cases}
     issued = [c for c in cases if c.state == "issued"]
     return BatchProgress(
-        customers=len(customers | have), issued=len(issued), issued_cents=sum(c.issued_cents for c in issued),
-        issuing=sum(1 for c in cases if c.state in ("approved", "issuing")),
-        failed=tuple(c for c in cases if c.state == "failed"),
-        waiting=tuple(c for c in cases if c.state == "pending"),
+        customers=len(customers | have), issued=len(issued),
+        issued_cents=sum(c.issued_cents for c in issued + remainders if c.state == "issued"),
+        issuing=sum(1 for c in everything if c.state in ("approved", "issuing")),
+        failed=tuple(c for c in everything if c.state == "failed"),
+        waiting=tuple(c for c in everything if c.state == "pending"),
         closed=tuple(c for c in cases if c.state in ("rejected", "expired")),
         not_opened=len(customers - have))

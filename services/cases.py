@@ -171,26 +171,6 @@ class CaseService:
             decided_by=authority.user, method=case.method)
         return moved or case
 
-    async def approve_for_batch(self, case_id: int, authority: Authority, expect_cents: int) -> Case | None:
-        """Resuming a batch: its pending case approved by the batch's approval (see _approve_in),
-        after the evidence is verified like any approval's. None when it is no longer pending."""
-        case = await self.store.get(case_id)
-        if case is None or case.state != "pending":
-            return case
-        async with self.store.locked(case.customer_id, case.instances) as tx:
-            case = await tx.get(case_id)
-            if case.state != "pending":
-                return case
-            if not await self._evidence_holds(tx, case):
-                stale = True
-            else:
-                stale = False
-                case = await self._refresh_exposure(tx, case)
-                case = await self._approve_in(tx, case, authority, expect_cents)
-        if stale:
-            return (await self.recheck(case, actor=authority.user)).case
-        return case
-
     async def _covers(self, user: str, cents: int) -> Callable[[int], bool]:
         try:
             authority = await self.authority(user)

@@ -156,8 +156,11 @@ class RemediationService:
         log.info("%s approved by %s: %s customers, %s cents", batch_ticket(batch_id), user, len(plan.customers),
                  plan.total_cents)
         await self._watch(approved, plan.customers)
-        async with self.batches.locked(batch_id):  # the sweepers leave a batch being opened alone
-            cases = await self._open_all(approved, plan, kept, authority)
+        async with self.batches.locked(batch_id) as mine:  # the sweepers leave a batch being opened alone
+            # A sweeper that took the lock first (the approval committed, its resume() saw it) opens
+            # the cases itself, from the stored plan: opening them here too would be safe (one case
+            # per batch and customer, claimed under the customer's lock) but is work done twice.
+            cases = await self._open_all(approved, plan, kept, authority) if mine else []
         return BatchOutcome("done", approved, plan, cases=tuple(cases))
 
     async def reject(self, batch_id: int, user: str, reason: str) -> BatchOutcome:
@@ -243,10 +246,12 @@ class RemediationService:
 
     async def progress(self, batch_id: int) -> BatchProgress:
         batch = await self.batches.get(batch_id)
-        cases = await self.batches.cases(batch_id)
-        return batch_progress([c["customer_id"] for c in batch["plan"]["customers"]],
-                              [BatchCase(c.id, c.customer_id, c.state, c.credit_cents, c.issued_cents or 0, c.reason,
-                                         c.failures) for c in cases])
+        cases = await self.batches.cases(batch_id, remainders=True)
+
+        def one(c: Case) -> BatchCase:
+            return BatchCase(c.id, c.customer_id, c.state, c.credit_cents, c.issued_cents or 0, c.reason, c.failures,
+                             remainder_of=c.parent_case_id)
+        return batch_progress([c["customer_id"] for c in batch["plan"]["customers"]], [one(c) for c in cases])
 
     async def _watch(self, batch: dict, customers) -> None:
         """A throttle that failed once may fail again: its customers go on the watchlist."""

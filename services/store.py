@@ -994,11 +994,12 @@ class Batches(Store):
                 if got:
                     await conn.execute("SELECT pg_advisory_unlock(%s, %s)", (space, batch_id))
 
-    async def cases(self, batch_id: int) -> list[Case]:
-        """The batch's cases (one per customer; remainders are their own cases, not counted)."""
+    async def cases(self, batch_id: int, remainders: bool = False) -> list[Case]:
+        """The batch's cases (one per customer), and with remainders the cases offering what a
+        customer's order could not take."""
         async with self._conn() as conn:
-            cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE batch_id = %s AND parent_case_id IS NULL"
-                                     " ORDER BY id", (batch_id,))
+            cur = await conn.execute(f"SELECT * FROM {self.s}.cases WHERE batch_id = %s"
+                                     " AND (%s OR parent_case_id IS NULL) ORDER BY id", (batch_id, remainders))
             return [Case.from_row(r) for r in await cur.fetchall()]
 
     async def claim_progress(self, batch_id: int, text: str, finished: bool) -> bool:

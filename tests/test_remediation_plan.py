@@ -122,3 +122,23 @@ def test_a_worked_plan():
 def test_bad_checks_are_refused(checks, kind, words):
     with pytest.raises(ValueError, match=words):
         build_plan(kind, "2026-10", checks)
+
+
+def test_a_batch_is_settled_only_when_every_customer_and_remainder_is_decided():
+    from handlers.remediation import BatchCase, batch_progress
+
+    def case(i, cust, state, cents=100, issued=0, parent=None):
+        return BatchCase(i, cust, state, cents, issued, None, 0, remainder_of=parent)
+
+    base = [case(1, "c-1", "issued", issued=100), case(2, "c-2", "issued", issued=60)]
+    # c-2's order took $0.60 of $1.00: the rest waits as invoice credit in its own case
+    waiting = batch_progress(["c-1", "c-2"], base + [case(3, "c-2", "pending", cents=40, parent=2)])
+    assert waiting.done and not waiting.settled and [c.case_id for c in waiting.waiting] == [3]
+    assert waiting.issued == 2 and waiting.issued_cents == 160 and waiting.customers == 2
+    issuing = batch_progress(["c-1", "c-2"], base + [case(3, "c-2", "approved", cents=40, parent=2)])
+    assert not issuing.done and issuing.issuing == 1
+    settled = batch_progress(["c-1", "c-2"], base + [case(3, "c-2", "issued", cents=40, issued=40, parent=2)])
+    assert settled.settled and settled.issued == 2 and settled.issued_cents == 200
+    assert settled.headline() == "2 of 2 issued ($2.00)"
+    opening = batch_progress(["c-1", "c-2", "c-3"], base)
+    assert not opening.done and opening.not_opened == 1 and "1 being opened" in opening.headline()

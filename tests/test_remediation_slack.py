@@ -500,3 +500,19 @@ def test_a_batch_cases_draft_goes_to_the_plans_thread_without_smtp():
     assert post["channel"] == "C1" and post["thread_ts"] == "1.000001"
     assert post["text"].startswith("Case #9 (c-a). Draft for the customer") and "your instances i-a, i-b" in post["text"]
     store.event.assert_awaited_once_with(9, "billing-bot", "email_drafted", {"to": None})
+
+
+def test_a_plan_slack_would_not_take_is_told_to_the_requester():
+    plan = make_plan()
+    batch = make_batch(plan, message_ts=None)
+    remediation = SimpleNamespace(propose=AsyncMock(return_value=(batch, plan)),
+                                  batches=SimpleNamespace(set_message=AsyncMock()))
+    ctx = fake_ctx(remediation)
+    ctx.client.chat_postMessage.side_effect = SlackApiError("no", {"ok": False, "error": "invalid_blocks"})
+    out = run(remediation_flow.propose(ctx, kind="duplicate_charge", period="2026-10", user="U_LEAD", channel="C1"))
+    assert out is None
+    told = ctx.client.chat_postEphemeral.await_args.kwargs
+    assert told["user"] == "U_LEAD" and told["channel"] == "C1"
+    assert f"batch-{batch['id']}" in told["text"] and "could not be posted" in told["text"]
+    assert "/billing-remediate duplicate_charge 2026-10" in told["text"]
+    remediation.batches.set_message.assert_not_awaited()
