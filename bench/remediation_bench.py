@@ -198,6 +198,28 @@ class PolarProcess:
 
 # --- the run ---------------------------------------------------------------------------------------
 
+class Queries:
+    """Statements sent to PostgreSQL by this process (every execute goes through a cursor's)."""
+
+    n = 0
+
+    @classmethod
+    def install(cls) -> None:
+        from psycopg import AsyncCursor
+
+        real = AsyncCursor.execute
+
+        async def counted(self, *a, **kw):
+            cls.n += 1
+            return await real(self, *a, **kw)
+        AsyncCursor.execute = counted
+
+
+def cpu_s() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: kilobytes
 
@@ -225,9 +247,11 @@ async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: in
     out: dict = {"rss_start_mb": round(rss_mb(), 1)}
 
     c0 = stats()["calls"]
-    t0 = time.perf_counter()
+    t0, cpu0, q0 = time.perf_counter(), cpu_s(), Queries.n
     batch, plan = await remediation.propose(KIND, PERIOD, "U1", "C1")
     out["plan_s"] = round(time.perf_counter() - t0, 2)
+    out["plan_cpu_s"] = round(cpu_s() - cpu0, 2)  # this process's CPU (the rest: PostgreSQL, Polar, waiting)
+    out["plan_sql_statements"] = Queries.n - q0
     out["plan_customers"] = len(plan.customers)
     out["plan_total_cents"] = plan.total_cents
     out["plan_instances"] = sum(len(c.instance_ids) for c in plan.customers)
@@ -235,7 +259,7 @@ async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: in
     c1 = stats()["calls"]
 
     approver = {1: "U1", 2: "U_LEAD"}.get(batch["required_level"], "U_VP")
-    t1 = time.perf_counter()
+    t1, cpu1, q1 = time.perf_counter(), cpu_s(), Queries.n
     done = await remediation.approve(batch["id"], approver)
     assert done.ok, done
     out["approve_s"] = round(time.perf_counter() - t1, 2)  # the plan again, every case opened and approved
@@ -248,6 +272,8 @@ async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: in
     swept = await issuer.resume_unfinished(older_than_s=0)
     out["swept"] = len(swept)
     out["approve_to_all_issued_s"] = round(time.perf_counter() - t1, 2)
+    out["approve_to_all_issued_cpu_s"] = round(cpu_s() - cpu1, 2)
+    out["approve_to_all_issued_sql_statements"] = Queries.n - q1
     progress = await remediation.progress(batch["id"])
     out["issued"] = progress.issued
     out["issued_cents"] = progress.issued_cents
@@ -282,6 +308,7 @@ def main() -> None:
     ap.add_argument("--profile", help="write cProfile stats here and print the top of them")
     args = ap.parse_args()
 
+    Queries.install()
     polar = PolarProcess(args.customers, args.latency_ms / 1000)
     server, url = fresh_database()
     t = time.perf_counter()
@@ -325,6 +352,9 @@ def main() -> None:
     print(f"{'measure':40} {'figure':>12} {'goal':>10}  met")
     for name, fig, goal, met in rows:
         print(f"{name:40} {fig:>12} {goal:>10}  {'' if met is None else ('yes' if met else 'NO')}")
+    print(f"this process's CPU: plan {out['plan_cpu_s']} s, approve -> issued {out['approve_to_all_issued_cpu_s']} s; "
+          f"SQL statements: plan {out['plan_sql_statements']}, approve -> issued "
+          f"{out['approve_to_all_issued_sql_statements']}")
     print(f"issued {out['issued']}/{args.customers} ({out['swept']} by the sweep), refunds {out['refunds']}, "
           f"corrections {out['corrections']}, refunded {out['refunded_cents']} of {out['plan_total_cents']} cents")
     print(f"{'Polar calls':40} {'plan':>8} {'approve+issue':>14} {'needed':>8}")
