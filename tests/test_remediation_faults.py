@@ -84,3 +84,26 @@ def test_a_crash_half_way_through_issuing_is_resumed_and_credits_each_customer_o
     progress = asyncio.run(restart(batch_id))
     assert progress.issued == customers and progress.done
     _credited_once(db_url, polar, customers, 208)
+
+
+def test_a_refund_post_rate_limited_three_times_running_slows_the_case_down_not_fails_it(db, db_url, polar):
+    """Polar answering the same customer's refund POST 429 three times in a row (a sustained rate
+    limit over a big batch): the issuer reads the order's refunds back after each (nothing was
+    made), waits the Retry-After and posts again; the case ends issued, one refund."""
+    seed_controlplane(db, 2, 1, 1)
+    seed_polar(polar, 1)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            batch, _ = await w.remediation.propose("duplicate_charge", "2026-10", "U1", "C1")
+            polar.fail("POST", "/v1/refunds/", status=429, retry_after="0", times=3)
+            assert (await w.remediation.approve(batch["id"], "U_LEAD")).ok
+            await w.issuer.drain(30)
+            return await w.remediation.progress(batch["id"]), w.rec
+
+    progress, rec = asyncio.run(go())
+    posts = [r for r in polar.server.requests if r.method == "POST" and r.path == "/v1/refunds/"]
+    assert len(posts) == 4
+    assert rec.failed_calls == [], rec.failed_calls
+    assert progress.issued == 1
+    _credited_once(db_url, polar, 1, 208)
