@@ -39,6 +39,7 @@ from services.store import Outbox
 
 log = logging.getLogger(__name__)
 REFUND_POST_ATTEMPTS = 3
+RATE_LIMITED_POSTS = 10  # refund POSTs Polar may answer 429 on top of those, each after its Retry-After
 SETTLED = {"succeeded": "confirmed", "pending": "pending", "failed": "failed", "canceled": "failed"}
 
 
@@ -380,7 +381,8 @@ class Issuer:
         body = {"order_id": order["id"], "amount": amount, "reason": reason, "metadata": metadata,
                 "comment": f"billing-bot case {case.id}: {', '.join(case.kinds)}", "revoke_benefits": False}
         last = ""
-        for _ in range(REFUND_POST_ATTEMPTS):
+        tries = limited = 0
+        while tries < REFUND_POST_ATTEMPTS:
             await self.outbox.attempt(intent["id"])
             try:
                 refund = await self.polar.create_refund(body)
@@ -392,6 +394,10 @@ class Issuer:
                 found = await self._find_refund(order["id"], case.id)
                 if found:
                     return found
+                if exc.rate_limited and limited < RATE_LIMITED_POSTS:
+                    limited += 1  # a rate limit slows the case down (SPEC 5.3); the read-back still came first
+                else:
+                    tries += 1
                 continue
             except PolarError as exc:
                 await self.outbox.fail(intent["id"], str(exc))

@@ -39,9 +39,10 @@ class PolarNotFound(PolarError):
 
 
 class _Retryable(Exception):
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, rate_limited: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.rate_limited = rate_limited
 
 
 def _retry_after(response: httpx.Response) -> float | None:
@@ -125,7 +126,7 @@ class PolarClient:
             self.rate_limited += 1
             after = _retry_after(response)
             self._paused_until = max(self._paused_until, time.monotonic() + (after if after is not None else 1.0))
-            raise _Retryable("429 Too Many Requests", after)
+            raise _Retryable("429 Too Many Requests", after, rate_limited=True)
         if response.status_code >= 500:
             raise _Retryable(f"{response.status_code} {response.reason_phrase}", _retry_after(response))
         return response
@@ -140,7 +141,7 @@ class PolarClient:
                 with attempt:
                     response = await self._send_once(method, path, **kw)
         except _Retryable as exc:
-            raise PolarUnavailable(str(exc), exc.retry_after) from exc
+            raise PolarUnavailable(str(exc), exc.retry_after, exc.rate_limited) from exc
         if response.status_code >= 400:
             raise _error(response)
         if response.status_code == 204 or not response.content:
@@ -225,9 +226,10 @@ class PolarUnavailable(Exception):
     """Polar did not answer usefully after the retries (timeouts, 429s, 5xx). The request may or
     may not have taken effect."""
 
-    def __init__(self, reason: str, retry_after: float | None = None):
+    def __init__(self, reason: str, retry_after: float | None = None, rate_limited: bool = False):
         super().__init__(reason)
         self.retry_after = retry_after
+        self.rate_limited = rate_limited  # the last answer was 429: Polar turned the call away
 
 
 # --- what Polar's answers mean to a support agent ---------------------------------------------------

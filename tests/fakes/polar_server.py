@@ -107,6 +107,12 @@ class FakePolar(FakeApi):
         self.orders: list[dict] = []
         self.refunds: list[dict] = []
         self.faults: list[Fault] = []
+        # a rate limit: every Nth request (any route, counted from when it is set) answered 429
+        # with this Retry-After, before any work is done (0: off)
+        self.rate_limit_every = 0
+        self.rate_limit_retry_after = "1"
+        self.rate_limited: list[tuple[str, str]] = []  # (method, route) of each request answered 429
+        self._seen = 0
         self.violations: list[str] = []
         self.server = FakeServer(self.handle, latency_s)
         # refund statuses: the queue first, then the default
@@ -202,6 +208,9 @@ class FakePolar(FakeApi):
             self.violations.extend(f"{req.method} {template} body: {e}"
                                    for e in openapi.request_body_errors(template, method, req.json()))
 
+        if self._rate_limited(req.method, template):
+            return Response(429, {"error": "TooManyRequests", "detail": "Rate limit exceeded"},
+                            {"Retry-After": self.rate_limit_retry_after})
         fault = self._take_fault(req.method, template)
         if fault and fault.kind == "status":
             headers = {"Retry-After": fault.retry_after} if fault.retry_after else {}
@@ -220,6 +229,21 @@ class FakePolar(FakeApi):
         if fault and fault.kind == "drop_after":
             raise DropConnection()
         return resp
+
+    def rate_limit(self, every: int, retry_after: str = "1") -> None:
+        """Answer every `every`th request from now on 429 Too Many Requests (0: stop)."""
+        with self.lock:
+            self.rate_limit_every, self.rate_limit_retry_after, self._seen = every, retry_after, 0
+
+    def _rate_limited(self, method: str, template: str) -> bool:
+        with self.lock:
+            if not self.rate_limit_every:
+                return False
+            self._seen += 1
+            if self._seen % self.rate_limit_every:
+                return False
+            self.rate_limited.append((method, template))
+            return True
 
     def _take_fault(self, method: str, template: str) -> Fault | None:
         with self.lock:
