@@ -83,11 +83,14 @@ class Investigator:
 
     async def check(self, instance_id: str, periods: list[str] | None = None,
                     exclude_case: int | None = None, *,
-                    org_intervals: dict[str, list[OrgInterval]] | None = None) -> CheckReport:
+                    org_intervals: dict[str, list[OrgInterval]] | None = None,
+                    systematic: dict[str, int] | None = None, fingerprint: bool = True) -> CheckReport:
         """exclude_case: a case checked again (its own pieces do not count as held by another).
         org_intervals: the daily-limit intervals of orgs already read once for many instances
         (services/multi_check.py), by org id, covering every day the instance has records on in
-        the periods; an org not in it is read here, as for a single check."""
+        the periods; an org not in it is read here, as for a single check. systematic: the
+        latest reconciled day's counts, read once for many instances. fingerprint=False: a
+        read-only answer no case will be opened on (a plan shown before its approval) skips it."""
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
         sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
@@ -108,8 +111,10 @@ class Investigator:
             records = await self.db.records(conn, instance_id, periods)
             throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
             covers, prior_cases = await held_pieces(conn, self.db.schema, instance_id, exclude_case)
-            fingerprint = await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)
-            systematic_counts = await self.db.systematic_counts(conn, periods)
+            fingerprint = (await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)
+                           if fingerprint else "")
+            systematic_counts = systematic if systematic is not None else await self.db.systematic_counts(conn,
+                                                                                                          periods)
 
             # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
             # totals only on the days where this instance still has billed time.

@@ -107,17 +107,21 @@ async def org_intervals_for(inv: Investigator, days_by_org: dict[str, list[datet
 
 async def check_all(inv: Investigator, instance_ids: list[str], periods: list[str],
                     on_report: Callable[[CheckReport], Awaitable[None] | None] | None = None,
-                    concurrency: int = CONCURRENCY, exclude_case: int | None = None) -> list[CheckReport]:
+                    concurrency: int = CONCURRENCY, exclude_case: int | None = None,
+                    fingerprint: bool = True) -> list[CheckReport]:
     """Check every instance (at most `concurrency` at once), the org's limit read once per org.
     With on_report, each report is handed over as it is done and not kept (a plan over thousands
     of instances keeps only what it adds up)."""
     intervals = await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
+    async with inv.db.snapshot() as conn:  # the same for every instance: read once
+        systematic = await inv.db.systematic_counts(conn, periods)
     sem = asyncio.Semaphore(concurrency)
     reports: list[CheckReport] = []
 
     async def one(instance_id: str) -> None:
         async with sem:
-            report = await inv.check(instance_id, periods, exclude_case=exclude_case, org_intervals=intervals)
+            report = await inv.check(instance_id, periods, exclude_case=exclude_case, org_intervals=intervals,
+                                     systematic=systematic, fingerprint=fingerprint)
         if on_report is None:
             reports.append(report)
         else:

@@ -63,7 +63,9 @@ async def plan_with_checks(inv: Investigator, kind: str, period: str, *, keep: b
         if keep and f.kinds.get(kind, (0, 0))[0] > 0:
             kept.setdefault(f.customer_id, []).append(report)
 
-    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one)
+    # A plan shown for approval needs no fingerprints (nothing is opened on it: the approval
+    # computes it again, with them, and opens the cases from that); the approval's does.
+    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one, fingerprint=keep)
     return build_plan(kind, period, collected), kept
 
 
