@@ -69,6 +69,30 @@ class CheckReport:
         }
 
 
+class PolarMemo:
+    """Per customer, the Polar reads every instance's check of that customer shares within one
+    run over many instances (a customer or org check, a remediation plan): the customer and its
+    orders are read once per customer, not once per instance. The usage events stay per instance
+    (each check reads its own instance's). Concurrent checks of one customer share one call."""
+
+    def __init__(self, polar: PolarClient):
+        self.polar = polar
+        self._calls: dict[tuple[str, str], asyncio.Task] = {}
+
+    def _once(self, what: str, customer_id: str, make) -> asyncio.Task:
+        key = (what, customer_id)
+        if key not in self._calls:
+            self._calls[key] = asyncio.ensure_future(make())
+        return self._calls[key]
+
+    async def customer(self, customer_id: str) -> Customer:
+        return await asyncio.shield(self._once("customer", customer_id,
+                                               lambda: self.polar.customer_by_external_id(customer_id)))
+
+    async def orders(self, customer_id: str) -> list[dict]:
+        return await asyncio.shield(self._once("orders", customer_id, lambda: self.polar.orders(customer_id)))
+
+
 class Investigator:
     def __init__(self, config: Config, db: Database, *, kube: KubeSource | None = None,
                  kube_problem: str | None = None, polar: PolarClient | None = None,
@@ -84,7 +108,8 @@ class Investigator:
     async def check(self, instance_id: str, periods: list[str] | None = None,
                     exclude_case: int | None = None, *,
                     org_intervals: dict[str, list[OrgInterval]] | None = None,
-                    systematic: dict[str, int] | None = None, fingerprint: bool = True) -> CheckReport:
+                    systematic: dict[str, int] | None = None, fingerprint: bool = True,
+                    polar_memo: PolarMemo | None = None) -> CheckReport:
         """exclude_case: a case checked again (its own pieces do not count as held by another).
         org_intervals: the daily-limit intervals of orgs already read once for many instances
         (services/multi_check.py), by org id, covering every day the instance has records on in
@@ -104,7 +129,7 @@ class Investigator:
 
             # Kubernetes and Polar run while the database is read.
             kube_task = asyncio.create_task(self._kube(inst))
-            polar_task = asyncio.create_task(self._polar(inst.customer_id, instance_id))
+            polar_task = asyncio.create_task(self._polar(inst.customer_id, instance_id, polar_memo))
 
             # only the history that can change the checked periods (a run reaching into them, the
             # records overlapping theirs), not every record the instance ever had
@@ -178,17 +203,18 @@ class Investigator:
             events = logs_r[0]
         return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok", parts
 
-    async def _polar(self, customer_id: str, instance_id: str
+    async def _polar(self, customer_id: str, instance_id: str, memo: PolarMemo | None = None
                      ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str], list[dict] | None]:
         """The customer (for the email), the instance's metering events (for duplicates) and the
         customer's orders (what each can still refund). The events are the evidence: the source is
         'ok' when they were read."""
         if self.polar is None:
             return None, None, self.polar_problem or "not configured", [], None
+        reads = memo or self.polar
         cust_r, events_r, orders_r = await asyncio.gather(
-            _bounded(self.polar.customer_by_external_id(customer_id)),
+            _bounded(reads.customer(customer_id) if memo else self.polar.customer_by_external_id(customer_id)),
             _bounded(self.polar.usage_events(customer_id, self.config.polar.usage_event_name, instance_id)),
-            _bounded(self.polar.orders(customer_id)),
+            _bounded(reads.orders(customer_id)),
             return_exceptions=True)
         # what each order can still refund, shown before approval (not evidence: a failure is a note)
         orders = None if isinstance(orders_r, BaseException) else orders_r

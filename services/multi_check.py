@@ -17,7 +17,7 @@ from typing import Awaitable, Callable, Iterable
 from handlers.coverage import COMPLETE, NO_RECORDS, PARTIAL, Coverage
 from handlers.model import KINDS, OrgInterval
 from handlers.timeline import hours_text
-from services.investigation import CheckReport, Investigator, default_periods
+from services.investigation import CheckReport, Investigator, PolarMemo, default_periods
 from services.inputs import validate_customer_id, validate_org_id, validate_period
 
 CONCURRENCY = 8
@@ -115,13 +115,14 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
     intervals = await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
     async with inv.db.snapshot() as conn:  # the same for every instance: read once
         systematic = await inv.db.systematic_counts(conn, periods)
+    memo = PolarMemo(inv.polar) if inv.polar is not None else None
     sem = asyncio.Semaphore(concurrency)
     reports: list[CheckReport] = []
 
     async def one(instance_id: str) -> None:
         async with sem:
             report = await inv.check(instance_id, periods, exclude_case=exclude_case, org_intervals=intervals,
-                                     systematic=systematic, fingerprint=fingerprint)
+                                     systematic=systematic, fingerprint=fingerprint, polar_memo=memo)
         if on_report is None:
             reports.append(report)
         else:

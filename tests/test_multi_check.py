@@ -179,3 +179,37 @@ def test_the_plan_totals_are_the_sums_of_the_instances_checks_of_that_kind(db, d
         assert plan == build_plan(kind, "2026-10", [findings_of(s) for s in singles])
         others = {f.kind for s in singles for f in s.result.findings} - {kind}
         assert set(plan.other_kinds) == others
+
+
+def test_a_customer_check_reads_the_customer_and_its_orders_from_polar_once(db, db_url, polar):
+    """Every instance's check needs the customer (the letter) and its orders (what each can still
+    refund): over many instances they are read once per customer; the usage events stay per
+    instance (each is that instance's evidence)."""
+    from collections import Counter as C
+
+    from services.polar import PolarClient
+    from .fakes.polar_server import TOKEN
+    for n in range(3):
+        db.execute("INSERT INTO instances VALUES (%s,'o-a','c-1','small','running',%s,%s,NULL,NULL)",
+                   (f"i-{n}p", BASE, BASE))
+        db.execute("INSERT INTO billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour,"
+                   " hours_used, total_charge, billing_period, start_time, end_time) VALUES"
+                   " (%s,'c-1','o-a',%s,'small',0.083,1,0.083,'2026-10',%s,%s)",
+                   (n + 1, f"i-{n}p", BASE + timedelta(hours=n), BASE + timedelta(hours=n + 1)))
+    polar.add_customer("c-1")
+
+    async def go():
+        dbx = await Database.connect(db_url)
+        client = PolarClient(polar.url, TOKEN)
+        try:
+            inv = Investigator(parse_config({}), dbx, polar=client)
+            return await check_customer(inv, "c-1", ["2026-10"])
+        finally:
+            await client.close()
+            await dbx.close()
+
+    result = asyncio.run(go())
+    assert [r.sources["polar"] for r in result.reports] == ["ok"] * 3
+    assert all(r.customer is not None and r.refund_room is not None for r in result.reports)
+    calls = C(r.path for r in polar.server.requests)
+    assert calls["/v1/orders/"] == 1 and calls["/v1/customers/external/c-1"] == 1 and calls["/v1/events/"] == 3
