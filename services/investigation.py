@@ -6,6 +6,7 @@ evidence: when one fails or times out, `sources` says why and the case goes on w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -109,7 +110,8 @@ class Investigator:
                     exclude_case: int | None = None, *,
                     org_intervals: dict[str, list[OrgInterval]] | None = None,
                     systematic: dict[str, int] | None = None, fingerprint: bool = True,
-                    polar_memo: PolarMemo | None = None) -> CheckReport:
+                    polar_memo: PolarMemo | None = None,
+                    db_gate: asyncio.Semaphore | None = None) -> CheckReport:
         """exclude_case: a case checked again (its own pieces do not count as held by another).
         org_intervals: the daily-limit intervals of orgs already read once for many instances
         (services/multi_check.py), by org id, covering every day the instance has records on in
@@ -120,7 +122,7 @@ class Investigator:
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
         sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
 
-        async with self.db.snapshot() as conn:
+        async with db_gate or contextlib.nullcontext(), self.db.snapshot() as conn:
             inst = await self.db.instance(conn, instance_id)
             if inst is None:
                 inst = await self.db.instance_from_records(conn, instance_id)

@@ -2,7 +2,8 @@
 `check customer` / `check org`), and the reads a remediation plan shares with them.
 
 Each instance is checked by the Investigator with the same rules as a single check, at most
-CONCURRENCY at once (the database pool has 8 connections). The org's daily limit (SPEC 2.2 step 4)
+CONCURRENCY at once, DB_AT_ONCE of them reading the database (the pool has 8 connections); Polar's
+customer and orders are read once per customer (PolarMemo). The org's daily limit (SPEC 2.2 step 4)
 needs the org's billed time per day: it is read once per org for all of its instances
 (`org_intervals_for`) and handed to each instance's check, not read again per instance.
 """
@@ -20,7 +21,8 @@ from handlers.timeline import hours_text
 from services.investigation import CheckReport, Investigator, PolarMemo, default_periods
 from services.inputs import validate_customer_id, validate_org_id, validate_period
 
-CONCURRENCY = 8
+CONCURRENCY = 24  # checks at once: most of a check's time is Polar's answer, outside the database
+DB_AT_ONCE = 6  # of them in the database at once: the pool (8) keeps room for Slack's listeners and issuing
 ORG_READS_AT_ONCE = 4  # leaves pool connections for the checks that are already running
 
 
@@ -116,13 +118,15 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
     async with inv.db.snapshot() as conn:  # the same for every instance: read once
         systematic = await inv.db.systematic_counts(conn, periods)
     memo = PolarMemo(inv.polar) if inv.polar is not None else None
+    db_gate = asyncio.Semaphore(min(DB_AT_ONCE, concurrency))
     sem = asyncio.Semaphore(concurrency)
     reports: list[CheckReport] = []
 
     async def one(instance_id: str) -> None:
         async with sem:
             report = await inv.check(instance_id, periods, exclude_case=exclude_case, org_intervals=intervals,
-                                     systematic=systematic, fingerprint=fingerprint, polar_memo=memo)
+                                     systematic=systematic, fingerprint=fingerprint, polar_memo=memo,
+                                     db_gate=db_gate)
         if on_report is None:
             reports.append(report)
         else:
