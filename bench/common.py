@@ -53,3 +53,28 @@ def seed_duplicate_hours(url: str, runs: int, name: str) -> None:
                              " (%s,%s,%s,%s,'gpu',2.08,1,2.08,'2026-10','2026-10-05 08:00Z','2026-10-05 09:00Z')",
                              (rid, cust, f"o-{name}", iid))
 
+
+class Quiet:
+    """No Slack and no SMTP: the notifier costs nothing in a bench (production's tells Slack and
+    sends the letter)."""
+
+    async def issued(self, case, refs, remainder):
+        pass
+
+    async def failed(self, case, reason, offer):
+        pass
+
+    async def rechecked(self, outcome):
+        pass
+
+    async def pending(self, case, refs):
+        pass
+
+    async def outside(self, case, amount, reason):
+        pass
+
+    async def reverted(self, case, refund_id, amount, status):
+        pass
+
+    async def remainder_offered(self, parent, child):
+        pass

@@ -24,7 +24,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import fresh_database, seed_duplicate_hours  # noqa: E402
+from bench.common import Quiet, fresh_database, seed_duplicate_hours  # noqa: E402
 from handlers.cases import authority_from_levels  # noqa: E402
 from services.cases import CaseService, CheckRequest  # noqa: E402
 from services.config import parse_config  # noqa: E402
@@ -42,29 +42,6 @@ async def authority(user):
     return authority_from_levels(CONFIG, user, (4,) if user == "U2" else ())
 ROUTES = [("GET", "/v1/orders/"), ("GET", "/v1/refunds/"), ("POST", "/v1/refunds/"), ("POST", "/v1/refunds/"),
           ("POST", "/v1/events/ingest"), ("GET", "/v1/customers/external/{external_id}")]
-
-
-class Quiet:
-    async def issued(self, case, refs, remainder):
-        pass
-
-    async def failed(self, case, reason, offer):
-        pass
-
-    async def rechecked(self, outcome):
-        pass
-
-    async def pending(self, case, refs):
-        pass
-
-    async def outside(self, case, amount, reason):
-        pass
-
-    async def reverted(self, case, refund_id, amount, status):
-        pass
-
-    async def remainder_offered(self, parent, child):
-        pass
 
 
 async def soak(runs: int, seed_: int) -> dict:

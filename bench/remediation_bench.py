@@ -63,7 +63,7 @@ from pathlib import Path
 import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from bench.common import copy_records, fresh_database  # noqa: E402
+from bench.common import Quiet, copy_records, fresh_database  # noqa: E402
 from handlers.cases import authority_from_levels  # noqa: E402
 from services.cases import CaseService  # noqa: E402
 from services.config import parse_config  # noqa: E402
@@ -83,32 +83,6 @@ CONFIG = parse_config({"levels": {1: {"users": ["U1"]}, 2: {"users": ["U_LEAD"]}
 async def authority(user):
     levels = tuple(n for n, lv in CONFIG.levels.items() if user in lv.users)
     return authority_from_levels(CONFIG, user, levels)
-
-
-class Quiet:
-    """No Slack and no SMTP: the notifier costs nothing here (production's also tells Slack and
-    sends the letter)."""
-
-    async def issued(self, case, refs, remainder):
-        pass
-
-    async def failed(self, case, reason, offer):
-        pass
-
-    async def rechecked(self, outcome):
-        pass
-
-    async def pending(self, case, refs):
-        pass
-
-    async def outside(self, case, amount, reason):
-        pass
-
-    async def reverted(self, case, refund_id, amount, status):
-        pass
-
-    async def remainder_offered(self, parent, child):
-        pass
 
 
 # --- the data --------------------------------------------------------------------------------------

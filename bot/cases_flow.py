@@ -35,15 +35,20 @@ def parse_grouped_text(text: str) -> tuple[str, str, list[str] | None, str | Non
     if len(parts) < 2:
         raise InputError(f"the {scope} id is missing: {USAGE}")
     scope_id = validate_customer_id(parts[1]) if scope == "customer" else validate_org_id(parts[1])
+    return (scope, scope_id, *_period_and_ticket(parts[2:]))
+
+
+def _period_and_ticket(rest: list[str]) -> tuple[list[str] | None, str | None]:
+    """'[YYYY-MM] [ticket]' after the instance, customer or org. Raises InputError."""
     periods, ticket = None, None
-    rest = parts[2:]
+    rest = list(rest)
     if rest and rest[0][:4].isascii() and rest[0][:4].isdigit() and "-" in rest[0]:
         periods = [validate_period(rest.pop(0))]
     if rest:
         ticket = validate_ticket(rest.pop(0))
     if rest:
         raise InputError(f"unexpected {escape(' '.join(rest))!r}: {USAGE}")
-    return scope, scope_id, periods, ticket
+    return periods, ticket
 
 
 def parse_check_text(text: str) -> tuple[str, list[str] | None, str | None]:
@@ -54,15 +59,7 @@ def parse_check_text(text: str) -> tuple[str, list[str] | None, str | None]:
     if not parts:
         raise InputError(USAGE)
     instance = validate_instance_id(parts[0])
-    periods, ticket = None, None
-    rest = parts[1:]
-    if rest and rest[0][:4].isascii() and rest[0][:4].isdigit() and "-" in rest[0]:
-        periods = [validate_period(rest.pop(0))]
-    if rest:
-        ticket = validate_ticket(rest.pop(0))
-    if rest:
-        raise InputError(f"unexpected {escape(' '.join(rest))!r}: {USAGE}")
-    return instance, periods, ticket
+    return (instance, *_period_and_ticket(parts[1:]))
 
 
 CANNOT_POST = {"channel_not_found", "not_in_channel", "is_archived", "restricted_action", "cannot_dm_bot"}
@@ -102,18 +99,25 @@ async def _start(ctx: BotContext, channel: str, user: str, instance_id: str, res
     """The "Investigating…" message that becomes the case: in the channel, or, where the bot cannot
     post (a private channel or a DM it is not in), in a direct message to the requester, with one
     line through the response_url saying how to invite the bot."""
+    posted = await post_or_dm(ctx, channel, user, response_url, f"the case for {instance_id}", "cases",
+                              text=f":mag: Investigating {instance_id}…")
+    return posted["channel"], posted["ts"]
+
+
+async def post_or_dm(ctx: BotContext, channel: str, user: str, response_url: str | None, what: str, things: str,
+                     **message) -> dict:
+    """Post in the channel; where the bot cannot (a private channel or a DM it is not in), post
+    to the requester's DMs instead and say, through the response_url, how to invite the bot."""
     try:
-        posted = await ctx.client.chat_postMessage(channel=channel, text=f":mag: Investigating {instance_id}…")
-        return posted["channel"], posted["ts"]
+        return await ctx.client.chat_postMessage(channel=channel, **message)
     except SlackApiError as exc:
         error = exc.response.get("error")
         if error not in CANNOT_POST:
             raise
     await respond(response_url, (
-        f":information_source: I can't post in this channel ({error}), so the case for {instance_id} comes to you "
-        "in a direct message. To have cases here, invite me: `/invite @billing-bot`."))
-    posted = await ctx.client.chat_postMessage(channel=user, text=f":mag: Investigating {instance_id}…")
-    return posted["channel"], posted["ts"]
+        f":information_source: I can't post in this channel ({error}), so {what} comes to you in a direct message. "
+        f"To have {things} here, invite me: `/invite @billing-bot`."))
+    return await ctx.client.chat_postMessage(channel=user, **message)
 
 
 async def _open_case(ctx: BotContext, *, channel: str, user: str, instance_id: str, periods: list[str] | None,

@@ -7,7 +7,6 @@ each change) and released when Slack refused it, so the next tick posts it again
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import datetime, timezone
 
@@ -15,8 +14,9 @@ from slack_sdk.errors import SlackApiError
 
 from bot import slack_io
 from bot.blocks import batch_name, escape, mention_text, plan_message, progress_message
-from bot.cases_flow import CANNOT_POST, respond
+from bot.cases_flow import post_or_dm, respond
 from bot.context import BotContext
+from bot.scheduler import every
 from handlers.model import KINDS
 from handlers.remediation import Plan, plan_from_json
 from handlers.timeline import fmt_money
@@ -77,16 +77,8 @@ async def post_plan(ctx: BotContext, batch: dict, plan: Plan, channel: str, user
     """The plan message in the channel (or, where the bot cannot post, in the requester's DMs),
     its CSV in its thread, and engineering told (Level 3 is informed of any systematic defect)."""
     msg = plan_message(batch, plan, ctx.config)
-    try:
-        posted = await ctx.client.chat_postMessage(channel=channel, text=msg["text"], blocks=msg["blocks"])
-    except SlackApiError as exc:
-        error = exc.response.get("error")
-        if error not in CANNOT_POST:
-            raise
-        await respond(response_url, (
-            f":information_source: I can't post in this channel ({error}), so {batch_name(batch['id'])} comes to you "
-            "in a direct message. To have plans here, invite me: `/invite @billing-bot`."))
-        posted = await ctx.client.chat_postMessage(channel=user, text=msg["text"], blocks=msg["blocks"])
+    posted = await post_or_dm(ctx, channel, user, response_url, batch_name(batch["id"]), "plans",
+                              text=msg["text"], blocks=msg["blocks"])
     channel, ts = posted["channel"], posted["ts"]
     await ctx.remediation.batches.set_message(batch["id"], channel, ts)
     if plan.customers:
@@ -222,9 +214,4 @@ async def progress_once(ctx: BotContext) -> int:
 
 
 async def run_forever(ctx: BotContext, tick_s: float) -> None:
-    while True:
-        try:
-            await progress_once(ctx)
-        except Exception:  # keep the loop alive; the next tick retries
-            log.exception("remediation progress tick failed")
-        await asyncio.sleep(tick_s)
+    await every(tick_s, lambda: progress_once(ctx), "remediation progress tick")

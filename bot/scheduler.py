@@ -25,9 +25,14 @@ async def remind_once(ctx: BotContext) -> int:
 
 
 async def run_forever(ctx: BotContext, tick_s: float) -> None:
+    await every(tick_s, lambda: remind_once(ctx), "reminder tick")
+
+
+async def every(tick_s: float, once, what: str) -> None:
+    """Run once() every tick_s for ever; a failing tick is logged and the next one tries again."""
     while True:
         try:
-            await remind_once(ctx)
-        except Exception:  # keep the loop alive; the next tick retries
-            log.exception("reminder tick failed")
+            await once()
+        except Exception:  # keep the loop alive
+            log.exception("%s failed", what)
         await asyncio.sleep(tick_s)

@@ -28,18 +28,22 @@ ORG_READS_AT_ONCE = 4  # leaves pool connections for the checks that are already
 
 # --- control-plane reads (the instances billed, and the days their org's limit needs) ------------
 
+def _billed_where(periods: list[str], customer_id: str | None, org_id: str | None) -> tuple[str, list]:
+    """The records billed in the periods (of the customer, or of the org, or everyone)."""
+    where, args = ["billing_period = ANY(%s)"], [periods]
+    for column, value in (("customer_id", customer_id), ("org_id", org_id)):
+        if value is not None:
+            where.append(f"{column} = %s")
+            args.append(value)
+    return " AND ".join(where), args
+
+
 async def instances_billed(db, periods: list[str], *, customer_id: str | None = None,
                            org_id: str | None = None) -> list[str]:
     """Instance ids with records in the periods (of the customer, or the org, or everyone), sorted."""
-    where, args = ["billing_period = ANY(%s)"], [periods]
-    if customer_id is not None:
-        where.append("customer_id = %s")
-        args.append(customer_id)
-    if org_id is not None:
-        where.append("org_id = %s")
-        args.append(org_id)
+    where, args = _billed_where(periods, customer_id, org_id)
     async with db.snapshot() as conn:
-        cur = await conn.execute(f"SELECT DISTINCT instance_id FROM billing_records WHERE {' AND '.join(where)}"
+        cur = await conn.execute(f"SELECT DISTINCT instance_id FROM billing_records WHERE {where}"
                                  " ORDER BY instance_id", args)
         return [r["instance_id"] for r in await cur.fetchall()]
 
@@ -47,16 +51,10 @@ async def instances_billed(db, periods: list[str], *, customer_id: str | None = 
 async def instances_by_customer(db, periods: list[str], *, customer_id: str | None = None,
                                 org_id: str | None = None) -> dict[str, list[str]]:
     """customer -> the instances with records in the periods (of the customer, or of the org)."""
-    where, args = ["billing_period = ANY(%s)"], [periods]
-    if customer_id is not None:
-        where.append("customer_id = %s")
-        args.append(customer_id)
-    if org_id is not None:
-        where.append("org_id = %s")
-        args.append(org_id)
+    where, args = _billed_where(periods, customer_id, org_id)
     async with db.snapshot() as conn:
         cur = await conn.execute(f"SELECT DISTINCT customer_id, instance_id FROM billing_records"
-                                 f" WHERE {' AND '.join(where)} ORDER BY 1, 2", args)
+                                 f" WHERE {where} ORDER BY 1, 2", args)
         out: dict[str, list[str]] = {}
         for r in await cur.fetchall():
             out.setdefault(r["customer_id"], []).append(r["instance_id"])
