@@ -86,7 +86,21 @@ async def post_plan(ctx: BotContext, batch: dict, plan: Plan, channel: str, user
         await slack_io.upload_csv(ctx.client, channel, ts, f"{name}-{plan.kind}-{plan.period}.csv", plan.as_csv(),
                                   f"{name}: {plan.kind} {plan.period}, {len(plan.customers)} customers")
         await slack_io.safely("engineering", None, _tell_engineering(ctx, batch, plan, channel, ts))
+        posted_batch = {**batch, "channel_id": channel, "message_ts": ts}
+        if not await _requester_decides(ctx, user, plan.total_cents):  # as for a case (SPEC 3): the level is pinged
+            h = await holders(ctx.config, ctx.groups, batch["required_level"])
+            await slack_io.safely("ping", None, _ping_level(ctx, posted_batch, h, None))
     return {**batch, "channel_id": channel, "message_ts": ts}
+
+
+async def _requester_decides(ctx: BotContext, user: str, cents: int) -> bool:
+    """Whether the requester can approve the plan themself (with four-eyes on, never)."""
+    if ctx.config.four_eyes:
+        return False
+    try:
+        return (await ctx.cases.authority(user)).covers(cents)
+    except Exception:  # unknown (Slack groups unreadable): the level is pinged, the safe side
+        return False
 
 
 async def _tell_engineering(ctx: BotContext, batch: dict, plan: Plan, channel: str, ts: str) -> None:
@@ -104,8 +118,10 @@ async def _tell_engineering(ctx: BotContext, batch: dict, plan: Plan, channel: s
         f"{link}"))
 
 
-async def _ping_level(ctx: BotContext, batch: dict, h: dict, user: str) -> None:
-    """As for a case (slack_io.ping_level): the level's groups and users in the escalation channel."""
+async def _ping_level(ctx: BotContext, batch: dict, h: dict, user: str | None) -> None:
+    """As for a case (slack_io.ping_level): the level's groups and users in the escalation channel.
+    user: who tried to approve and was refused; None when the plan was just posted by someone who
+    cannot approve it."""
     channel = ctx.config.channels.get("escalation")
     if not channel:
         return
@@ -115,8 +131,9 @@ async def _ping_level(ctx: BotContext, batch: dict, h: dict, user: str) -> None:
         link = batch_name(batch["id"])
     await ctx.client.chat_postMessage(channel=channel, text=(
         f"{mention_text(h)}: remediation plan {batch_name(batch['id'])} ({batch['kind']} {batch['period']}) needs "
-        f"level {h['level']} ({h['name']}) to approve {fmt_money(batch['total_cents'])}. <@{user}> tried to approve "
-        f"it and was refused. {link}"))
+        f"level {h['level']} ({h['name']}) to approve {fmt_money(batch['total_cents'])}. "
+        + (f"<@{user}> tried to approve it and was refused. " if user else "")
+        + link))
 
 
 def _plan_of(batch: dict) -> Plan:

@@ -516,3 +516,31 @@ def test_a_plan_slack_would_not_take_is_told_to_the_requester():
     assert f"batch-{batch['id']}" in told["text"] and "could not be posted" in told["text"]
     assert "/billing-remediate duplicate_charge 2026-10" in told["text"]
     remediation.batches.set_message.assert_not_awaited()
+
+
+def test_a_plan_its_requester_cannot_approve_pings_the_level_at_once():
+    from handlers.cases import authority_from_levels
+    config = parse_config({"levels": {1: {"users": ["U_AGENT"]}, 2: {"users": ["U_LEAD"]}},
+                           "channels": {"escalation": "C_ESC"}})
+
+    def ctx_for(user_levels):
+        plan = make_plan(n=20)  # $83.20: level 2
+        batch = make_batch(plan, message_ts=None, required_level=config.required_level(plan.total_cents))
+        remediation = SimpleNamespace(propose=AsyncMock(return_value=(batch, plan)),
+                                      batches=SimpleNamespace(set_message=AsyncMock()))
+        ctx = fake_ctx(remediation)
+        ctx.config = config
+
+        async def authority(user):
+            return authority_from_levels(config, user, user_levels)
+        ctx.cases = SimpleNamespace(authority=authority)
+        return ctx
+
+    agent = ctx_for((1,))
+    run(remediation_flow.propose(agent, kind="duplicate_charge", period="2026-10", user="U_AGENT", channel="C1"))
+    pings = [c.kwargs for c in agent.client.chat_postMessage.await_args_list if c.kwargs["channel"] == "C_ESC"]
+    assert len(pings) == 1 and "<@U_LEAD>" in pings[0]["text"] and "needs level 2 (Support lead)" in pings[0]["text"]
+    assert "tried to approve" not in pings[0]["text"]
+    lead = ctx_for((2,))
+    run(remediation_flow.propose(lead, kind="duplicate_charge", period="2026-10", user="U_LEAD", channel="C1"))
+    assert not [c for c in lead.client.chat_postMessage.await_args_list if c.kwargs["channel"] == "C_ESC"]
