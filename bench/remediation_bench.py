@@ -22,27 +22,20 @@ Issuer with its default `workers` (3) and the PolarClient's default retries. Mea
 Invariants checked: one refund per customer, one billing_corrections row per customer, refunds
 summing to the plan's total. Prints a table and one JSON line.
 
-Where the time goes (20,000 instances, 2,000 customers, 50 ms, this 2-core machine at load 3-4;
-README has the figures):
-- The plan is bound by round trips to PostgreSQL, not by the rules: 15 SQL statements per
-  instance checked (296,022 for 20,000), 8 checks at once. Per check: the snapshot's BEGIN / SET
-  TRANSACTION / COMMIT (3), the instance (1), its records (2: SET LOCAL work_mem and the query),
-  the throttle row (1), held pieces (3, one a to_regclass), the evidence fingerprint (2: it reads the
-  records again), the systematic counts (3: the same answer for every instance of the plan).
-  cProfile of a 2,000-instance plan: psycopg 68% of the time, the rules (handlers.pipeline) ~4%.
-  The goal (10 s: 0.5 ms an instance) needs the checks' reads in bulk (a chunk of instances per
-  snapshot, `= ANY(...)`; the per-plan reads once), not fewer milliseconds per statement.
-- With Polar configured (production), each instance's check also reads the customer, the
-  instance's usage events and the customer's orders: 60,000 calls for 2,000 customers, of which
-  36,000 repeat the same customer's lookup and orders list (per customer, not per instance, would
-  be 2,000 + 2,000 + the events) and ~4 ms of this process's CPU each (httpx).
-- Approving computes the whole plan again (the fingerprint binding of SPEC 5.3): a second plan's
-  time before any case opens; then the cases open 4 at once while the issuer starts.
-- Issuing is bounded by the Issuer's 3 workers, each case 3 Polar calls one after another (the
-  orders, the read-back before the POST, the POST) plus ~25 statements: ~60 ms of round trips per
-  call, so ~125 s for 2,000 cases at 3 workers whatever the plan costs. Without the read-back
-  before a fresh intent's first POST (a patch measured, not applied: the refund is read back
-  before every POST by design, tests/test_issuing.py holds it) ~98 s; see the README for 6 workers.
+Where the time goes (20,000 instances, 2,000 customers, 50 ms, this 2-core machine; README has
+the figures before and after issue 16's changes):
+- The plan is CPU-bound in this process (88 s of CPU for 104 s): per instance ~9 SQL statements
+  (the snapshot's BEGIN / SET TRANSACTION / COMMIT, the instance, its records, the throttle row,
+  held pieces) and one HTTP call (the instance's usage events), each a few hundred microseconds of
+  psycopg or httpx; the rules (handlers.pipeline) are ~4%. Already once per plan: the systematic
+  counts, the tables' existence, the org's daily-limit intervals; once per customer: Polar's
+  customer and orders (investigation.PolarMemo); skipped for a plan shown before approval: the
+  evidence fingerprints. The goal (10 s: 0.5 ms an instance) needs the checks' reads in bulk (a
+  chunk of instances per snapshot, `= ANY(...)`) and the usage events per customer.
+- Approving computes the whole plan again (the fingerprint binding of SPEC 5.3), with the
+  fingerprints: a second plan's time before the cases open (4 at once) while the issuer starts.
+- Issuing is bounded by the Issuer's 3 workers, each case 2 Polar calls (the orders, the POST:
+  no read-back before a fresh intent's first POST) plus ~25 statements: ~90 s for 2,000 cases.
 """
 from __future__ import annotations
 
