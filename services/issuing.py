@@ -392,6 +392,9 @@ class Issuer:
         last = ""
         tries = limited = 0
         while tries < REFUND_POST_ATTEMPTS:
+            # a 429's pause is waited out before the attempt is recorded, not inside the POST: the
+            # POST must end within the in-flight window of its attempt (_posting_elsewhere)
+            await self.polar.wait_rate_limit()
             await self.outbox.attempt(intent["id"])
             try:
                 refund = await self.polar.create_refund(body)
