@@ -83,7 +83,11 @@ class PolarMemo:
     def _once(self, what: str, customer_id: str, make) -> asyncio.Task:
         key = (what, customer_id)
         if key not in self._calls:
-            self._calls[key] = asyncio.ensure_future(make())
+            task = asyncio.ensure_future(make())
+            # every check that awaited it may have given up (its source timeout) before it ends:
+            # its failure is then nobody's, and must not be logged as "never retrieved"
+            task.add_done_callback(_retrieve)
+            self._calls[key] = task
         return self._calls[key]
 
     async def customer(self, customer_id: str) -> Customer:
@@ -231,6 +235,11 @@ class Investigator:
         if isinstance(events_r, BaseException):
             return customer, None, f"failed: usage events: {_describe(events_r)}", notes, orders
         return customer, events_r, "ok", notes, orders
+
+
+def _retrieve(task: asyncio.Future) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 async def _bounded(coro: Awaitable):

@@ -333,14 +333,21 @@ class Issuer:
             intent = next((i for i in rows if i["target"] == order["id"]), None)
             if intent is not None and intent["state"] in ("confirmed", "pending"):
                 continue
-            if intent is not None and intent["state"] == "intent":
-                amount = intent["amount_cents"]  # a resumed run keeps the amount it meant to refund
+            if intent is not None and intent["state"] == "intent" and intent["attempts"] > 0:
+                amount = intent["amount_cents"]  # a POST of it may be in Polar: the same amount
             else:
                 want = min(target_cents - _paid([r for r in rows if r["target"] == order["id"]]), left)
                 amount = min(want, int(order["refundable_amount"]))
                 if amount <= 0:
                     continue  # nothing the order can take: the rest stays unpaid, offered below
-                if intent is not None:  # reopened: a POST of its earlier life may have landed after all
+                if intent is not None and intent["state"] == "intent":
+                    # written by a run that died before its first attempt: never POSTed (attempts are
+                    # counted first, under this lock), so it takes what the case is worth now (a
+                    # re-check since may have changed it); still read back first, as any resumed one
+                    intent = await self.outbox.reamount(intent["id"], amount)
+                    if intent is None:
+                        raise RuntimeError(f"case {case.id}: an untried intent was tried under the case's lock")
+                elif intent is not None:  # reopened: a POST of its earlier life may have landed after all
                     intent = await self.outbox.reopen(intent["id"], amount)
                 else:
                     intent = await self.outbox.intend(case.id, "refund", order["id"], period, amount)
@@ -392,6 +399,9 @@ class Issuer:
         last = ""
         tries = limited = 0
         while tries < REFUND_POST_ATTEMPTS:
+            # a 429's pause is waited out before the attempt is recorded, not inside the POST: the
+            # POST must end within the in-flight window of its attempt (_posting_elsewhere)
+            await self.polar.wait_rate_limit()
             await self.outbox.attempt(intent["id"])
             try:
                 refund = await self.polar.create_refund(body)

@@ -112,10 +112,16 @@ class PolarClient:
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _send_once(self, method: str, path: str, **kw) -> httpx.Response:
+    async def wait_rate_limit(self) -> None:
+        """Wait out the pause the last 429 set (the issuer does, right before it records a refund
+        POST's attempt: services/issuing.py)."""
         wait = self._paused_until - time.monotonic()
         if wait > 0:
             await asyncio.sleep(wait)
+
+    async def _send_once(self, method: str, path: str, *, pause: bool = True, **kw) -> httpx.Response:
+        if pause:
+            await self.wait_rate_limit()
         try:
             response = await self._http.request(method, path, **kw)
         except httpx.TimeoutException as exc:
@@ -131,15 +137,16 @@ class PolarClient:
             raise _Retryable(f"{response.status_code} {response.reason_phrase}", _retry_after(response))
         return response
 
-    async def request(self, method: str, path: str, *, retry: bool = True, **kw) -> Any:
-        """One call; retried (429/5xx/timeouts) when retry is true. Returns the JSON body."""
+    async def request(self, method: str, path: str, *, retry: bool = True, pause: bool = True, **kw) -> Any:
+        """One call; retried (429/5xx/timeouts) when retry is true. Returns the JSON body.
+        pause=False: sent at once even while a 429's pause lasts (the caller waited it out)."""
         attempts = self.attempts if retry else 1
         try:
             async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), wait=_Wait(self.backoff),
                                                retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
                                                reraise=True):
                 with attempt:
-                    response = await self._send_once(method, path, **kw)
+                    response = await self._send_once(method, path, pause=pause, **kw)
         except _Retryable as exc:
             raise PolarUnavailable(str(exc), exc.retry_after, exc.rate_limited) from exc
         if response.status_code >= 400:
@@ -214,8 +221,11 @@ class PolarClient:
     # --- writes --------------------------------------------------------------------------------
 
     async def create_refund(self, body: dict) -> dict:
-        """POST /v1/refunds/ exactly once: no retry, whatever happens (the caller looks it up)."""
-        return await self.request("POST", "/v1/refunds/", json=body, retry=False)
+        """POST /v1/refunds/ exactly once: no retry, whatever happens (the caller looks it up).
+        Sent at once, never held by a 429's pause: the caller waits the pause out before it records
+        the attempt, so the POST ends within the client's timeout of it (the in-flight window
+        another replica waits out before it looks the refund up and posts again)."""
+        return await self.request("POST", "/v1/refunds/", json=body, retry=False, pause=False)
 
     async def ingest_events(self, events: list[dict]) -> dict:
         """Events are deduplicated on external_id, so retrying an ingest is harmless."""

@@ -822,6 +822,15 @@ class Outbox:
                 " WHERE id = %s AND state = 'failed' RETURNING *", (cents, issuance_id))
             return await cur.fetchone()
 
+    async def reamount(self, issuance_id: int, cents: int) -> dict | None:
+        """An intent never tried (attempts 0: no POST of it was ever sent) takes a new amount; None
+        when it was tried meanwhile."""
+        async with self.store._conn() as conn:
+            cur = await conn.execute(
+                f"UPDATE {self.s}.issuances SET amount_cents = %s, updated_at = now()"
+                " WHERE id = %s AND state = 'intent' AND attempts = 0 RETURNING *", (cents, issuance_id))
+            return await cur.fetchone()
+
     async def mark_failure_told(self, issuance_id: int) -> None:
         async with self.store._conn() as conn:
             await conn.execute(f"UPDATE {self.s}.issuances SET failure_told = true WHERE id = %s", (issuance_id,))
