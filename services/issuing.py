@@ -328,7 +328,6 @@ class Issuer:
         left = unpaid
         for order, periods, target_cents in by_order.values():
             period = ",".join(periods)
-            fresh = False  # an intent written just now, under this case's lock: no POST of it can exist
             rows = await self.outbox.for_case(case.id)
             intent = next((i for i in rows if i["target"] == order["id"]), None)
             if intent is not None and intent["state"] in ("confirmed", "pending"):
@@ -351,9 +350,8 @@ class Issuer:
                     intent = await self.outbox.reopen(intent["id"], amount)
                 else:
                     intent = await self.outbox.intend(case.id, "refund", order["id"], period, amount)
-                    fresh = intent["attempts"] == 0 and not intent["old_refs"] and intent["state"] == "intent"
             left -= amount
-            refund = await self._refund_once(case, intent, order, period, amount, reason, look_first=not fresh)
+            refund = await self._refund_once(case, intent, order, period, amount, reason)
             state = await self.settle_refund(intent, refund)
             if state == "failed":
                 await self.outbox.mark_failure_told(intent["id"])
@@ -379,16 +377,14 @@ class Issuer:
                 return refund
         return None
 
-    async def _refund_once(self, case: Case, intent: dict, order: dict, period: str, amount: int, reason: str,
-                           look_first: bool = True) -> dict:
+    async def _refund_once(self, case: Case, intent: dict, order: dict, period: str, amount: int, reason: str) -> dict:
         """One refund for (case, order): found, or created; never two. The order's refunds are read
-        back before any POST that could follow an earlier one (a resumed or reopened intent, any
-        retry); an intent this run has just written, whose attempts are still 0, has never been
-        POSTed (attempts are counted before each POST), so its first POST needs no read-back."""
-        if look_first:
-            found = await self._find_refund(order["id"], case.id)
-            if found:
-                return found
+        back before every POST, a fresh intent's first included: the outbox is our record, Polar's
+        is the money, and a refund of the case Polar holds without an outbox row (the database's
+        last commits lost in a failover or a restore) must count as made, not be made again."""
+        found = await self._find_refund(order["id"], case.id)
+        if found:
+            return found
         metadata = {"case_id": str(case.id), "instance_id": _instances_text(case), "period": period}
         if case.ticket_id:
             metadata["ticket_id"] = case.ticket_id

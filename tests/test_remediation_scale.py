@@ -46,12 +46,15 @@ def test_a_batch_of_forty_customers_is_issued_once_each_with_the_calls_it_needs(
     assert len(corr) == CUSTOMERS and all(n == 1 for _, n in corr)
     # What the batch needs from Polar, per customer's case (services/issuing.py, _refunds):
     # - GET /v1/orders/ once: which order invoiced October and what it can still refund (one page);
-    # - POST /v1/refunds/ once. No read-back before it: the intent was written just before, under
-    #   the case's lock, with 0 attempts, so no POST of it can exist (a resumed, reopened or retried
-    #   intent is read back first: tests/test_issuing.py, test_remediation_faults.py).
+    # - GET /v1/refunds/?order_id= once: the read-back before the POST (_refund_once reads the
+    #   order's refunds back before every POST, a fresh intent's first included: a refund of the
+    #   case Polar holds without an outbox row, after a failover lost the last commits, counts as
+    #   made; tests/test_attack4_fresh_intent.py);
+    # - POST /v1/refunds/ once.
     # Nothing else: no events (the method is refund), no customer lookup (the Recorder writes no
     # letter; the served bot's notifier takes the address from the case's report, which a check
-    # reading Polar fills, or else looks the customer up once per case: bot/app.py). 2 calls a
-    # customer, 80 in all. The plan itself calls nothing here; with Polar configured each
-    # instance's check reads the customer, its usage events and its orders (bench figures).
-    assert count_calls(polar.server.requests) == {"GET /v1/orders/": CUSTOMERS, "POST /v1/refunds/": CUSTOMERS}
+    # reading Polar fills, or else looks the customer up once per case: bot/app.py). 3 calls a
+    # customer, 120 in all. The plan itself calls nothing here; with Polar configured each
+    # instance's check reads its usage events, and each customer's check its customer and orders once.
+    assert count_calls(polar.server.requests) == {
+        "GET /v1/orders/": CUSTOMERS, "GET /v1/refunds/?order_id": CUSTOMERS, "POST /v1/refunds/": CUSTOMERS}
