@@ -34,8 +34,10 @@ the figures before and after issue 16's changes):
   chunk of instances per snapshot, `= ANY(...)`) and the usage events per customer.
 - Approving computes the whole plan again (the fingerprint binding of SPEC 5.3), with the
   fingerprints: a second plan's time before the cases open (4 at once) while the issuer starts.
-- Issuing is bounded by the Issuer's 3 workers, each case 2 Polar calls (the orders, the POST:
-  no read-back before a fresh intent's first POST) plus ~25 statements: ~90 s for 2,000 cases.
+- Issuing is bounded by the Issuer's 3 workers, each case 3 Polar calls one after another (the
+  orders, the read-back before the POST, the POST) plus ~25 statements: ~120 s for 2,000 cases.
+  6 workers (`--workers 6`) measured 34 s, but each worker holds a pool connection (8) for its
+  whole case, Polar calls included.
 """
 from __future__ import annotations
 
