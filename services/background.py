@@ -24,10 +24,13 @@ class Background:
             self._slots = asyncio.Semaphore(self.limit)
 
         async def bounded():
-            if self._slots is None:
-                return await coro
-            async with self._slots:
-                return await coro
+            try:
+                if self._slots is None:
+                    return await coro
+                async with self._slots:
+                    return await coro
+            finally:
+                coro.close()  # cancelled while waiting for a slot: its coroutine never ran (a no-op otherwise)
         task = asyncio.create_task(bounded())
         task.what = what or self.name
         self._tasks.add(task)
