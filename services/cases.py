@@ -20,7 +20,9 @@ from handlers.cases import (
 from handlers.settings import Config
 from services.approvals import MembershipUnknown
 from services.case_evidence import Evidence, Scope, gather
+from services.inputs import validate_customer_id, validate_org_id
 from services.investigation import CheckReport, Investigator
+from services.multi_check import check_periods, instances_by_customer
 from services.store import CaseStore, CaseTx, Draft
 
 log = logging.getLogger(__name__)
@@ -85,8 +87,6 @@ class CaseService:
         return await self._open_grouped("org", org_id, req)
 
     async def _open_grouped(self, label: str, scope_id: str, req: CheckRequest) -> list[Outcome]:
-        from services.inputs import validate_customer_id, validate_org_id
-        from services.multi_check import check_periods, instances_by_customer
         scope_id = validate_customer_id(scope_id) if label == "customer" else validate_org_id(scope_id)
         periods = check_periods(self.investigator, req.periods)
         groups = await instances_by_customer(self.investigator.db, periods, **{f"{label}_id": scope_id})
