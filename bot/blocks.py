@@ -455,7 +455,9 @@ def plan_message(batch: dict, plan, config, status: str | None = None) -> dict:
         extra = len(plan.held) - len(held)
         blocks.append(_context("Left out, another case holds that time: " + "; ".join(held)
                                + (f"; …and {extra} more" if extra > 0 else "")))
-    blocks.append(_context(f"Planned by <@{batch['requested_by']}>"
+    by = batch["requested_by"]
+    who = f"`billing-bot remediate` ({escape(by[4:])})" if by.startswith("cli:") else f"<@{by}>"
+    blocks.append(_context(f"Planned by {who}"
                            + ("  ·  the CSV of every customer is in the thread" if plan.customers else "")))
     if status:
         blocks.append(_context(status))

@@ -105,6 +105,7 @@ def test_remediate_without_dry_run_stores_the_batch_and_posts_the_plan_for_appro
         assert state == "planned" and total == out["total_cents"] == 458 and channel == "C_ESC" and ts
         plan_msg = [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ESC"][0]
         assert plan_msg["text"].startswith(f"Remediation plan batch-{bid}: duplicate_charge 2026-10")
+        assert "Planned by `billing-bot remediate` (" in json.dumps(plan_msg["blocks"])  # not a broken <@cli:…>
         files = slack.shared_files("C_ESC", ts)
         assert [f["filename"] for f in files] == [f"batch-{bid}-duplicate_charge-2026-10.csv"]
         assert [m for m in slack.of("chat.postMessage") if m["channel"] == "C_ENG"]  # engineering is told
