@@ -7,6 +7,7 @@ from handlers.cases import Case, other_method
 from handlers.coverage import check_again, coverage_line, kind_title, next_step, no_findings_text
 from handlers.pipeline import id_ranges
 from handlers.timeline import fmt_money, hours_text
+from services.remediation import batch_ticket as batch_name  # the batch's one name: also its ticket id
 
 MAX_BLOCKS = 50
 MAX_TEXT = 3000
@@ -413,10 +414,6 @@ def home_view(mine: list[Case], waiting: list[Case]) -> dict:
 MAX_PLAN_HELD = 10
 MAX_PROGRESS_FAILURES = 15
 MAX_PROGRESS_WAITING = 20
-
-
-def batch_name(batch_id: int) -> str:
-    return f"batch-{batch_id}"
 
 
 def plan_message(batch: dict, plan, config, status: str | None = None) -> dict:

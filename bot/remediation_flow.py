@@ -17,6 +17,7 @@ from bot.blocks import batch_name, escape, mention_text, plan_message, progress_
 from bot.cases_flow import post_or_dm, respond
 from bot.context import BotContext
 from bot.scheduler import every
+from handlers.cases import may_remediate
 from handlers.model import KINDS
 from handlers.remediation import Plan, plan_from_json
 from handlers.timeline import fmt_money
@@ -94,11 +95,9 @@ async def post_plan(ctx: BotContext, batch: dict, plan: Plan, channel: str, user
 
 
 async def _requester_decides(ctx: BotContext, user: str, cents: int) -> bool:
-    """Whether the requester can approve the plan themself (with four-eyes on, never)."""
-    if ctx.config.four_eyes:
-        return False
+    """Whether the requester can approve the plan themself (the plan's own policy, four-eyes included)."""
     try:
-        return (await ctx.cases.authority(user)).covers(cents)
+        return may_remediate(cents, user, await ctx.cases.authority(user), ctx.config).allowed
     except Exception:  # unknown (Slack groups unreadable): the level is pinged, the safe side
         return False
 
@@ -171,7 +170,7 @@ async def approve(ctx: BotContext, batch_id: int, user: str, channel: str | None
         await post_plan(ctx, out.batch, out.plan, where, out.batch["requested_by"])
     else:
         ctx.metrics.decisions.labels("batch_approved").inc()
-        batch = await ctx.remediation.batches.get(batch_id)
+        batch = out.batch  # the approved row, as the approval's UPDATE returned it
         await slack_io.safely("plan message", None, _update_plan(ctx, batch, (
             f":white_check_mark: Approved by <@{user}>: {len(out.plan.customers)} customers, "
             f"{fmt_money(out.plan.total_cents)}; each customer's case is issued in Polar. Progress in the thread.")))

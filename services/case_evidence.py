@@ -15,7 +15,7 @@ from typing import Iterable
 
 from handlers.timeline import allocate
 from services.investigation import CheckReport, Investigator
-from services.multi_check import MultiReport, check_all, combine_coverage
+from services.multi_check import MultiReport, check_all, multi_report
 from services.store import combine_fingerprints
 
 
@@ -92,12 +92,9 @@ def evidence_of(inv: Investigator, scope: Scope, periods: list[str], reports: li
     customer = scope.customer_id or next(iter(customers), None)
     if scope.kind is not None:
         reports = [_only_kind(r, scope.kind) for r in reports]
-    credit = sum(r.result.credit_cents for r in reports)
-    level = inv.config.required_level(credit)
-    who = f"customer {customer}"
-    multi = MultiReport(scope=scope.label, scope_id=scope.label_id or customer or "", customer_id=customer,
-                        periods=periods, reports=reports, credit_cents=credit, required_level=level,
-                        level_text=inv.config.level_label(level), coverage=combine_coverage(reports, periods, who))
+    multi = multi_report(inv, scope.label, scope.label_id or customer or "", customer, periods, reports,
+                         who=f"customer {customer}")
+    credit = multi.credit_cents
     data = multi.as_json()
     by_period: dict[str, Decimal] = {}
     for r in reports:

@@ -237,7 +237,8 @@ class Issuer:
         failed (no money moved). Returns the intent's state afterwards (a late or stale report
         changes nothing: Outbox.settle). Used by the webhooks too."""
         state = SETTLED.get(refund.get("status") or "succeeded", "pending")
-        await self.outbox.settle(intent["id"], state, refund["id"], refund.get("status"))
+        if await self.outbox.settle(intent["id"], state, refund["id"], refund.get("status")):
+            return state  # the UPDATE set exactly this state
         now = next(i for i in await self.outbox.for_case(intent["case_id"]) if i["id"] == intent["id"])
         return now["state"]
 

@@ -243,36 +243,34 @@ def combine_coverage(reports: list[CheckReport], periods: list[str], who: str) -
     return Coverage(PARTIAL, kinds, why)
 
 
-def _result(inv: Investigator, scope: str, scope_id: str, customer_id: str | None, periods: list[str],
-            reports: list[CheckReport]) -> MultiReport:
+def multi_report(inv: Investigator, scope: str, scope_id: str, customer_id: str | None, periods: list[str],
+                 reports: list[CheckReport], who: str | None = None) -> MultiReport:
+    """One result over the instances' reports: the credit and level are the sums'. `who` names
+    what had no records, when nothing was billed (default: the customer, or the org)."""
     credit = sum(r.result.credit_cents for r in reports)
     level = inv.config.required_level(credit)
-    who = f"customer {customer_id}" if scope == "customer" else f"org {scope_id}"
+    who = who or (f"customer {customer_id}" if scope == "customer" else f"org {scope_id}")
     return MultiReport(scope=scope, scope_id=scope_id, customer_id=customer_id, periods=periods, reports=reports,
                        credit_cents=credit, required_level=level, level_text=inv.config.level_label(level),
                        coverage=combine_coverage(reports, periods, who))
 
 
-def _periods(inv: Investigator, periods: Iterable[str] | None) -> list[str]:
-    return sorted({validate_period(p) for p in periods}) if periods else default_periods(inv.now())
-
-
 async def check_customer(inv: Investigator, customer_id: str, periods: list[str] | None = None) -> MultiReport:
     customer_id = validate_customer_id(customer_id)
-    periods = _periods(inv, periods)
+    periods = check_periods(inv, periods)
     reports = await check_all(inv, await instances_billed(inv.db, periods, customer_id=customer_id), periods)
-    return _result(inv, "customer", customer_id, customer_id, periods, reports)
+    return multi_report(inv, "customer", customer_id, customer_id, periods, reports)
 
 
 async def check_org(inv: Investigator, org_id: str, periods: list[str] | None = None) -> list[MultiReport]:
     """One result per customer the org's instances belong to (a case is one customer's: its
     credit goes to that customer's orders). Nothing billed: one result saying so."""
     org_id = validate_org_id(org_id)
-    periods = _periods(inv, periods)
+    periods = check_periods(inv, periods)
     reports = await check_all(inv, await instances_billed(inv.db, periods, org_id=org_id), periods)
     by_customer: dict[str, list[CheckReport]] = {}
     for r in reports:
         by_customer.setdefault(r.result.instance.customer_id, []).append(r)
     if not by_customer:
-        return [_result(inv, "org", org_id, None, periods, [])]
-    return [_result(inv, "org", org_id, cust, periods, rs) for cust, rs in sorted(by_customer.items())]
+        return [multi_report(inv, "org", org_id, None, periods, [])]
+    return [multi_report(inv, "org", org_id, cust, periods, rs) for cust, rs in sorted(by_customer.items())]

@@ -144,8 +144,7 @@ class RemediationService:
         if plan.fingerprint != batch["fingerprint"]:
             new = await self._store(plan, batch["requested_by"], batch["channel_id"])
             if await self.batches.supersede(batch_id, new["id"]) is None:
-                return BatchOutcome("refused", await self.batches.get(batch_id),
-                                    reason=_state_text(await self.batches.get(batch_id)))
+                return await self._refused_as_it_is(batch_id)
             log.info("%s: the data changed before the approval; superseded by %s", batch_ticket(batch_id),
                      batch_ticket(new["id"]))
             return BatchOutcome("changed", new, plan, reason=(
@@ -153,8 +152,7 @@ class RemediationService:
                 f"approval ({batch_ticket(new['id'])})."), needed_level=new["required_level"])
         approved = await self.batches.approve(batch_id, batch["fingerprint"], user, authority.levels)
         if approved is None:
-            now = await self.batches.get(batch_id)
-            return BatchOutcome("refused", now, reason=_state_text(now))
+            return await self._refused_as_it_is(batch_id)
         log.info("%s approved by %s: %s customers, %s cents", batch_ticket(batch_id), user, len(plan.customers),
                  plan.total_cents)
         await self._watch(approved, plan.customers)
@@ -182,9 +180,13 @@ class RemediationService:
                                 needed_level=decision.needed_level)
         done = await self.batches.reject(batch_id, user, reason)
         if done is None:
-            return BatchOutcome("refused", await self.batches.get(batch_id),
-                                reason=_state_text(await self.batches.get(batch_id)))
+            return await self._refused_as_it_is(batch_id)
         return BatchOutcome("done", done)
+
+    async def _refused_as_it_is(self, batch_id: int) -> BatchOutcome:
+        """Someone decided the batch first: refused, saying what it is now."""
+        now = await self.batches.get(batch_id)
+        return BatchOutcome("refused", now, reason=_state_text(now))
 
     # --- the cases -----------------------------------------------------------------------------------
 
@@ -260,8 +262,8 @@ class RemediationService:
         if self.watchlist is None or batch["kind"] not in ("throttle_continuous", "throttle_daily"):
             return
         reason = f"{batch_ticket(batch['id'])}: {batch['kind']} {batch['period']} remediated"
-        for line in customers:
-            await self.watchlist.add(line.customer_id, reason, batch["decided_by"] or "billing-bot")
+        await self.watchlist.add_many([line.customer_id for line in customers], reason,
+                                      batch["decided_by"] or "billing-bot")
 
 
 def _state_text(batch: dict | None) -> str:

@@ -138,8 +138,7 @@ class Store:
         shard's own row never), and how many of those days' latest runs have the counts. Before the
         bot's schema has the table: ({}, 0)."""
         async with self._conn() as conn:
-            cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.s}.reconcile_customer_kinds",))
-            if not (await cur.fetchone())["ok"]:
+            if not await table_exists(conn, f"{self.s}.reconcile_customer_kinds"):
                 return {}, 0
             latest = (f"SELECT DISTINCT ON (day) id, customer_kinds_stored FROM {self.s}.reconcile_runs"
                       " WHERE shard IS NULL AND day >= %(lo)s AND day < %(hi)s ORDER BY day, id DESC")
@@ -287,8 +286,7 @@ async def systematic_counts(conn, s: str, periods: list[str]) -> dict[str, int]:
     that day is in the checked periods (SPEC 2.4, 5.2). The latest day, not the latest run:
     reconciling an old day again must not replace the counts. Only whole-day runs count (one
     process, or the merge of all shards); of several runs of that day, the last."""
-    if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
-                                      (f"{s}.reconcile_kind_customers",))).fetchone())["ok"]:
+    if not await table_exists(conn, f"{s}.reconcile_kind_customers"):
         return {}
     cur = await conn.execute(
         "SELECT 1 FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = 'shard' AND NOT attisdropped",
@@ -342,16 +340,12 @@ class CaseTx:
         cur = await self.conn.execute(f"SELECT * FROM {self.s}.cases WHERE id = %s FOR UPDATE", (case_id,))
         return _case(await cur.fetchone())
 
-    async def open_case_over(self, instances: str | Iterable[str], periods: Iterable[str],
-                             batch_id: int | None = None) -> Case | None:
+    async def open_case_over(self, instances: str | Iterable[str], periods: Iterable[str]) -> Case | None:
         """The open case a second check shows instead of opening another: one holding time of all
-        of these instances in periods that meet these (for one instance: any open case of it).
-        With a batch: that batch's case of these instances, whatever else holds time (the plan
-        left other cases' pieces out)."""
+        of these instances in periods that meet these (for one instance: any open case of it)."""
         cur = await self.conn.execute(
             f"SELECT * FROM {self.s}.cases WHERE instance_ids @> %s AND state = ANY(%s) AND periods && %s"
-            " AND (%s::bigint IS NULL OR batch_id = %s) ORDER BY id LIMIT 1",
-            (_ids(instances), list(OPEN), list(periods), batch_id, batch_id))
+            " ORDER BY id LIMIT 1", (_ids(instances), list(OPEN), list(periods)))
         return _case(await cur.fetchone())
 
     async def batch_case(self, batch_id: int, customer_id: str) -> Case | None:
@@ -359,9 +353,6 @@ class CaseTx:
             f"SELECT * FROM {self.s}.cases WHERE batch_id = %s AND customer_id = %s AND parent_case_id IS NULL",
             (batch_id, customer_id))
         return _case(await cur.fetchone())
-
-    async def fingerprint(self, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
-        return await self.store.fingerprint(self.conn, instance_id, org_id, periods)
 
     async def case_fingerprint(self, instance_orgs: Iterable[tuple[str, str]], periods: Iterable[str]) -> str:
         return await evidence_fingerprint_of(self.conn, self.s, instance_orgs, periods)
@@ -524,9 +515,6 @@ class CaseStore(Store):
                 for instance_id in _ids(instances):
                     await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (INSTANCE_LOCKS, instance_id))
                 yield CaseTx(self, conn)
-
-    async def fingerprint(self, conn, instance_id: str, org_id: str, periods: Iterable[str]) -> str:
-        return await evidence_fingerprint(conn, self.s, instance_id, org_id, periods)
 
     async def get(self, case_id: int) -> Case | None:
         async with self._conn() as conn:
@@ -704,8 +692,7 @@ class CaseStore(Store):
     async def batch_summary(self, batch_id: int) -> dict | None:
         """A remediation batch's kind and period (for the credits review)."""
         async with self._conn() as conn:
-            if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
-                                              (f"{self.s}.remediation_batches",))).fetchone())["ok"]:
+            if not await table_exists(conn, f"{self.s}.remediation_batches"):
                 return None
             cur = await conn.execute(f"SELECT id, kind, period, state FROM {self.s}.remediation_batches WHERE id = %s",
                                      (batch_id,))
@@ -723,8 +710,7 @@ class CaseStore(Store):
     async def credits_rows(self, lo) -> tuple[list[dict], int, list[dict]]:
         """For the credits review: (issued cases by level, refused attempts, rejected cases) since lo."""
         async with self._conn() as conn:
-            if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
-                                              (f"{self.s}.cases",))).fetchone())["ok"]:
+            if not await table_exists(conn, f"{self.s}.cases"):
                 return [], 0, []
             cur = await conn.execute(
                 f"SELECT required_level, count(*) AS n, coalesce(sum(issued_cents), 0) AS cents FROM {self.s}.cases"
@@ -854,8 +840,7 @@ class Books(Store):
     async def issued_between(self, conn, lo, hi) -> dict[int, dict]:
         """Cases issued in [lo, hi) with their issuances, in the caller's snapshot; {} before the
         bot's schema exists."""
-        if not (await (await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok",
-                                          (f"{self.s}.cases",))).fetchone())["ok"]:
+        if not await table_exists(conn, f"{self.s}.cases"):
             return {}
         cur = await conn.execute(
             f"SELECT id, instance_id, org_id, customer_id, state, issued_cents, method, issued_at, polar_reference"
@@ -897,10 +882,6 @@ class Watchlist(Store):
     """Customers on the watchlist (migration 030): `/billing-watch`, `billing-bot watch`, and the
     morning message, which lists their anomalies first."""
 
-    async def _exists(self, conn) -> bool:
-        cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL AS ok", (f"{self.s}.watchlist",))
-        return (await cur.fetchone())["ok"]
-
     async def add(self, customer_id: str, reason: str | None, added_by: str) -> bool:
         """True when added now; a customer already watched keeps its first reason (False)."""
         await self.migrate()
@@ -911,10 +892,19 @@ class Watchlist(Store):
             found = await cur.fetchone() is not None
             return found
 
+    async def add_many(self, customer_ids: Iterable[str], reason: str | None, added_by: str) -> None:
+        """add() for many customers in one statement (a batch's); those already watched keep theirs."""
+        await self.migrate()
+        async with self._conn() as conn:
+            await conn.execute(
+                f"INSERT INTO {self.s}.watchlist (customer_id, reason, added_by)"
+                " SELECT unnest(%s::text[]), %s, %s ON CONFLICT (customer_id) DO NOTHING",
+                (list(customer_ids), reason, added_by))
+
     async def remove(self, customer_id: str) -> bool:
         """True when the customer was on the list."""
         async with self._conn() as conn:
-            if not await self._exists(conn):
+            if not await table_exists(conn, f"{self.s}.watchlist"):
                 return False
             cur = await conn.execute(f"DELETE FROM {self.s}.watchlist WHERE customer_id = %s RETURNING customer_id",
                                      (customer_id,))
@@ -924,7 +914,7 @@ class Watchlist(Store):
     async def list(self) -> list[dict]:
         """Every watched customer, oldest first; [] before the bot's schema has the table."""
         async with self._conn() as conn:
-            if not await self._exists(conn):
+            if not await table_exists(conn, f"{self.s}.watchlist"):
                 return []
             cur = await conn.execute(f"SELECT customer_id, reason, added_by, added_at FROM {self.s}.watchlist"
                                      " ORDER BY added_at, customer_id")

@@ -31,10 +31,6 @@ class UsageLine:
     # anomaly kind -> {"count", "overcharge_cents"} in the month's reconciled days, in KIND_ORDER
     anomalies: dict[str, dict[str, int]] = field(default_factory=dict)
 
-    @property
-    def anomaly_count(self) -> int:
-        return sum(a["count"] for a in self.anomalies.values())
-
     def as_json(self) -> dict:
         return {"customer_id": self.customer_id, "instances": self.instances, "hours": hours_text(self.hours),
                 "charge_cents": self.charge_cents, "credits_cents": self.credits_cents, "credits": self.credits,
