@@ -112,9 +112,13 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
     """Check every instance (at most `concurrency` at once), the org's limit read once per org.
     With on_report, each report is handed over as it is done and not kept (a plan over thousands
     of instances keeps only what it adds up)."""
-    intervals = await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
-    async with inv.db.snapshot() as conn:  # the same for every instance: read once
-        systematic = await inv.db.systematic_counts(conn, periods)
+    async def systematic_counts() -> dict[str, int]:  # the same for every instance: read once
+        async with inv.db.snapshot() as conn:
+            return await inv.db.systematic_counts(conn, periods)
+
+    async def intervals_of_orgs():
+        return await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
+    intervals, systematic = await asyncio.gather(intervals_of_orgs(), systematic_counts())
     memo = PolarMemo(inv.polar) if inv.polar is not None else None
     db_gate = asyncio.Semaphore(min(DB_AT_ONCE, concurrency))
     sem = asyncio.Semaphore(concurrency)
