@@ -102,14 +102,19 @@ async def _requester_decides(ctx: BotContext, user: str, cents: int) -> bool:
         return False
 
 
+async def _plan_link(ctx: BotContext, batch_id: int, channel: str, ts: str) -> str:
+    """A link to the plan message, or its name when Slack will not give one."""
+    try:
+        return (await ctx.client.chat_getPermalink(channel=channel, message_ts=ts))["permalink"]
+    except (SlackApiError, KeyError, TypeError):
+        return batch_name(batch_id)
+
+
 async def _tell_engineering(ctx: BotContext, batch: dict, plan: Plan, channel: str, ts: str) -> None:
     eng = ctx.config.channels.get("engineering")
     if not eng:
         return
-    try:
-        link = (await ctx.client.chat_getPermalink(channel=channel, message_ts=ts))["permalink"]
-    except (SlackApiError, KeyError, TypeError):
-        link = batch_name(batch["id"])
+    link = await _plan_link(ctx, batch["id"], channel, ts)
     await ctx.client.chat_postMessage(channel=eng, text=(
         f":rotating_light: Systematic billing defect: remediation plan {batch_name(batch['id'])} for {plan.kind} "
         f"{plan.period}: {len(plan.customers)} customers, {plan.instance_count} instances, "
@@ -124,10 +129,7 @@ async def _ping_level(ctx: BotContext, batch: dict, h: dict, user: str | None) -
     channel = ctx.config.channels.get("escalation")
     if not channel:
         return
-    try:
-        link = (await ctx.client.chat_getPermalink(channel=batch["channel_id"], message_ts=batch["message_ts"]))["permalink"]
-    except (SlackApiError, KeyError, TypeError):
-        link = batch_name(batch["id"])
+    link = await _plan_link(ctx, batch["id"], batch["channel_id"], batch["message_ts"])
     await ctx.client.chat_postMessage(channel=channel, text=(
         f"{mention_text(h)}: remediation plan {batch_name(batch['id'])} ({batch['kind']} {batch['period']}) needs "
         f"level {h['level']} ({h['name']}) to approve {fmt_money(batch['total_cents'])}. "
