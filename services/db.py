@@ -27,6 +27,9 @@ _RECORD_COLUMNS = ("id, instance_id, org_id, customer_id, tier, rate_per_hour, h
                    " (extract(epoch FROM start_time) * 1000000)::bigint, (extract(epoch FROM end_time) * 1000000)::bigint")
 RECORDS_FOR_PERIODS_SQL = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text().replace(
     "{columns}", _RECORD_COLUMNS)
+# the same for a list of instances: each one's records, in instance then id order
+_RECORDS_OF_SQL = (f"SELECT x.* FROM unnest(%(instances)s::text[]) AS q(instance) CROSS JOIN LATERAL"
+                   f" ({RECORDS_FOR_PERIODS_SQL.replace('%(instance)s', 'q.instance')}) x")
 ORG_DAY_FIRST_BOUND = timedelta(hours=3)
 ORG_DAYS_SQL = (Path(__file__).parent / "sql" / "org_days.sql").read_text()
 # A timestamptz as integer microseconds since the epoch, computed by the server: exact, and far
@@ -173,6 +176,54 @@ class Database:
                               {"instance": instance_id, "periods": periods, "gap": run_gap}, prepare=False)
         return [Record(*r) for r in await cur.fetchall()]
 
+    # --- the same reads for a chunk of instances (a check over many: services/multi_check.py) ---
+
+    @staticmethod
+    async def instances(conn, instance_ids: list[str]) -> dict[str, Instance]:
+        """instance -> its row, for the instances that have one; else, for those with billing
+        records only, what their latest record says (as `instance_from_records`)."""
+        cur = await conn.execute(
+            "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
+            " last_heartbeat FROM instances WHERE instance_id = ANY(%s)", (instance_ids,))
+        out = {row["instance_id"]: Instance(
+            instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
+            tier=row["tier"], status=row["status"],
+            created_at=_us(row["created_at"]), started_at=_us(row["started_at"]),
+            stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"])) for row in await cur.fetchall()}
+        missing = [i for i in instance_ids if i not in out]
+        if missing:
+            cur = await conn.execute(
+                "SELECT DISTINCT ON (instance_id) instance_id, org_id, customer_id, tier FROM billing_records"
+                " WHERE instance_id = ANY(%s) ORDER BY instance_id, id DESC", (missing,))
+            for row in await cur.fetchall():
+                out[row["instance_id"]] = Instance(row["instance_id"], row["org_id"], row["customer_id"], row["tier"],
+                                                   "unknown", None, None, None, None)
+        return out
+
+    @staticmethod
+    async def records_of(conn, instance_ids: list[str], periods: list[str],
+                         run_gap: timedelta = timedelta(seconds=60)) -> dict[str, list[Record]]:
+        """instance -> `records(conn, instance, periods)`, for many instances in one statement
+        (RECORDS_FOR_PERIODS_SQL for each, side by side)."""
+        out: dict[str, list[Record]] = {i: [] for i in instance_ids}
+        cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+        await cur.execute("SET LOCAL work_mem = '32MB'")
+        await cur.execute(_RECORDS_OF_SQL, {"instances": instance_ids, "periods": periods, "gap": run_gap},
+                          prepare=False)
+        for r in await cur.fetchall():
+            out[r[1]].append(Record(*r))
+        return out
+
+    @staticmethod
+    async def throttles(conn, org_ids: list[str], defaults: Throttle) -> dict[str, tuple[Throttle, bool]]:
+        """org -> `throttle(conn, org, defaults)`, for many orgs in one statement."""
+        cur = await conn.execute(
+            "SELECT org_id, continuous_limit, daily_limit, idle_timeout FROM throttle_settings WHERE org_id = ANY(%s)",
+            (org_ids,))
+        rows = {r["org_id"]: (Throttle(r["continuous_limit"], r["daily_limit"], r["idle_timeout"]), True)
+                for r in await cur.fetchall()}
+        return {o: rows.get(o, (defaults, False)) for o in org_ids}
+
     @staticmethod
     async def throttle(conn, org_id: str, defaults: Throttle) -> tuple[Throttle, bool]:
         """The org's limits and whether they came from a throttle_settings row."""
@@ -188,29 +239,37 @@ class Database:
     async def org_intervals(conn, org_id: str, days: list[datetime], limit: timedelta) -> list[OrgInterval]:
         """The org's billed time on the given UTC days as each instance's de-duplicated spans (SPEC 2.2
         step 4 applies step 1 per instance), up to the moment each day passes the limit: exactly what
-        the daily-limit rule needs to find that moment, and nothing after it.
+        the daily-limit rule needs to find that moment, and nothing after it (`org_intervals_of`)."""
+        return (await Database.org_intervals_of(conn, {org_id: (days, limit)})).get(org_id, [])
 
-        One set-based statement (sql/org_days.sql) for all the days, reading each day's records only
-        up to a bound: first the day's first ORG_DAY_FIRST_BOUND, then twice as far for the days that
-        did not pass the limit before it. A busy org passes it early and is read for a few hours; a
-        quiet one has few rows to read again. Days that never reach the limit come back empty.
+    @staticmethod
+    async def org_intervals_of(conn, wanted: dict[str, tuple[list[datetime], timedelta]]
+                               ) -> dict[str, list[OrgInterval]]:
+        """org -> its intervals (`org_intervals`) on its days under its daily limit, for many orgs.
+
+        One set-based statement (sql/org_days.sql) for all the orgs' days, reading each day's records
+        only up to a bound: first the day's first ORG_DAY_FIRST_BOUND, then twice as far for the days
+        that did not pass the limit before it. A busy org passes it early and is read for a few hours;
+        a quiet one has few rows to read again. Days that never reach the limit come back empty.
         """
-        if not days:
-            return []
+        out: dict[str, list[OrgInterval]] = {org: [] for org in wanted}
+        whole = timedelta(days=1)
+        pending = {(org, d): min(ORG_DAY_FIRST_BOUND, whole) for org, (days, _) in wanted.items() for d in set(days)}
+        if not pending:
+            return out
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
         await cur.execute("SET LOCAL work_mem = '32MB'")  # a busy org's days sort in memory
-        whole = timedelta(days=1)
-        pending = {d: min(ORG_DAY_FIRST_BOUND, whole) for d in sorted(set(days))}
-        out: list[OrgInterval] = []
         while pending:
-            await cur.execute(ORG_DAYS_SQL, {"org": org_id, "days": list(pending),
-                                             "bounds": [d + b for d, b in pending.items()], "limit": limit},
-                              prepare=False)
+            keys = sorted(pending)
+            await cur.execute(ORG_DAYS_SQL, {"orgs": [o for o, _ in keys], "days": [d for _, d in keys],
+                                             "bounds": [d + pending[(o, d)] for o, d in keys],
+                                             "limits": [wanted[o][1] for o, _ in keys]}, prepare=False)
             passed = set()
-            for lo, instance_id, s, e in await cur.fetchall():
-                passed.add(lo)
-                out.append(OrgInterval(instance_id, 0, s, e))
-            pending = {d: min(b * 2, whole) for d, b in pending.items() if b < whole and to_us(d) not in passed}
+            for org, lo, instance_id, s, e in await cur.fetchall():
+                passed.add((org, lo))
+                out[org].append(OrgInterval(instance_id, 0, s, e))
+            pending = {(o, d): min(b * 2, whole) for (o, d), b in pending.items()
+                       if b < whole and (o, to_us(d)) not in passed}
         return out
 
     # --- the bot's own schema (read side used by checks) ------------------------------------------

@@ -6,22 +6,21 @@ evidence: when one fails or times out, `sources` says why and the case goes on w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Awaitable, Callable
+from typing import Awaitable, Callable, Iterable
 
 from handlers.coverage import Coverage, Evidence, coverage
-from handlers.model import CheckInput, CheckResult, LogEvent, OrgInterval, Pod, UsageEvent
+from handlers.model import CheckInput, CheckResult, Instance, LogEvent, OrgInterval, Pod, UsageEvent
 from handlers.pipeline import days_for_daily_limit, finish, first_steps
 from handlers.timeline import HOUR_US, fmt_duration, from_us
-from services.config import Config
+from services.config import Config, Throttle
 from services.db import Database
 from services.kube import KubeSource, describe_error
 from services.inputs import UnknownInstance, validate_instance_id, validate_period
 from services.polar import Customer, PolarClient, PolarNotFound
 from handlers.orders import refund_room
-from services.store import evidence_fingerprint, held_pieces
+from services.store import evidence_fingerprints, held_pieces_of
 
 SOURCE_TIMEOUT_S = 20.0
 
@@ -70,32 +69,73 @@ class CheckReport:
         }
 
 
-class PolarMemo:
-    """Per customer, the Polar reads every instance's check of that customer shares within one
-    run over many instances (a customer or org check, a remediation plan): the customer and its
-    orders are read once per customer, not once per instance. The usage events stay per instance
-    (each check reads its own instance's). Concurrent checks of one customer share one call."""
+EVENTS_PER_LISTING = 40  # customers per listing of usage events (their ids go in the URL)
+KUBE_AT_ONCE = 16  # Kubernetes reads at once within one chunk of instances
 
-    def __init__(self, polar: PolarClient):
+
+class PolarMemo:
+    """The Polar reads that every instance's check of a customer shares, within one run over many
+    instances (a customer or org check, a remediation plan): the customer is read once per
+    customer, and the usage events of EVENTS_PER_LISTING customers at a time in one listing,
+    instead of once per instance. Concurrent checks share one call."""
+
+    def __init__(self, polar: PolarClient, event_name: str):
         self.polar = polar
+        self.event_name = event_name
         self._calls: dict[tuple[str, str], asyncio.Task] = {}
 
     def _once(self, what: str, customer_id: str, make) -> asyncio.Task:
         key = (what, customer_id)
         if key not in self._calls:
-            task = asyncio.ensure_future(make())
-            # every check that awaited it may have given up (its source timeout) before it ends:
-            # its failure is then nobody's, and must not be logged as "never retrieved"
-            task.add_done_callback(_retrieve)
-            self._calls[key] = task
+            self._calls[key] = _task(make())
         return self._calls[key]
 
     async def customer(self, customer_id: str) -> Customer:
         return await asyncio.shield(self._once("customer", customer_id,
                                                lambda: self.polar.customer_by_external_id(customer_id)))
 
-    async def orders(self, customer_id: str) -> list[dict]:
-        return await asyncio.shield(self._once("orders", customer_id, lambda: self.polar.orders(customer_id)))
+    def prefetch_events(self, customer_ids: Iterable[str]) -> None:
+        """Start the listings of these customers' usage events not started yet, EVENTS_PER_LISTING
+        customers to a listing (a chunk of instances asks for its customers before it reads the
+        database, so Polar's answer comes while the database is read)."""
+        todo = [c for c in dict.fromkeys(customer_ids) if ("events", c) not in self._calls]
+        for n in range(0, len(todo), EVENTS_PER_LISTING):
+            group = todo[n:n + EVENTS_PER_LISTING]
+            task = _task(self.polar.usage_events_of_customers(group, self.event_name))
+            for c in group:
+                self._calls[("events", c)] = task
+
+    async def events_of(self, customer_id: str) -> dict[str, list[UsageEvent]]:
+        """instance -> the customer's metering events of it."""
+        self.prefetch_events([customer_id])
+        by_customer = await asyncio.shield(self._calls[("events", customer_id)])
+        return by_customer[customer_id]
+
+
+def _task(coro) -> asyncio.Task:
+    task = asyncio.ensure_future(coro)
+    # every check that awaited it may have given up (its source timeout) before it ends: its
+    # failure is then nobody's, and must not be logged as "never retrieved"
+    task.add_done_callback(_retrieve)
+    return task
+
+
+@dataclass
+class _Walk:
+    """One instance's check between its database reads and its verdict."""
+
+    inst: Instance
+    records: list
+    throttle: Throttle
+    from_row: bool
+    case: CheckInput
+    walk: object
+    intervals: list[OrgInterval] | None
+    pods: list[Pod]
+    kube_status: str
+    kube_problems: dict[str, str | None]
+    fingerprint: str
+    holders: tuple[int, ...]
 
 
 class Investigator:
@@ -110,79 +150,125 @@ class Investigator:
         self.polar_problem = polar_problem or ("not configured" if polar is None else None)
         self.now = now or (lambda: datetime.now(timezone.utc))
 
+    def polar_memo(self) -> PolarMemo | None:
+        return PolarMemo(self.polar, self.config.polar.usage_event_name) if self.polar is not None else None
+
     async def check(self, instance_id: str, periods: list[str] | None = None,
                     exclude_case: int | None = None, *,
                     org_intervals: dict[str, list[OrgInterval]] | None = None,
                     systematic: dict[str, int] | None = None, fingerprint: bool = True,
-                    polar_memo: PolarMemo | None = None,
-                    db_gate: asyncio.Semaphore | None = None) -> CheckReport:
-        """exclude_case: a case checked again (its own pieces do not count as held by another).
-        org_intervals: the daily-limit intervals of orgs already read once for many instances
-        (services/multi_check.py), by org id, covering every day the instance has records on in
-        the periods; an org not in it is read here, as for a single check. systematic: the
-        latest reconciled day's counts, read once for many instances. fingerprint=False: a
-        read-only answer no case will be opened on (a plan shown before its approval) skips it."""
+                    polar_memo: PolarMemo | None = None) -> CheckReport:
+        """One instance's check: `check_many` of that one instance (the same reads and rules)."""
         instance_id = validate_instance_id(instance_id)
         periods = sorted({validate_period(p) for p in periods}) if periods else default_periods(self.now())
-        sources = {"database": "ok", "kubernetes": "ok", "polar": "ok"}
+        return (await self.check_many([instance_id], periods, exclude_case, org_intervals=org_intervals,
+                                      systematic=systematic, fingerprint=fingerprint, polar_memo=polar_memo))[0]
 
-        async with db_gate or contextlib.nullcontext(), self.db.snapshot() as conn:
-            inst = await self.db.instance(conn, instance_id)
-            if inst is None:
-                inst = await self.db.instance_from_records(conn, instance_id)
-            if inst is None:
-                raise UnknownInstance(f"unknown instance {instance_id!r}: no such instance in the control-plane database")
+    async def check_many(self, instance_ids: list[str], periods: list[str], exclude_case: int | None = None, *,
+                         org_intervals: dict[str, list[OrgInterval]] | None = None,
+                         systematic: dict[str, int] | None = None, fingerprint: bool = True,
+                         polar_memo: PolarMemo | None = None, read_customer: bool = True
+                         ) -> list[CheckReport]:
+        """Check each instance (validated ids, in the caller's order) over the (validated) periods,
+        reading the database for all of them in one snapshot, a few statements in all.
 
+        exclude_case: a case checked again (its own pieces do not count as held by another).
+        org_intervals: the daily-limit intervals of orgs already read once for many instances
+        (services/multi_check.py), by org id, covering every day the instances have records on in
+        the periods; an org not in it is read here. systematic: the latest reconciled day's counts,
+        read once for many instances. fingerprint=False: a read-only answer no case will be opened
+        on (a plan shown before its approval) skips it. polar_memo: Polar read per customer (a run
+        over many instances); without it, per instance as for a single check, with its orders.
+        read_customer=False: no letter will be written from these reports (a plan), so Polar's
+        customer is not read."""
+        schema = self.db.schema
+        walks: list[_Walk] = []
+        async with self.db.snapshot() as conn:
+            insts = await self.db.instances(conn, instance_ids)
+            for i in instance_ids:
+                if i not in insts:
+                    raise UnknownInstance(f"unknown instance {i!r}: no such instance in the control-plane database")
             # Kubernetes and Polar run while the database is read.
-            kube_task = asyncio.create_task(self._kube(inst))
-            polar_task = asyncio.create_task(self._polar(inst.customer_id, instance_id, polar_memo))
+            kube_task = asyncio.create_task(self._kube_many([insts[i] for i in instance_ids]))
+            polar_task = asyncio.create_task(self._polar_many(instance_ids, insts, polar_memo, read_customer))
+            try:
+                # only the history that can change the checked periods (a run reaching into them, the
+                # records overlapping theirs), not every record the instance ever had
+                records = await self.db.records_of(conn, instance_ids, periods)
+                throttles = await self.db.throttles(conn, sorted({insts[i].org_id for i in instance_ids}),
+                                                    self.config.throttle_defaults)
+                held = await held_pieces_of(conn, schema, instance_ids, exclude_case)
+                fps = (await evidence_fingerprints(conn, schema, [(i, insts[i].org_id) for i in instance_ids],
+                                                   periods) if fingerprint else {})
+                systematic_counts = (systematic if systematic is not None
+                                     else await self.db.systematic_counts(conn, periods))
+                # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
+                # totals only on the days where the instance still has billed time.
+                kube = await kube_task
+                for i in instance_ids:
+                    inst = insts[i]
+                    throttle, from_row = throttles[inst.org_id]
+                    covers, prior_cases = held[i]
+                    pods, events, kube_status, kube_problems = kube[i]
+                    case = CheckInput(
+                        instance=inst, records=records[i], periods=periods, throttle=throttle,
+                        rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
+                        prior_cases=prior_cases, systematic_kinds=systematic_counts,
+                        systematic_min_customers=self.config.systematic_min_customers)
+                    walk = first_steps(case)
+                    days = [from_us(d) for d in days_for_daily_limit(walk)]
+                    if not days:
+                        intervals = None
+                    elif org_intervals is not None and inst.org_id in org_intervals:
+                        intervals = org_intervals[inst.org_id]
+                    else:
+                        intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit)
+                    walks.append(_Walk(inst, records[i], throttle, from_row, case, walk, intervals, pods,
+                                       kube_status, kube_problems, fps.get(i, ""),
+                                       tuple(sorted(pc.case_id for pc in prior_cases))))
+            except BaseException:
+                kube_task.cancel()
+                polar_task.cancel()
+                raise
+        polar = await polar_task
+        return [self._verdict(w, periods, polar[w.inst.instance_id]) for w in walks]
 
-            # only the history that can change the checked periods (a run reaching into them, the
-            # records overlapping theirs), not every record the instance ever had
-            records = await self.db.records(conn, instance_id, periods)
-            throttle, from_row = await self.db.throttle(conn, inst.org_id, self.config.throttle_defaults)
-            covers, prior_cases = await held_pieces(conn, self.db.schema, instance_id, exclude_case)
-            fingerprint = (await evidence_fingerprint(conn, self.db.schema, instance_id, inst.org_id, periods)
-                           if fingerprint else "")
-            systematic_counts = systematic if systematic is not None else await self.db.systematic_counts(conn,
-                                                                                                          periods)
-
-            # Steps 1-3 need the stop windows from Kubernetes; the daily limit then needs the org's
-            # totals only on the days where this instance still has billed time.
-            pods, events, sources["kubernetes"], kube_problems = await kube_task
-            case = CheckInput(
-                instance=inst, records=records, periods=periods, throttle=throttle,
-                rate_card=self.config.rate_card, pods=pods, log_events=events, prior_covers=covers,
-                prior_cases=prior_cases, systematic_kinds=systematic_counts,
-                systematic_min_customers=self.config.systematic_min_customers)
-            walk = first_steps(case)
-            days = [from_us(d) for d in days_for_daily_limit(walk)]
-            if not days:
-                intervals = None
-            elif org_intervals is not None and inst.org_id in org_intervals:
-                intervals = org_intervals[inst.org_id]
-            else:
-                intervals = await self.db.org_intervals(conn, inst.org_id, days, throttle.daily_limit)
-
-        customer, usage, sources["polar"], polar_notes, orders = await polar_task
-        case.polar_events = usage
-        result = finish(walk, intervals)
+    def _verdict(self, w: _Walk, periods: list[str], polar) -> CheckReport:
+        """The rules' last steps and what the check could judge (pure, given what was read)."""
+        customer, usage, polar_status, polar_notes, orders = polar
+        w.case.polar_events = usage
+        result = finish(w.walk, w.intervals)
         result.required_level = self.config.required_level(result.credit_cents)
         result.notes.extend(polar_notes)
+        throttle = w.throttle
         thr_text = (f"continuous {fmt_duration(throttle.continuous_limit)}, daily {fmt_duration(throttle.daily_limit)}, "
-                    f"idle {fmt_duration(throttle.idle_timeout)}" + ("" if from_row else " (defaults: no throttle_settings row)"))
+                    f"idle {fmt_duration(throttle.idle_timeout)}"
+                    + ("" if w.from_row else " (defaults: no throttle_settings row)"))
         cov = coverage(Evidence(
             periods=tuple(periods),
-            records_in_periods=sum(1 for r in records if r.billing_period in periods),
-            pods_problem=kube_problems["pods"], logs_problem=kube_problems["logs"],
-            polar_problem=None if usage is not None else sources["polar"],
-            tier_from_pod=any(p.tier for p in pods), true_tier=result.true_tier,
+            records_in_periods=sum(1 for r in w.records if r.billing_period in periods),
+            pods_problem=w.kube_problems["pods"], logs_problem=w.kube_problems["logs"],
+            polar_problem=None if usage is not None else polar_status,
+            tier_from_pod=any(p.tier for p in w.pods), true_tier=result.true_tier,
             tier_on_card=result.true_tier in self.config.rate_card,
             finding_kinds=frozenset(f.kind for f in result.findings)))
+        sources = {"database": "ok", "kubernetes": w.kube_status, "polar": polar_status}
         return CheckReport(result=result, sources=sources, customer=customer, throttle_text=thr_text, coverage=cov,
-                          fingerprint=fingerprint,
-                          refund_room=refund_room(orders, list(periods)) if orders is not None else None,
-                          holders=tuple(sorted(pc.case_id for pc in prior_cases)))
+                           fingerprint=w.fingerprint,
+                           refund_room=refund_room(orders, list(periods)) if orders is not None else None,
+                           holders=w.holders)
+
+    async def _kube_many(self, insts: list[Instance]) -> dict[str, tuple]:
+        """instance -> `_kube` of it, at most KUBE_AT_ONCE at once."""
+        if self.kube is None:
+            problem = self.kube_problem or "not configured"
+            return {inst.instance_id: ([], [], problem, {"pods": problem, "logs": problem}) for inst in insts}
+        gate = asyncio.Semaphore(KUBE_AT_ONCE)
+
+        async def one(inst):
+            async with gate:
+                return await self._kube(inst)
+        return dict(zip((inst.instance_id for inst in insts), await asyncio.gather(*(one(i) for i in insts))))
 
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
         """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""
@@ -209,32 +295,59 @@ class Investigator:
             events = logs_r[0]
         return pods, events, ("failed: " + "; ".join(problems)) if problems else "ok", parts
 
-    async def _polar(self, customer_id: str, instance_id: str, memo: PolarMemo | None = None
-                     ) -> tuple[Customer | None, list[UsageEvent] | None, str, list[str], list[dict] | None]:
-        """The customer (for the email), the instance's metering events (for duplicates) and the
-        customer's orders (what each can still refund). The events are the evidence: the source is
-        'ok' when they were read."""
+    async def _polar_many(self, instance_ids: list[str], insts: dict[str, Instance], memo: PolarMemo | None,
+                          read_customer: bool) -> dict[str, tuple]:
+        """instance -> (the customer (for the email), its metering events (for duplicates), the
+        source's status, notes, and for a single check the customer's orders (what each can still
+        refund, shown before approval; a result over many instances shows no refund room, so a
+        memo's run reads none)). The events are the evidence: the source is 'ok' when they were
+        read. With a memo, Polar is read per customer (PolarMemo), not per instance."""
         if self.polar is None:
-            return None, None, self.polar_problem or "not configured", [], None
-        reads = memo or self.polar
-        cust_r, events_r, orders_r = await asyncio.gather(
-            _bounded(reads.customer(customer_id) if memo else self.polar.customer_by_external_id(customer_id)),
-            _bounded(self.polar.usage_events(customer_id, self.config.polar.usage_event_name, instance_id)),
-            _bounded(reads.orders(customer_id)),
-            return_exceptions=True)
-        # what each order can still refund, shown before approval (not evidence: a failure is a note)
-        orders = None if isinstance(orders_r, BaseException) else orders_r
-        notes = []
-        customer = None
-        if isinstance(cust_r, PolarNotFound):
-            notes.append(f"Polar has no customer with external id {customer_id}: no name or email for the letter")
-        elif isinstance(cust_r, BaseException):
-            notes.append(f"Polar customer lookup failed: {_describe(cust_r)}")
-        else:
-            customer = cust_r
-        if isinstance(events_r, BaseException):
-            return customer, None, f"failed: usage events: {_describe(events_r)}", notes, orders
-        return customer, events_r, "ok", notes, orders
+            problem = self.polar_problem or "not configured"
+            return {i: (None, None, problem, [], None) for i in instance_ids}
+        if memo is None:
+            name = self.config.polar.usage_event_name
+
+            async def one(i: str):
+                customer_id = insts[i].customer_id
+                cust_r, events_r, orders_r = await asyncio.gather(
+                    _bounded(self.polar.customer_by_external_id(customer_id)),
+                    _bounded(self.polar.usage_events(customer_id, name, i)),
+                    _bounded(self.polar.orders(customer_id)), return_exceptions=True)
+                return _polar_outcome(customer_id, cust_r, events_r, orders_r)
+            return dict(zip(instance_ids, await asyncio.gather(*(one(i) for i in instance_ids))))
+
+        async def nothing():
+            return None
+        customers = sorted({insts[i].customer_id for i in instance_ids})
+        memo.prefetch_events(customers)
+        per_customer = await asyncio.gather(*(
+            asyncio.gather(_bounded(memo.customer(c) if read_customer else nothing()), _bounded(memo.events_of(c)),
+                           return_exceptions=True) for c in customers))
+        reads = dict(zip(customers, per_customer))
+        out = {}
+        for i in instance_ids:
+            customer_id = insts[i].customer_id
+            cust_r, events_r = reads[customer_id]
+            events = events_r if isinstance(events_r, BaseException) else events_r.get(i, [])
+            out[i] = _polar_outcome(customer_id, cust_r, events, None)
+        return out
+
+
+def _polar_outcome(customer_id: str, cust_r, events_r, orders_r) -> tuple:
+    """One instance's Polar reads (each a value or the exception it raised) as the check uses them."""
+    orders = None if orders_r is None or isinstance(orders_r, BaseException) else orders_r
+    notes = []
+    customer = None
+    if isinstance(cust_r, PolarNotFound):
+        notes.append(f"Polar has no customer with external id {customer_id}: no name or email for the letter")
+    elif isinstance(cust_r, BaseException):
+        notes.append(f"Polar customer lookup failed: {_describe(cust_r)}")
+    else:
+        customer = cust_r
+    if isinstance(events_r, BaseException):
+        return customer, None, f"failed: usage events: {_describe(events_r)}", notes, orders
+    return customer, events_r, "ok", notes, orders
 
 
 def _retrieve(task: asyncio.Future) -> None:

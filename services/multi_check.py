@@ -1,9 +1,11 @@
 """Checks of every instance a customer or an org was billed for in some periods (SPEC 5
 `check customer` / `check org`), and the reads a remediation plan shares with them.
 
-Each instance is checked by the Investigator with the same rules as a single check, at most
-CONCURRENCY at once, DB_AT_ONCE of them reading the database (the pool has 8 connections); Polar's
-customer and orders are read once per customer (PolarMemo). The org's daily limit (SPEC 2.2 step 4)
+Each instance is checked by the Investigator with the same rules and reads as a single check, a
+chunk of CHUNK instances at a time in one database snapshot (`Investigator.check_many`: a few
+statements per chunk, not several per instance), CHUNKS_AT_ONCE chunks at once (the pool has 8
+connections); Polar's customer is read once per customer and the usage events once per
+EVENTS_PER_LISTING customers (PolarMemo). The org's daily limit (SPEC 2.2 step 4)
 needs the org's billed time per day: it is read once per org for all of its instances
 (`org_intervals_for`) and handed to each instance's check, not read again per instance.
 """
@@ -18,12 +20,12 @@ from typing import Awaitable, Callable, Iterable
 from handlers.coverage import COMPLETE, NO_RECORDS, PARTIAL, Coverage
 from handlers.model import KINDS, OrgInterval
 from handlers.timeline import hours_text
-from services.investigation import CheckReport, Investigator, PolarMemo, default_periods
+from services.investigation import CheckReport, Investigator, default_periods
 from services.inputs import validate_customer_id, validate_org_id, validate_period
 
-CONCURRENCY = 24  # checks at once: most of a check's time is Polar's answer, outside the database
-DB_AT_ONCE = 6  # of them in the database at once: the pool (8) keeps room for Slack's listeners and issuing
-ORG_READS_AT_ONCE = 4  # leaves pool connections for the checks that are already running
+CHUNK = 250  # instances read in one snapshot: a few statements each, of a few thousand rows
+CHUNKS_AT_ONCE = 3  # the pool (8) keeps room for Slack's listeners and issuing
+ORGS_PER_READ = 500  # orgs whose daily-limit days one statement reads
 
 
 # --- control-plane reads (the instances billed, and the days their org's limit needs) ------------
@@ -89,29 +91,28 @@ async def org_days(db, instance_ids: list[str], periods: list[str]) -> dict[str,
 
 async def org_intervals_for(inv: Investigator, days_by_org: dict[str, list[datetime]]
                             ) -> dict[str, list[OrgInterval]]:
-    """Each org's daily-limit intervals, read once for all of its instances. An org without a
-    daily limit is left out: its checks ask for no days."""
-    sem = asyncio.Semaphore(ORG_READS_AT_ONCE)
+    """Each org's daily-limit intervals, read once for all of its instances, ORGS_PER_READ orgs to
+    a statement. An org without a daily limit is left out: its checks ask for no days."""
+    orgs = sorted(days_by_org)
     out: dict[str, list[OrgInterval]] = {}
-
-    async def one(org: str, days: list[datetime]) -> None:
-        async with sem, inv.db.snapshot() as conn:
-            throttle, _ = await inv.db.throttle(conn, org, inv.config.throttle_defaults)
-            if throttle.daily_limit is None:
-                return
-            out[org] = await inv.db.org_intervals(conn, org, days, throttle.daily_limit)
-
-    await asyncio.gather(*(one(org, days) for org, days in days_by_org.items()))
+    for n in range(0, len(orgs), ORGS_PER_READ):
+        group = orgs[n:n + ORGS_PER_READ]
+        async with inv.db.snapshot() as conn:
+            throttles = await inv.db.throttles(conn, group, inv.config.throttle_defaults)
+            wanted = {org: (days_by_org[org], throttles[org][0].daily_limit) for org in group
+                      if throttles[org][0].daily_limit is not None}
+            out.update(await inv.db.org_intervals_of(conn, wanted))
     return out
 
 
 async def check_all(inv: Investigator, instance_ids: list[str], periods: list[str],
                     on_report: Callable[[CheckReport], Awaitable[None] | None] | None = None,
-                    concurrency: int = CONCURRENCY, exclude_case: int | None = None,
-                    fingerprint: bool = True) -> list[CheckReport]:
-    """Check every instance (at most `concurrency` at once), the org's limit read once per org.
-    With on_report, each report is handed over as it is done and not kept (a plan over thousands
-    of instances keeps only what it adds up)."""
+                    exclude_case: int | None = None, for_case: bool = True) -> list[CheckReport]:
+    """Check every instance, a chunk at a time (at most CHUNKS_AT_ONCE at once), the org's limit
+    read once per org. With on_report, each report is handed over as it is done and not kept (a
+    plan over thousands of instances keeps only what it adds up). for_case=False: a read-only
+    answer no case will be opened on (a plan shown before its approval) reads neither the
+    fingerprints nor Polar's customers (for the letters)."""
     async def systematic_counts() -> dict[str, int]:  # the same for every instance: read once
         async with inv.db.snapshot() as conn:
             return await inv.db.systematic_counts(conn, periods)
@@ -119,24 +120,23 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
     async def intervals_of_orgs():
         return await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
     intervals, systematic = await asyncio.gather(intervals_of_orgs(), systematic_counts())
-    memo = PolarMemo(inv.polar) if inv.polar is not None else None
-    db_gate = asyncio.Semaphore(min(DB_AT_ONCE, concurrency))
-    sem = asyncio.Semaphore(concurrency)
+    memo = inv.polar_memo()
+    gate = asyncio.Semaphore(CHUNKS_AT_ONCE)
     reports: list[CheckReport] = []
 
-    async def one(instance_id: str) -> None:
-        async with sem:
-            report = await inv.check(instance_id, periods, exclude_case=exclude_case, org_intervals=intervals,
-                                     systematic=systematic, fingerprint=fingerprint, polar_memo=memo,
-                                     db_gate=db_gate)
-        if on_report is None:
-            reports.append(report)
-        else:
-            done = on_report(report)
-            if asyncio.iscoroutine(done):
-                await done
+    async def one(chunk: list[str]) -> None:
+        async with gate:
+            done = await inv.check_many(chunk, periods, exclude_case, org_intervals=intervals, systematic=systematic,
+                                        fingerprint=for_case, polar_memo=memo, read_customer=for_case)
+        for report in done:
+            if on_report is None:
+                reports.append(report)
+            else:
+                handed = on_report(report)
+                if asyncio.iscoroutine(handed):
+                    await handed
 
-    await asyncio.gather(*(one(i) for i in instance_ids))
+    await asyncio.gather(*(one(instance_ids[n:n + CHUNK]) for n in range(0, len(instance_ids), CHUNK)))
     reports.sort(key=lambda r: r.result.instance.instance_id)
     return reports
 

@@ -194,6 +194,23 @@ class PolarClient:
             "metadata[instance_id]": instance_id})
         return parse_usage_events(raw, name, instance_id)
 
+    async def usage_events_of_customers(self, external_customer_ids: list[str], name: str
+                                        ) -> dict[str, dict[str, list[UsageEvent]]]:
+        """customer -> instance -> its metering events, for several customers in one listing (the
+        filter takes a list): a check over thousands of instances reads Polar a few dozen times,
+        not once per instance. Each event is placed by its own customer and instance."""
+        raw = await self.list_all("/v1/events/", {"external_customer_id": list(external_customer_ids), "name": name})
+        wanted = set(external_customer_ids)
+        by_key: dict[tuple[str, str], list[dict]] = {}
+        for ev in raw:
+            instance = (ev.get("metadata") or {}).get("instance_id")
+            if ev.get("external_customer_id") in wanted and isinstance(instance, str):
+                by_key.setdefault((ev["external_customer_id"], instance), []).append(ev)
+        out: dict[str, dict[str, list[UsageEvent]]] = {c: {} for c in external_customer_ids}
+        for (customer, instance), evs in by_key.items():
+            out[customer][instance] = parse_usage_events(evs, name, instance)
+        return out
+
     async def orders(self, external_customer_id: str) -> list[dict]:
         return await self.list_all("/v1/orders/", {"external_customer_id": external_customer_id,
                                                    "sorting": "created_at"})

@@ -65,7 +65,7 @@ async def plan_with_checks(inv: Investigator, kind: str, period: str, *, keep: b
 
     # A plan shown for approval needs no fingerprints (nothing is opened on it: the approval
     # computes it again, with them, and opens the cases from that); the approval's does.
-    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one, fingerprint=keep)
+    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one, for_case=keep)
     return build_plan(kind, period, collected), kept
 
 

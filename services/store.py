@@ -208,34 +208,48 @@ async def evidence_fingerprint(conn, s: str, instance_id: str, org_id: str, peri
     """A digest of the database evidence a case is built on (SPEC 2.2): the instance row, its
     records, the org's throttle row, and the pieces of the checked periods' records that issued
     cases credited. Computed by the server, so the check and every later look agree."""
+    return (await evidence_fingerprints(conn, s, [(instance_id, org_id)], periods))[instance_id]
+
+
+async def evidence_fingerprints(conn, s: str, instance_orgs: Iterable[tuple[str, str]],
+                                periods: Iterable[str]) -> dict[str, str]:
+    """instance -> its evidence fingerprint (`evidence_fingerprint`), for many instances in one
+    statement: a check over thousands of instances reads them a chunk at a time. One instance's
+    fingerprint is this statement's answer for one, so every look computes it the same way."""
+    pairs = sorted(set(instance_orgs))
+    if not pairs:
+        return {}
     has_cases = await table_exists(conn, f"{s}.case_pieces")
     credited = (f"""(SELECT string_agg(concat_ws(':', p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events),
                                      ',' ORDER BY p.case_id, p.record_id, p.start_us, p.extra_events)
                     FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
                     JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
-                                           AND r.instance_id = %(i)s
-                    WHERE %(i)s = ANY(c.instance_ids))""" if has_cases else "''")
+                                           AND r.instance_id = q.i
+                    WHERE q.i = ANY(c.instance_ids))""" if has_cases else "''")
     # Only what can change the checked periods: the records a check of them reads (the periods'
     # records and the history that can change them, services/sql/records_for_periods.sql, the
     # same query the check uses), and the heartbeat only while it falls before their end (after
     # them, the idle window they could meet does not move): a running instance's heartbeats and
     # new months do not block approvals, and a long history is not hashed whole.
-    recs = _RECORDS_FOR_PERIODS.replace("{columns}", (
+    recs = _RECORDS_FOR_PERIODS.replace("%(instance)s", "q.i").replace("{columns}", (
         "r.id, r.end_time, row(r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used,"
         " r.total_charge, r.billing_period, r.start_time, r.end_time)::text AS t"))
     cur = await conn.execute(
-        f"""WITH recs AS (SELECT * FROM ({recs}) x)
-            SELECT md5(concat_ws('|',
-              (SELECT row(i.instance_id, i.org_id, i.customer_id, i.tier, i.status, i.created_at, i.started_at,
-                          i.stopped_at, CASE WHEN i.last_heartbeat >= (SELECT max(end_time) FROM recs) THEN NULL
-                                             ELSE i.last_heartbeat END)::text
-               FROM instances i WHERE i.instance_id = %(i)s),
-              (SELECT string_agg(t, ',' ORDER BY id) FROM recs),
-              (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = %(o)s),
-              {credited})) AS fp""",
-        {"i": instance_id, "o": org_id, "periods": sorted(periods), "instance": instance_id,
+        f"""SELECT q.i AS instance_id, f.fp
+            FROM unnest(%(instances)s::text[], %(orgs)s::text[]) AS q(i, o)
+            CROSS JOIN LATERAL (
+              WITH recs AS (SELECT * FROM ({recs}) x)
+              SELECT md5(concat_ws('|',
+                (SELECT row(i.instance_id, i.org_id, i.customer_id, i.tier, i.status, i.created_at, i.started_at,
+                            i.stopped_at, CASE WHEN i.last_heartbeat >= (SELECT max(end_time) FROM recs) THEN NULL
+                                               ELSE i.last_heartbeat END)::text
+                 FROM instances i WHERE i.instance_id = q.i),
+                (SELECT string_agg(t, ',' ORDER BY id) FROM recs),
+                (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = q.o),
+                {credited})) AS fp) f""",
+        {"instances": [i for i, _ in pairs], "orgs": [o for _, o in pairs], "periods": sorted(periods),
          "gap": timedelta(seconds=60)}, prepare=False)
-    return (await cur.fetchone())["fp"]
+    return {r["instance_id"]: r["fp"] for r in await cur.fetchall()}
 
 
 async def evidence_fingerprint_of(conn, s: str, instance_orgs: Iterable[tuple[str, str]],
@@ -243,11 +257,10 @@ async def evidence_fingerprint_of(conn, s: str, instance_orgs: Iterable[tuple[st
     """The fingerprint of a case's evidence: one instance's own, or for a case over several, a
     digest of each instance's (in instance order, so the check and every later look agree)."""
     pairs = sorted(instance_orgs)
-    periods = list(periods)
+    fps = await evidence_fingerprints(conn, s, pairs, list(periods))
     if len(pairs) == 1:
-        return await evidence_fingerprint(conn, s, pairs[0][0], pairs[0][1], periods)
-    parts = [f"{i}={await evidence_fingerprint(conn, s, i, o, periods)}" for i, o in pairs]
-    return combine_fingerprints(parts)
+        return fps[pairs[0][0]]
+    return combine_fingerprints(f"{i}={fps[i]}" for i, _ in pairs)
 
 
 def combine_fingerprints(parts: Iterable[str]) -> str:
@@ -260,25 +273,38 @@ async def held_pieces(conn, s: str, instance_id: str, exclude_case: int | None =
     """Pieces of this instance's records that other cases hold (SPEC 2.2): open cases from
     opening until rejected or expired, issued ones for good; read in the caller's snapshot.
     exclude_case: the case being checked again, whose own pieces are not held against it."""
-    if not await table_exists(conn, f"{s}.case_pieces"):
-        return [], []  # a database the bot never wrote to
+    return (await held_pieces_of(conn, s, [instance_id], exclude_case))[instance_id]
+
+
+async def held_pieces_of(conn, s: str, instance_ids: Iterable[str], exclude_case: int | None = None
+                         ) -> dict[str, tuple[list[PriorCover], list[PriorCase]]]:
+    """instance -> `held_pieces` of it, for many instances in two statements."""
+    ids = sorted(set(instance_ids))
+    out: dict[str, tuple[list[PriorCover], list[PriorCase]]] = {i: ([], []) for i in ids}
+    if not ids or not await table_exists(conn, f"{s}.case_pieces"):
+        return out  # a database the bot never wrote to
     cur = await conn.execute(
-        f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+        f"SELECT r.instance_id, p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
         f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
-        f" JOIN billing_records r ON r.id = p.record_id AND r.instance_id = %s"
-        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
-        (instance_id, instance_id, list(HOLDING), exclude_case))
-    covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
-              for r in await cur.fetchall()]
+        f" JOIN billing_records r ON r.id = p.record_id AND r.instance_id = ANY(%(ids)s)"
+        f" WHERE c.instance_ids && %(ids)s AND r.instance_id = ANY(c.instance_ids)"
+        f" AND c.state = ANY(%(holding)s) AND c.id IS DISTINCT FROM %(exclude)s",
+        {"ids": ids, "holding": list(HOLDING), "exclude": exclude_case})
+    for r in await cur.fetchall():
+        out[r["instance_id"]][0].append(
+            PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"]))
     cur = await conn.execute(
         f"SELECT c.id, c.state, CASE WHEN c.state = 'issued' THEN c.issued_cents ELSE c.credit_cents END AS cents,"
-        f" c.kinds, c.issued_at FROM {s}.cases c"
-        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
-        (instance_id, list(HOLDING), exclude_case))
-    cases = [PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()),
-                       None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
-             for r in await cur.fetchall()]
-    return covers, cases
+        f" c.kinds, c.issued_at, c.instance_ids FROM {s}.cases c"
+        f" WHERE c.instance_ids && %(ids)s AND c.state = ANY(%(holding)s) AND c.id IS DISTINCT FROM %(exclude)s"
+        f" ORDER BY c.id", {"ids": ids, "holding": list(HOLDING), "exclude": exclude_case})
+    for r in await cur.fetchall():
+        case = PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()),
+                         None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
+        for i in r["instance_ids"]:
+            if i in out:
+                out[i][1].append(case)
+    return out
 
 
 async def systematic_counts(conn, s: str, periods: list[str]) -> dict[str, int]:

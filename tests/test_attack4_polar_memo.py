@@ -1,5 +1,5 @@
-"""Attack 4: PolarMemo (services/investigation.py), the customer and orders reads shared by the
-checks of one run over many instances, and the client-wide 429 pause (services/polar.py)."""
+"""Attack 4: PolarMemo (services/investigation.py), the customer and usage-event reads shared by
+the checks of one run over many instances, and the client-wide 429 pause (services/polar.py)."""
 import asyncio
 import gc
 import time
@@ -14,29 +14,32 @@ class SlowPolar:
     def __init__(self, delay_s: float, fail: bool = False):
         self.delay_s, self.fail, self.calls = delay_s, fail, 0
 
-    async def orders(self, customer_id):
+    async def _answer(self, value):
         self.calls += 1
         await asyncio.sleep(self.delay_s)
         if self.fail:
             raise PolarUnavailable("503 Service Unavailable")
-        return [{"id": f"o-{customer_id}", "refundable_amount": 500}]
+        return value
 
     async def customer_by_external_id(self, customer_id):
-        return await self.orders(customer_id)
+        return await self._answer({"id": f"p-{customer_id}"})
+
+    async def usage_events_of_customers(self, customer_ids, name):
+        return await self._answer({c: {"i-1": [f"{name}:{c}"]} for c in customer_ids})
 
 
 def test_a_check_that_times_out_does_not_cancel_the_read_other_checks_share():
     async def go():
         polar = SlowPolar(0.2)
-        memo = PolarMemo(polar)
-        first = asyncio.wait_for(memo.orders("c-1"), 0.02)  # this check's source timeout
-        second = memo.orders("c-1")
+        memo = PolarMemo(polar, "usage")
+        first = asyncio.wait_for(memo.customer("c-1"), 0.02)  # this check's source timeout
+        second = memo.customer("c-1")
         a, b = await asyncio.gather(first, second, return_exceptions=True)
         return polar.calls, a, b
 
     calls, a, b = asyncio.run(go())
     assert calls == 1 and isinstance(a, asyncio.TimeoutError)
-    assert b == [{"id": "o-c-1", "refundable_amount": 500}]
+    assert b == {"id": "p-c-1"}
 
 
 def test_a_shared_read_failing_after_its_only_waiter_gave_up_leaks_no_unretrieved_exception():
@@ -44,7 +47,7 @@ def test_a_shared_read_failing_after_its_only_waiter_gave_up_leaks_no_unretrieve
 
     async def go():
         asyncio.get_running_loop().set_exception_handler(lambda loop, ctx: seen.append(ctx.get("message")))
-        memo = PolarMemo(SlowPolar(0.05, fail=True))
+        memo = PolarMemo(SlowPolar(0.05, fail=True), "usage")
         try:
             await asyncio.wait_for(memo.customer("c-1"), 0.01)
         except asyncio.TimeoutError:
@@ -62,8 +65,8 @@ def test_a_shared_read_failing_after_its_only_waiter_gave_up_leaks_no_unretrieve
 def test_a_failed_shared_read_reaches_every_check_of_the_customer_as_an_exception():
     async def go():
         polar = SlowPolar(0.01, fail=True)
-        memo = PolarMemo(polar)
-        out = await asyncio.gather(*(memo.orders("c-1") for _ in range(5)), return_exceptions=True)
+        memo = PolarMemo(polar, "usage")
+        out = await asyncio.gather(*(memo.events_of("c-1") for _ in range(5)), return_exceptions=True)
         return polar.calls, out
 
     calls, out = asyncio.run(go())

@@ -75,6 +75,12 @@ def run(db_url, scenario):
             calls[org_id] += 1
             return await real(conn, org_id, days, limit)
         dbx.org_intervals = counting
+        real_of = dbx.org_intervals_of
+
+        async def counting_of(conn, wanted):  # many orgs in one statement: each org counts once
+            calls.update(list(wanted))
+            return await real_of(conn, wanted)
+        dbx.org_intervals_of = counting_of
         try:
             inv = Investigator(parse_config({}), dbx)
             return await scenario(inv, calls)
@@ -181,10 +187,10 @@ def test_the_plan_totals_are_the_sums_of_the_instances_checks_of_that_kind(db, d
         assert set(plan.other_kinds) == others
 
 
-def test_a_customer_check_reads_the_customer_and_its_orders_from_polar_once(db, db_url, polar):
-    """Every instance's check needs the customer (the letter) and its orders (what each can still
-    refund): over many instances they are read once per customer; the usage events stay per
-    instance (each is that instance's evidence)."""
+def test_a_customer_check_reads_the_customer_and_its_usage_events_from_polar_once(db, db_url, polar):
+    """Over many instances Polar is read per customer, not per instance: the customer (the letter)
+    once, and the usage events of all its instances in one listing, each instance judged by its own
+    events. The orders are not read: a result over many instances shows no refund room."""
     from collections import Counter as C
 
     from services.polar import PolarClient
@@ -197,6 +203,11 @@ def test_a_customer_check_reads_the_customer_and_its_orders_from_polar_once(db, 
                    " (%s,'c-1','o-a',%s,'small',0.083,1,0.083,'2026-10',%s,%s)",
                    (n + 1, f"i-{n}p", BASE + timedelta(hours=n), BASE + timedelta(hours=n + 1)))
     polar.add_customer("c-1")
+    # i-1p's hour metered twice (one record): a duplicate charge on i-1p only
+    for _ in range(2):
+        polar.add_usage_event("c-1", "compute_hours", {
+            "instance_id": "i-1p", "start_time": (BASE + timedelta(hours=1)).isoformat(),
+            "end_time": (BASE + timedelta(hours=2)).isoformat(), "record_id": "2"})
 
     async def go():
         dbx = await Database.connect(db_url)
@@ -210,6 +221,8 @@ def test_a_customer_check_reads_the_customer_and_its_orders_from_polar_once(db, 
 
     result = asyncio.run(go())
     assert [r.sources["polar"] for r in result.reports] == ["ok"] * 3
-    assert all(r.customer is not None and r.refund_room is not None for r in result.reports)
+    assert all(r.customer is not None and r.refund_room is None for r in result.reports)
+    assert {r.result.instance.instance_id: [f.kind for f in r.result.findings] for r in result.reports} == {
+        "i-0p": [], "i-1p": ["duplicate_charge"], "i-2p": []}
     calls = C(r.path for r in polar.server.requests)
-    assert calls["/v1/orders/"] == 1 and calls["/v1/customers/external/c-1"] == 1 and calls["/v1/events/"] == 3
+    assert calls == {"/v1/customers/external/c-1": 1, "/v1/events/": 1}
