@@ -107,12 +107,13 @@ async def org_intervals_for(inv: Investigator, days_by_org: dict[str, list[datet
 
 async def check_all(inv: Investigator, instance_ids: list[str], periods: list[str],
                     on_report: Callable[[CheckReport], Awaitable[None] | None] | None = None,
-                    exclude_case: int | None = None, for_case: bool = True) -> list[CheckReport]:
+                    exclude_case: int | None = None, fingerprint: bool = True,
+                    read_customer: bool = True) -> list[CheckReport]:
     """Check every instance, a chunk at a time (at most CHUNKS_AT_ONCE at once), the org's limit
     read once per org. With on_report, each report is handed over as it is done and not kept (a
-    plan over thousands of instances keeps only what it adds up). for_case=False: a read-only
-    answer no case will be opened on (a plan shown before its approval) reads neither the
-    fingerprints nor Polar's customers (for the letters)."""
+    plan over thousands of instances keeps only what it adds up). fingerprint=False: a read-only
+    answer no case will be opened on (a plan shown before its approval). read_customer=False: the
+    customer's name and email are not read from Polar (the letter looks them up when it is written)."""
     async def systematic_counts() -> dict[str, int]:  # the same for every instance: read once
         async with inv.db.snapshot() as conn:
             return await inv.db.systematic_counts(conn, periods)
@@ -127,7 +128,7 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
     async def one(chunk: list[str]) -> None:
         async with gate:
             done = await inv.check_many(chunk, periods, exclude_case, org_intervals=intervals, systematic=systematic,
-                                        fingerprint=for_case, polar_memo=memo, read_customer=for_case)
+                                        fingerprint=fingerprint, polar_memo=memo, read_customer=read_customer)
         for report in done:
             if on_report is None:
                 reports.append(report)

@@ -64,8 +64,11 @@ async def plan_with_checks(inv: Investigator, kind: str, period: str, *, keep: b
             kept.setdefault(f.customer_id, []).append(report)
 
     # A plan shown for approval needs no fingerprints (nothing is opened on it: the approval
-    # computes it again, with them, and opens the cases from that); the approval's does.
-    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one, for_case=keep)
+    # computes it again, with them, and opens the cases from that); the approval's does. Neither
+    # reads Polar's customers: a batch case's letter looks its customer up when it is written
+    # (bot/issuing_notifier.py), after the money moved, not 2,000 of them before the first refund.
+    await check_all(inv, await instances_billed(inv.db, [period]), [period], on_report=one, fingerprint=keep,
+                    read_customer=False)
     return build_plan(kind, period, collected), kept
 
 

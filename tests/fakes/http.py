@@ -100,6 +100,11 @@ class FakeServer:
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _serve
 
         class Server(ThreadingHTTPServer):
+            # socketserver's listen backlog is 5: a burst of new connections (a batch's workers,
+            # a plan's reads) overflows it and the client's SYN waits a 1 s retransmit, a delay no
+            # real server adds
+            request_queue_size = 256
+
             def handle_error(self, request, client_address):  # clients we cut off on purpose
                 pass
 
