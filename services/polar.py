@@ -344,11 +344,19 @@ def _quote(value: str) -> str:
 
 
 def parse_usage_events(raw: list[dict], name: str, instance_id: str) -> list[UsageEvent]:
+    """The instance's metering events, each once: Polar pages its listing by number, newest
+    first, so an event ingested while the pages are read pushes an event already read onto the
+    next page; counted twice it would be an extra metering event (a billed hour credited)."""
     out = []
+    seen: set[str] = set()
     for ev in raw:
         md = ev.get("metadata") or {}
         if ev.get("name") != name or md.get("instance_id") != instance_id:
             continue
+        if ev.get("id") is not None:
+            if str(ev["id"]) in seen:
+                continue
+            seen.add(str(ev["id"]))
         try:
             start, end = _iso(md["start_time"]), _iso(md["end_time"])
         except (KeyError, ValueError, TypeError):
