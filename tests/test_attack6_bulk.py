@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 import random
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import psycopg
 import pytest
 
-from services import investigation, multi_check
-from services.db import Database
+from handlers.model import OrgInterval
+from handlers.timeline import to_us
+from services import investigation, multi_check, polar as polar_module
+from services.db import ORG_DAY_FIRST_BOUND, Database
 from services.investigation import Investigator
 from services.multi_check import check_all
 from services.polar import PolarClient
@@ -58,7 +62,8 @@ def test_an_event_metered_while_a_listing_is_paged_is_not_counted_twice(db, db_u
     and page 2 (a running instance of any of the listing's 40 customers) pushes page 1's last event
     onto page 2: the listing returns it twice. Counted twice it is an "extra metering event" and
     credits a whole billed hour that was metered once."""
-    _hourly(db, polar, customers=3, hours=50)  # 150 events: two pages of 100
+    monkeypatch.setattr(polar_module, "PAGE_LIMIT", 10)
+    _hourly(db, polar, customers=3, hours=6)  # 18 events: two pages of 10
     real_page = polar._page
     shifted = []
 
@@ -79,3 +84,109 @@ def test_an_event_metered_while_a_listing_is_paged_is_not_counted_twice(db, db_u
     assert all(r.sources["polar"] == "ok" for r in reports)
     assert [(r.result.instance.instance_id, r.result.credit_cents, [f.kind for f in r.result.findings])
             for r in reports] == [("i-00", 0, []), ("i-01", 0, []), ("i-02", 0, [])]
+
+
+# --- the multi-org org_days.sql against the single-org statement it replaced ----------------------------
+
+_OLD_ORG_DAYS_SQL = (Path(__file__).parent / "data" / "attack6_org_days_34f3d41.sql").read_text()
+DAY0 = datetime(2026, 10, 3, tzinfo=timezone.utc)
+
+
+async def _old_org_intervals(conn, org_id, days, limit):
+    """Database.org_intervals as it was at 34f3d41 (one org per statement)."""
+    if not days:
+        return []
+    cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
+    whole = timedelta(days=1)
+    pending = {d: min(ORG_DAY_FIRST_BOUND, whole) for d in sorted(set(days))}
+    out = []
+    while pending:
+        await cur.execute(_OLD_ORG_DAYS_SQL, {"org": org_id, "days": list(pending),
+                                              "bounds": [d + b for d, b in pending.items()], "limit": limit},
+                          prepare=False)
+        passed = set()
+        for lo, instance_id, s, e in await cur.fetchall():
+            passed.add(lo)
+            out.append(OrgInterval(instance_id, 0, s, e))
+        pending = {d: min(b * 2, whole) for d, b in pending.items() if b < whole and to_us(d) not in passed}
+    return out
+
+
+def _insert(db, rid, iid, org, cust, s, e, period=None):
+    db.execute("INSERT INTO billing_records (id, customer_id, org_id, instance_id, tier, rate_per_hour, hours_used,"
+               " total_charge, billing_period, start_time, end_time) VALUES (%s,%s,%s,%s,'gpu',2.08,1,2.08,%s,%s,%s)",
+               (rid, cust, org, iid, period or s.strftime("%Y-%m"), s, e))
+
+
+def _random_org_days(db, rng):
+    """Orgs sharing the statement, each with its own limit (zero, tiny, ordinary, never reached)
+    and days (some without records); instances with exact duplicates, overlaps, records crossing
+    midnight, longer than a day (the GiST branch), of no length, and one instance billed under
+    two orgs."""
+    limits = [timedelta(0), timedelta(seconds=1), timedelta(hours=1), timedelta(hours=3), timedelta(hours=7),
+              timedelta(hours=20), timedelta(hours=40), timedelta(days=30)]
+    orgs = [f"o-{n}" for n in range(rng.randrange(2, 6))]
+    rid = 1
+    for org in orgs:
+        for k in range(rng.randrange(1, 5)):
+            iid = f"i-{org}-{k}" if rng.random() < 0.85 else "i-shared"
+            t = DAY0 + timedelta(minutes=rng.randrange(0, 3 * 24 * 60), microseconds=rng.choice([0, 0, 123457]))
+            for _ in range(rng.randrange(1, 12)):
+                length = rng.choice([timedelta(0), timedelta(minutes=1), timedelta(minutes=30), timedelta(hours=2),
+                                     timedelta(hours=5), timedelta(hours=20), timedelta(hours=30),
+                                     timedelta(hours=52), timedelta(seconds=7, microseconds=5)])
+                _insert(db, rid, iid, org, "c-x", t, t + length)
+                rid += 1
+                if rng.random() < 0.15:  # an exact duplicate
+                    _insert(db, rid, iid, org, "c-x", t, t + length)
+                    rid += 1
+                elif rng.random() < 0.15:  # an overlap
+                    _insert(db, rid, iid, org, "c-x", t + length / 2, t + length * 2)
+                    rid += 1
+                t += length + rng.choice([timedelta(0), timedelta(seconds=30), timedelta(hours=3), -length / 3])
+    all_days = [DAY0 + timedelta(days=n) for n in range(-2, 8)]
+    return {org: (rng.sample(all_days, rng.randrange(0, len(all_days))), rng.choice(limits)) for org in orgs}
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_many_orgs_in_one_statement_read_what_each_org_alone_read(db, db_url, seed):
+    rng = random.Random(6000 + seed)
+    wanted = _random_org_days(db, rng)
+
+    async def go():
+        dbx = await Database.connect(db_url)
+        try:
+            async with dbx.snapshot() as conn:
+                old = {o: await _old_org_intervals(conn, o, days, lim) for o, (days, lim) in wanted.items()}
+                new = await dbx.org_intervals_of(conn, wanted)
+                one = {o: await dbx.org_intervals(conn, o, days, lim) for o, (days, lim) in wanted.items()}
+            return old, new, one
+        finally:
+            await dbx.close()
+
+    old, new, one = asyncio.run(go())
+    assert set(new) == set(wanted)
+    for org in wanted:
+        assert sorted(new[org], key=repr) == sorted(old[org], key=repr), org
+        assert sorted(one[org], key=repr) == sorted(old[org], key=repr), org
+
+
+def test_org_days_random_data_reach_the_limit(db, db_url):
+    """The property above is not empty: on its data, days pass their limits (zero included)."""
+    passed = zero = 0
+    for seed in range(12):
+        rng = random.Random(6000 + seed)
+        db.execute("TRUNCATE billing_records")
+        wanted = _random_org_days(db, rng)
+
+        async def go():
+            dbx = await Database.connect(db_url)
+            try:
+                async with dbx.snapshot() as conn:
+                    return await dbx.org_intervals_of(conn, wanted)
+            finally:
+                await dbx.close()
+        got = asyncio.run(go())
+        passed += sum(1 for v in got.values() if v)
+        zero += sum(1 for o, v in got.items() if v and wanted[o][1] == timedelta(0))
+    assert passed >= 6 and zero >= 1
