@@ -11,13 +11,15 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from handlers.model import OrgInterval
+from handlers.cases import HOLDING
+from handlers.model import OrgInterval, PriorCase, PriorCover
 from handlers.timeline import to_us
-from services import investigation, multi_check, polar as polar_module
+from services import investigation, multi_check, polar as polar_module, store
 from services.db import ORG_DAY_FIRST_BOUND, Database
 from services.investigation import Investigator
 from services.multi_check import check_all
 from services.polar import PolarClient
+from services.store import CaseStore
 
 from .fakes.polar_server import TOKEN
 from .seed import instance, record
@@ -190,3 +192,157 @@ def test_org_days_random_data_reach_the_limit(db, db_url):
         passed += sum(1 for v in got.values() if v)
         zero += sum(1 for o, v in got.items() if v and wanted[o][1] == timedelta(0))
     assert passed >= 6 and zero >= 1
+
+
+# --- records_of, evidence_fingerprints, held_pieces_of against the per-instance statements ------------
+
+async def _old_fingerprint(conn, s, instance_id, org_id, periods):
+    """store.evidence_fingerprint as it was at 34f3d41 (one instance per statement)."""
+    credited = f"""(SELECT string_agg(concat_ws(':', p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events),
+                                     ',' ORDER BY p.case_id, p.record_id, p.start_us, p.extra_events)
+                    FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id AND c.state = 'issued'
+                    JOIN billing_records r ON r.id = p.record_id AND r.billing_period = ANY(%(periods)s)
+                                           AND r.instance_id = %(i)s
+                    WHERE %(i)s = ANY(c.instance_ids))"""
+    recs = store._RECORDS_FOR_PERIODS.replace("{columns}", (
+        "r.id, r.end_time, row(r.id, r.org_id, r.customer_id, r.tier, r.rate_per_hour, r.hours_used,"
+        " r.total_charge, r.billing_period, r.start_time, r.end_time)::text AS t"))
+    cur = await conn.execute(
+        f"""WITH recs AS (SELECT * FROM ({recs}) x)
+            SELECT md5(concat_ws('|',
+              (SELECT row(i.instance_id, i.org_id, i.customer_id, i.tier, i.status, i.created_at, i.started_at,
+                          i.stopped_at, CASE WHEN i.last_heartbeat >= (SELECT max(end_time) FROM recs) THEN NULL
+                                             ELSE i.last_heartbeat END)::text
+               FROM instances i WHERE i.instance_id = %(i)s),
+              (SELECT string_agg(t, ',' ORDER BY id) FROM recs),
+              (SELECT row(t.*)::text FROM throttle_settings t WHERE t.org_id = %(o)s),
+              {credited})) AS fp""",
+        {"i": instance_id, "o": org_id, "periods": sorted(periods), "instance": instance_id,
+         "gap": timedelta(seconds=60)}, prepare=False)
+    return (await cur.fetchone())["fp"]
+
+
+async def _old_held(conn, s, instance_id, exclude_case):
+    """store.held_pieces as it was at 34f3d41."""
+    cur = await conn.execute(
+        f"SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+        f" FROM {s}.case_pieces p JOIN {s}.cases c ON c.id = p.case_id"
+        f" JOIN billing_records r ON r.id = p.record_id AND r.instance_id = %s"
+        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s",
+        (instance_id, instance_id, list(HOLDING), exclude_case))
+    covers = [PriorCover(r["case_id"], r["record_id"], r["start_us"], r["end_us"], r["extra_events"])
+              for r in await cur.fetchall()]
+    cur = await conn.execute(
+        f"SELECT c.id, c.state, CASE WHEN c.state = 'issued' THEN c.issued_cents ELSE c.credit_cents END AS cents,"
+        f" c.kinds, c.issued_at FROM {s}.cases c"
+        f" WHERE %s = ANY(c.instance_ids) AND c.state = ANY(%s) AND c.id IS DISTINCT FROM %s ORDER BY c.id",
+        (instance_id, list(HOLDING), exclude_case))
+    cases = [PriorCase(r["id"], r["cents"] or 0, tuple(r["kinds"] or ()),
+                       None if r["issued_at"] is None else to_us(r["issued_at"]), r["state"])
+             for r in await cur.fetchall()]
+    return covers, cases
+
+
+def _random_histories(db, rng):
+    """Instances (some with no instances row) with long histories: runs crossing from September
+    into October and from October into November, gaps just over and under the run gap, duplicates
+    and overlaps; throttle rows for some orgs."""
+    ids = [f"i-h{n}" for n in range(rng.randrange(3, 8))]
+    orgs = {i: rng.choice(["o-1", "o-2", "o-3"]) for i in ids}
+    for o in ("o-1", "o-2"):
+        if rng.random() < 0.7:
+            db.execute("INSERT INTO throttle_settings VALUES (%s, '8 hours', '20 hours', NULL) ON CONFLICT DO NOTHING",
+                       (o,))
+    rid = 1
+    for i in ids:
+        if rng.random() < 0.8:
+            hb = datetime(2026, 10, rng.randrange(1, 31), tzinfo=timezone.utc) if rng.random() < 0.5 else None
+            db.execute("INSERT INTO instances VALUES (%s,%s,'c-h','gpu','running',%s,%s,NULL,%s)",
+                       (i, orgs[i], datetime(2026, 8, 1, tzinfo=timezone.utc), datetime(2026, 8, 1, tzinfo=timezone.utc),
+                        hb))
+        t = datetime(2026, 9, rng.randrange(20, 31), rng.randrange(24), tzinfo=timezone.utc)
+        for _ in range(rng.randrange(5, 60)):
+            length = timedelta(minutes=rng.choice([10, 60, 60, 180, 600, 2000]))
+            org = orgs[i] if rng.random() < 0.95 else "o-9"
+            _insert(db, rid, i, org, "c-h", t, t + length, period=(t.strftime("%Y-%m") if rng.random() < 0.9
+                                                                   else rng.choice(["2026-09", "2026-10", "2026-11"])))
+            rid += 1
+            if rng.random() < 0.1:
+                _insert(db, rid, i, org, "c-h", t, t + length)
+                rid += 1
+            t += length + rng.choice([timedelta(0), timedelta(seconds=59), timedelta(seconds=61), timedelta(hours=2),
+                                      timedelta(days=3)])
+    return ids, orgs, rid
+
+
+def _random_cases(db, s, rng, ids):
+    """Cases over one instance and over several (a customer's, a batch's), in every state, with
+    pieces of their instances' records (and one piece of a record of an instance the case does
+    not list, which must not count for that instance)."""
+    recs = db.execute("SELECT id, instance_id, (extract(epoch FROM start_time) * 1000000)::bigint,"
+                      " (extract(epoch FROM end_time) * 1000000)::bigint FROM billing_records ORDER BY id").fetchall()
+    case_ids = []
+    for _ in range(rng.randrange(2, 7)):
+        members = rng.sample(ids, rng.choice([1, 1, 2, 3]))
+        state = rng.choice(["pending", "approved", "issuing", "issued", "rejected", "failed", "expired"])
+        (cid,) = db.execute(
+            f"INSERT INTO {s}.cases (instance_id, org_id, customer_id, periods, state, proposed_cents, credit_cents,"
+            f" issued_cents, issued_at, required_level, kinds, report, requested_by, instance_ids)"
+            f" VALUES (%s, %s, 'c-h', %s, %s, 500, 400, %s, %s, 1, %s, '{{}}', 'U1', %s) RETURNING id",
+            (members[0] if len(members) == 1 else None, "o-1" if len(members) == 1 else None, PERIODS, state,
+             300 if state == "issued" else None, datetime(2026, 11, 2, tzinfo=timezone.utc) if state == "issued" else None,
+             ["duplicate_charge"], members)).fetchone()
+        case_ids.append(cid)
+        mine = [r for r in recs if r[1] in members]
+        others = [r for r in recs if r[1] not in members]
+        for rid, _, rs, re_ in rng.sample(mine, min(len(mine), rng.randrange(1, 6))) + (rng.sample(others, 1) if others else []):
+            db.execute(f"INSERT INTO {s}.case_pieces VALUES (%s, 'duplicate_charge', %s, %s, %s, %s)",
+                       (cid, rid, rs, rs + (re_ - rs) // 2, rng.choice([0, 1])))
+    return case_ids
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_chunk_reads_are_each_instances_own(db, db_url, seed):
+    rng = random.Random(7100 + seed)
+    ids, orgs, _ = _random_histories(db, rng)
+    periods = rng.choice([["2026-10"], ["2026-09", "2026-10"], ["2026-11"], ["2026-10", "2026-11"]])
+
+    async def migrate():
+        dbx = await Database.connect(db_url)
+        try:
+            await CaseStore(dbx).migrate()
+            return dbx.schema
+        finally:
+            await dbx.close()
+    s = asyncio.run(migrate())
+    case_ids = _random_cases(db, s, rng, ids)
+
+    async def go():
+        dbx = await Database.connect(db_url)
+        try:
+            exclude = rng.choice(case_ids + [None])
+            asked = ids + ["i-nothing"]  # an instance nobody billed: no records, a fingerprint all the same
+            pairs = [(i, orgs.get(i, "o-1")) for i in asked]
+            async with dbx.snapshot() as conn:
+                many = await dbx.records_of(conn, asked, periods)
+                one = {i: await dbx.records(conn, i, periods) for i in asked}
+                fps = await store.evidence_fingerprints(conn, s, pairs, periods)
+                old_fps = {i: await _old_fingerprint(conn, s, i, o, periods) for i, o in pairs}
+                single_fp = {i: await store.evidence_fingerprint(conn, s, i, o, periods) for i, o in pairs}
+                held = await store.held_pieces_of(conn, s, asked, exclude)
+                old_held = {i: await _old_held(conn, s, i, exclude) for i in asked}
+                combined = await store.evidence_fingerprint_of(conn, s, pairs[:3], periods)
+            return many, one, fps, old_fps, single_fp, held, old_held, combined
+        finally:
+            await dbx.close()
+
+    many, one, fps, old_fps, single_fp, held, old_held, combined = asyncio.run(go())
+    assert any(one.values()) and any(h[0] for h in old_held.values()) and any(h[1] for h in old_held.values())
+    for i in one:
+        assert many[i] == one[i], i
+        assert fps[i] == old_fps[i] == single_fp[i], i
+        assert sorted(held[i][0], key=repr) == sorted(old_held[i][0], key=repr), i
+        assert held[i][1] == old_held[i][1], i
+    pairs3 = sorted((i, orgs.get(i, "o-1")) for i in (ids + ["i-nothing"])[:3])
+    assert combined == store.combine_fingerprints(f"{i}={old_fps[i]}" for i, _ in pairs3)
+    assert len(set(old_fps.values())) == len(old_fps)  # different instances, different evidence
