@@ -346,3 +346,119 @@ def test_chunk_reads_are_each_instances_own(db, db_url, seed):
     pairs3 = sorted((i, orgs.get(i, "o-1")) for i in (ids + ["i-nothing"])[:3])
     assert combined == store.combine_fingerprints(f"{i}={old_fps[i]}" for i, _ in pairs3)
     assert len(set(old_fps.values())) == len(old_fps)  # different instances, different evidence
+
+
+# --- a listing failing or timing out: every customer of it shows Polar not read -----------------------
+
+def _meter_twice_first_hour(db, polar):
+    """Each instance's first hour metered a second time: read, Polar's events give a finding."""
+    for rid, cust, iid, s, e in db.execute("SELECT DISTINCT ON (instance_id) id, customer_id, instance_id, start_time,"
+                                           " end_time FROM billing_records ORDER BY instance_id, id").fetchall():
+        polar.add_usage_event(cust, EVENT, {"instance_id": iid, "start_time": s.isoformat(),
+                                            "end_time": e.isoformat(), "record_id": str(rid)})
+
+
+def test_a_failed_or_slow_listing_leaves_each_of_its_customers_partial(db, db_url, polar, monkeypatch, caplog):
+    import logging
+    import time
+
+    from .fakes.http import Response
+    _hourly(db, polar, customers=6, hours=3)
+    _meter_twice_first_hour(db, polar)
+    monkeypatch.setattr(investigation, "EVENTS_PER_LISTING", 2)
+    monkeypatch.setattr(multi_check, "CHUNK", 2)
+    real = polar.handle
+
+    def handle(req):
+        asked = req.query.get("external_customer_id", [])
+        if req.path == "/v1/events/" and len(asked) > 1 and "c-02" in asked:
+            return Response(500, {"error": "InternalServerError", "detail": "boom"})
+        if req.path == "/v1/events/" and len(asked) > 1 and "c-04" in asked:
+            time.sleep(1.0)
+        return real(req)
+    monkeypatch.setattr(polar.server, "handler", handle)
+    ids = [f"i-{n:02d}" for n in range(6)]
+
+    async def body(inv):
+        singles = {i: await inv.check(i, PERIODS) for i in ids}
+        monkeypatch.setattr(investigation, "SOURCE_TIMEOUT_S", 0.4)
+        many = await check_all(inv, ids, PERIODS)
+        await asyncio.sleep(1.2)  # the slow listing ends after its checks gave up on it
+        return singles, many
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        singles, many = asyncio.run(_with_inv(db_url, polar, body))
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    by = {r.result.instance.instance_id: r for r in many}
+    for i in ids:
+        assert singles[i].sources["polar"] == "ok"
+        assert [f.kind for f in singles[i].result.findings] == ["duplicate_charge"]
+    for i in ("i-02", "i-03", "i-04", "i-05"):
+        failed = by[i].sources["polar"]
+        assert failed.startswith("failed: usage events: "), (i, failed)
+        assert ("timed out" in failed) == (i in ("i-04", "i-05")), failed
+        assert by[i].coverage.state == "partial" and "duplicate_charge" in by[i].coverage.kinds
+        assert any("not read" in w for w in by[i].coverage.why)
+        assert by[i].result.credit_cents == 0
+    for i in ("i-00", "i-01"):
+        assert by[i].sources == singles[i].sources
+        assert [f.kind for f in by[i].result.findings] == ["duplicate_charge"]
+        assert by[i].result.credit_cents == singles[i].result.credit_cents > 0
+
+
+# --- a chunk failing half way ------------------------------------------------------------------------
+
+def test_a_chunk_failing_half_way_fails_the_check_and_leaves_nothing_behind(db, db_url, polar, monkeypatch, caplog):
+    """A database error in one chunk (after its Kubernetes and Polar reads started): the whole
+    check fails with it (no partial answer), the other chunks' connections go back to the pool, no
+    task's failure is left unretrieved, and the same Investigator then checks every instance."""
+    import logging
+
+    _hourly(db, polar, customers=6, hours=3)
+    _meter_twice_first_hour(db, polar)
+    monkeypatch.setattr(multi_check, "CHUNK", 2)
+    monkeypatch.setattr(investigation, "EVENTS_PER_LISTING", 1)
+    ids = [f"i-{n:02d}" for n in range(6)]
+    real = investigation.held_pieces_of
+    calls = []
+
+    async def flaky(conn, s, instance_ids, exclude_case=None):
+        calls.append(list(instance_ids))
+        if "i-02" in instance_ids:
+            await conn.execute("SELECT 1/0")  # a real database error, in the chunk's transaction
+        return await real(conn, s, instance_ids, exclude_case)
+
+    async def body(inv):
+        monkeypatch.setattr(investigation, "held_pieces_of", flaky)
+        with pytest.raises(Exception) as failed:
+            await check_all(inv, ids, PERIODS)
+        for _ in range(60):  # the other chunks end, their connections return
+            stats = inv.db.pool.get_stats()
+            if stats.get("pool_size", 0) == stats.get("pool_available", 0):
+                break
+            await asyncio.sleep(0.05)
+        monkeypatch.setattr(investigation, "held_pieces_of", real)
+        again = await check_all(inv, ids, PERIODS)
+        singles = {i: await inv.check(i, PERIODS) for i in ids}
+        return failed.value, stats, again, singles
+
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        err, stats, again, singles = asyncio.run(_with_inv(db_url, polar, body))
+    assert "division by zero" in str(err)
+    assert stats.get("pool_size", 0) == stats.get("pool_available", 0), stats
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage() or "destroyed" in r.getMessage()]
+    assert [r.result.instance.instance_id for r in again] == ids
+    for r in again:
+        s = singles[r.result.instance.instance_id]
+        assert (r.result.credit_cents, r.sources, r.fingerprint) == (s.result.credit_cents, s.sources, s.fingerprint)
+        assert r.result.credit_cents > 0
+
+
+def test_an_unknown_instance_in_a_chunk_is_named(db, db_url, polar):
+    _hourly(db, polar, customers=2, hours=2)
+
+    async def body(inv):
+        with pytest.raises(investigation.UnknownInstance) as e:
+            await inv.check_many(["i-00", "i-zz", "i-01"], PERIODS)
+        return str(e.value)
+    assert "i-zz" in asyncio.run(_with_inv(db_url, polar, body))
