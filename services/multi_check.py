@@ -137,7 +137,16 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
                 if asyncio.iscoroutine(handed):
                     await handed
 
-    await asyncio.gather(*(one(instance_ids[n:n + CHUNK]) for n in range(0, len(instance_ids), CHUNK)))
+    tasks = [asyncio.ensure_future(one(instance_ids[n:n + CHUNK])) for n in range(0, len(instance_ids), CHUNK)]
+    try:
+        await asyncio.gather(*tasks)
+    except BaseException:
+        # one chunk failed (or the caller gave up): the check has failed, and the chunks not yet
+        # done stop here rather than read on for minutes in the background for nobody
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
     reports.sort(key=lambda r: r.result.instance.instance_id)
     return reports
 

@@ -462,3 +462,58 @@ def test_an_unknown_instance_in_a_chunk_is_named(db, db_url, polar):
             await inv.check_many(["i-00", "i-zz", "i-01"], PERIODS)
         return str(e.value)
     assert "i-zz" in asyncio.run(_with_inv(db_url, polar, body))
+
+
+def test_429s_during_paged_listings_change_no_answer(db, db_url, polar, monkeypatch):
+    """Listings of several customers, paged (pages fetched concurrently), with every third request
+    of any kind answered 429: the same reports as without, Polar read for every instance."""
+    monkeypatch.setattr(polar_module, "PAGE_LIMIT", 4)
+    monkeypatch.setattr(investigation, "EVENTS_PER_LISTING", 3)
+    monkeypatch.setattr(multi_check, "CHUNK", 2)
+    _hourly(db, polar, customers=6, hours=5)
+    _meter_twice_first_hour(db, polar)
+    ids = [f"i-{n:02d}" for n in range(6)]
+
+    async def body(inv):
+        calm = await check_all(inv, ids, PERIODS)
+        polar.rate_limit(3, "0")
+        busy = await check_all(inv, ids, PERIODS)
+        polar.rate_limit(0)
+        return calm, busy
+
+    calm, busy = asyncio.run(_with_inv(db_url, polar, body))
+    assert polar.rate_limited and any(route == "/v1/events/" for _, route in polar.rate_limited)
+    assert [(r.result.instance.instance_id, r.result.credit_cents, r.sources) for r in busy] == \
+           [(r.result.instance.instance_id, r.result.credit_cents, r.sources) for r in calm]
+    assert all(r.sources["polar"] == "ok" and r.result.credit_cents > 0 for r in busy)
+
+
+def test_a_failed_chunk_stops_the_chunks_not_yet_done(db, db_url, polar, monkeypatch):
+    """A plan over 20,000 instances is 80 chunks: when one fails, the check has failed, and the
+    chunks not yet done must not go on reading the database and Polar for minutes in the
+    background (nobody will read their answer; a retry would double the load)."""
+    _hourly(db, polar, customers=10, hours=1)
+    monkeypatch.setattr(multi_check, "CHUNK", 1)
+    monkeypatch.setattr(multi_check, "CHUNKS_AT_ONCE", 2)
+    ids = [f"i-{n:02d}" for n in range(10)]
+    started, handed = [], []
+    real = Investigator.check_many
+
+    async def slow_check_many(self, chunk, *a, **kw):
+        started.append(chunk[0])
+        if chunk[0] == "i-01":
+            raise RuntimeError("a chunk failed")
+        await asyncio.sleep(0.1)
+        return await real(self, chunk, *a, **kw)
+    monkeypatch.setattr(Investigator, "check_many", slow_check_many)
+
+    async def body(inv):
+        with pytest.raises(RuntimeError):
+            await check_all(inv, ids, PERIODS, on_report=lambda r: handed.append(r.result.instance.instance_id))
+        at_failure = len(started)
+        await asyncio.sleep(1.0)
+        return at_failure
+
+    at_failure = asyncio.run(_with_inv(db_url, polar, body))
+    assert len(started) == at_failure <= 3, started
+    assert len(handed) < len(ids)
