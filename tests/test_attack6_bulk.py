@@ -517,3 +517,49 @@ def test_a_failed_chunk_stops_the_chunks_not_yet_done(db, db_url, polar, monkeyp
     at_failure = asyncio.run(_with_inv(db_url, polar, body))
     assert len(started) == at_failure <= 3, started
     assert len(handed) < len(ids)
+
+
+# --- cases opened while a chunked check reads ----------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cases_opened_concurrently_over_chunked_checks_credit_each_second_once(db, db_url, polar, monkeypatch, seed):
+    """Instance cases, customer cases and an org case of the same time opened at once, the
+    customer and org checks read a chunk of one instance per snapshot (so a case can be opened
+    between two chunks of one check): the holding cases' pieces never overlap, and together they
+    credit exactly what the instances' own checks found."""
+    from services.cases import CheckRequest
+
+    from .test_remediation_batch import World, seed_customers
+    seed_customers(db, polar, n=2, instances_each=3)
+    monkeypatch.setattr(multi_check, "CHUNK", 1)
+    rng = random.Random(seed)
+
+    async def go():
+        async with World(db_url, polar) as w:
+            svc = w.service
+            ids = [f"i-{c:02d}-{k}" for c in range(2) for k in range(3)]
+            full = {i: (await svc.investigator.check(i, PERIODS)).result.credit_cents for i in ids}
+            jobs = [svc.open(CheckRequest(i, PERIODS, "U1")) for i in rng.sample(ids, 3)]
+            jobs += [svc.open_customer("c-00", CheckRequest("", PERIODS, "U1")),
+                     svc.open_customer("c-01", CheckRequest("", PERIODS, "U1")),
+                     svc.open_org("o-00", CheckRequest("", PERIODS, "U1"))]
+            rng.shuffle(jobs)
+            await asyncio.gather(*jobs)
+            # a second round: everything is held now, nothing new is credited
+            again = await svc.open_customer("c-00", CheckRequest("", PERIODS, "U1"))
+            return full, again
+
+    full, again = asyncio.run(go())
+    with psycopg.connect(db_url) as conn:
+        cases = conn.execute("SELECT id, credit_cents, instance_ids FROM billing_bot.cases"
+                             " WHERE state NOT IN ('rejected', 'expired')").fetchall()
+        pieces = conn.execute("SELECT p.case_id, p.record_id, p.start_us, p.end_us, p.extra_events"
+                              " FROM billing_bot.case_pieces p JOIN billing_bot.cases c ON c.id = p.case_id"
+                              " WHERE c.state NOT IN ('rejected', 'expired') ORDER BY 2, 3").fetchall()
+    assert len(cases) >= 2 and pieces
+    for a, b in zip(pieces, pieces[1:]):
+        if a[1] == b[1]:
+            assert a[3] <= b[2] or (a[2] == b[2] == a[3] == b[3]), (a, b)  # no second credited twice
+    assert sum(c[1] for c in cases) == sum(full.values()) > 0
+    assert all(o.status in ("existing", "done") for o in again)
+    assert all(o.status == "existing" or o.case.credit_cents == 0 for o in again)
