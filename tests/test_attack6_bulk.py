@@ -150,7 +150,7 @@ def _random_org_days(db, rng):
     return {org: (rng.sample(all_days, rng.randrange(0, len(all_days))), rng.choice(limits)) for org in orgs}
 
 
-@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("seed", range(8))
 def test_many_orgs_in_one_statement_read_what_each_org_alone_read(db, db_url, seed):
     rng = random.Random(6000 + seed)
     wanted = _random_org_days(db, rng)
@@ -176,7 +176,7 @@ def test_many_orgs_in_one_statement_read_what_each_org_alone_read(db, db_url, se
 def test_org_days_random_data_reach_the_limit(db, db_url):
     """The property above is not empty: on its data, days pass their limits (zero included)."""
     passed = zero = 0
-    for seed in range(12):
+    for seed in range(8):
         rng = random.Random(6000 + seed)
         db.execute("TRUNCATE billing_records")
         wanted = _random_org_days(db, rng)
@@ -360,7 +360,7 @@ def _meter_twice_first_hour(db, polar):
 
 def test_a_failed_or_slow_listing_leaves_each_of_its_customers_partial(db, db_url, polar, monkeypatch, caplog):
     import logging
-    import time
+    import threading
 
     from .fakes.http import Response
     _hourly(db, polar, customers=6, hours=3)
@@ -368,22 +368,24 @@ def test_a_failed_or_slow_listing_leaves_each_of_its_customers_partial(db, db_ur
     monkeypatch.setattr(investigation, "EVENTS_PER_LISTING", 2)
     monkeypatch.setattr(multi_check, "CHUNK", 2)
     real = polar.handle
+    release = threading.Event()
 
     def handle(req):
         asked = req.query.get("external_customer_id", [])
         if req.path == "/v1/events/" and len(asked) > 1 and "c-02" in asked:
             return Response(500, {"error": "InternalServerError", "detail": "boom"})
         if req.path == "/v1/events/" and len(asked) > 1 and "c-04" in asked:
-            time.sleep(1.0)
+            release.wait(10)  # answers only after its checks gave up on it
         return real(req)
     monkeypatch.setattr(polar.server, "handler", handle)
     ids = [f"i-{n:02d}" for n in range(6)]
 
     async def body(inv):
         singles = {i: await inv.check(i, PERIODS) for i in ids}
-        monkeypatch.setattr(investigation, "SOURCE_TIMEOUT_S", 0.4)
+        monkeypatch.setattr(investigation, "SOURCE_TIMEOUT_S", 1.0)
         many = await check_all(inv, ids, PERIODS)
-        await asyncio.sleep(1.2)  # the slow listing ends after its checks gave up on it
+        release.set()
+        await asyncio.sleep(0.3)  # the slow listing ends, nobody waiting for it
         return singles, many
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
