@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 PAGE_LIMIT = 100
 MAX_RETRY_AFTER_S = 30.0
 PAGE_CONCURRENCY = 8
+# Events listed oldest first: Polar's default is newest first, where an event metered while the
+# pages are read shifts every later page by one (page 2 repeats page 1's last, the last page's
+# last falls off the end: missed, and the check would say "ok"). Oldest first, new events land
+# after everything already listed.
+EVENTS_OLDEST_FIRST = "timestamp"
 
 
 class PolarError(Exception):
@@ -191,7 +196,7 @@ class PolarClient:
         instance is checked again here, so a server that ignores the filter is still read right."""
         raw = await self.list_all("/v1/events/", {
             "external_customer_id": external_customer_id, "name": name,
-            "metadata[instance_id]": instance_id})
+            "metadata[instance_id]": instance_id, "sorting": EVENTS_OLDEST_FIRST})
         return parse_usage_events(raw, name, instance_id)
 
     async def usage_events_of_customers(self, external_customer_ids: list[str], name: str
@@ -199,7 +204,8 @@ class PolarClient:
         """customer -> instance -> its metering events, for several customers in one listing (the
         filter takes a list): a check over thousands of instances reads Polar a few dozen times,
         not once per instance. Each event is placed by its own customer and instance."""
-        raw = await self.list_all("/v1/events/", {"external_customer_id": list(external_customer_ids), "name": name})
+        raw = await self.list_all("/v1/events/", {"external_customer_id": list(external_customer_ids), "name": name,
+                                                  "sorting": EVENTS_OLDEST_FIRST})
         wanted = set(external_customer_ids)
         by_key: dict[tuple[str, str], list[dict]] = {}
         for ev in raw:
@@ -232,7 +238,7 @@ class PolarClient:
         """The customer's events named `name` whose metadata[key] is `value` (e.g. the
         compensating usage events of one case: key case_id), checked again here."""
         raw = await self.list_all("/v1/events/", {"external_customer_id": external_customer_id, "name": name,
-                                                  f"metadata[{key}]": value})
+                                                  f"metadata[{key}]": value, "sorting": EVENTS_OLDEST_FIRST})
         return [e for e in raw if e.get("name") == name and str((e.get("metadata") or {}).get(key)) == str(value)]
 
     # --- writes --------------------------------------------------------------------------------

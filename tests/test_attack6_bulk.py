@@ -88,6 +88,51 @@ def test_an_event_metered_while_a_listing_is_paged_is_not_counted_twice(db, db_u
             for r in reports] == [("i-00", 0, []), ("i-01", 0, []), ("i-02", 0, [])]
 
 
+def _meter_after_first_page(monkeypatch, polar, n: int = 1) -> list[dict]:
+    """After Polar serves a first page of events, `n` new events are metered (the newest)."""
+    real_page = polar._page
+    added: list[dict] = []
+
+    def page_then_meter(req, items):
+        resp = real_page(req, items)
+        if req.path == "/v1/events/" and req.q("page", "1") == "1" and not added:
+            for k in range(n):
+                added.append(polar.add_usage_event("c-00", EVENT, {
+                    "instance_id": "i-new", "start_time": f"2026-10-31T2{k}:00:00Z", "end_time": f"2026-10-31T2{k}:30:00Z"}))
+        return resp
+    monkeypatch.setattr(polar, "_page", page_then_meter)
+    return added
+
+
+@pytest.mark.parametrize("newcomers", [1, 3])
+def test_events_metered_while_a_listing_is_paged_neither_repeat_nor_hide_the_ones_before(
+        db, db_url, polar, monkeypatch, newcomers):
+    """The pages after the first are read concurrently. Newest first (Polar's default) a new
+    event shifts every later page: page 2 repeats page 1's last and the oldest fall off the last
+    page, missed while the listing says ok. The client lists oldest first: every event there was
+    when the listing began comes back once, and the newcomers after them."""
+    monkeypatch.setattr(polar_module, "PAGE_LIMIT", 10)
+    _hourly(db, polar, customers=3, hours=10)  # 30 events: three full pages of 10
+    added = _meter_after_first_page(monkeypatch, polar, newcomers)
+    listed_before = []
+
+    async def listings(inv):
+        customers = {"external_customer_id": ["c-00", "c-01", "c-02"], "name": EVENT}
+        listed_before.append({e["id"] for e in polar.events})
+        default = await inv.polar.list_all("/v1/events/", customers)  # newest first, as Polar's default
+        added.clear()  # new events again, while the client's own listing is paged
+        listed_before.append({e["id"] for e in polar.events})
+        ours = await inv.polar.list_all("/v1/events/", {**customers, "sorting": polar_module.EVENTS_OLDEST_FIRST})
+        return default, ours
+
+    default, ours = asyncio.run(_with_inv(db_url, polar, listings))
+    ours_ids = [e["id"] for e in ours]
+    assert len(ours_ids) == len(set(ours_ids)) and listed_before[1] <= set(ours_ids)
+    # the harm the order avoids: newest first, the same metering repeats one event and misses another
+    default_ids = [e["id"] for e in default]
+    assert len(default_ids) != len(set(default_ids)) and not listed_before[0] <= set(default_ids)
+
+
 # --- the multi-org org_days.sql against the single-org statement it replaced ----------------------------
 
 _OLD_ORG_DAYS_SQL = (Path(__file__).parent / "data" / "attack6_org_days_34f3d41.sql").read_text()

@@ -150,6 +150,7 @@ class FakePolar(FakeApi):
             "metadata": metadata, "parent_id": None, "child_count": 0,
         }
         ev["_external_id"] = external_id
+        ev["_seq"] = len(self.events)
         self.events.append(ev)
         return ev
 
@@ -262,6 +263,9 @@ class FakePolar(FakeApi):
         if template == "/v1/events/":
             items = [e for e in self.events
                      if _match(req, "external_customer_id", e["external_customer_id"]) and _match(req, "name", e["name"])]
+            # Polar's default is newest first; ties (the same microsecond) in the order metered
+            newest_first = req.query.get("sorting", ["-timestamp"])[0].startswith("-")
+            items = sorted(items, key=lambda e: (e["timestamp"], e["_seq"]), reverse=newest_first)
             for key, values in req.query.items():
                 if key.startswith("metadata[") and key.endswith("]"):
                     k = key[len("metadata["):-1]
