@@ -100,7 +100,8 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
             c = await rt.polar.customer_by_external_id(external_id)
             return {"name": c.name, "email": c.email}
         # Refund outcomes arrive by webhook; without a secret, or past 10 minutes, they are read back.
-        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer),
+        # env.issuing_workers (BILLING_BOT_ISSUING_WORKERS): the runtime sized the workers' pool to it
+        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer), workers=env.issuing_workers,
                                 poll_pending_after_s=float(os.environ.get("BILLING_BOT_POLL_PENDING_S", 600))
                                 if env.polar_webhook_secret else 0.0)
     return ctx
