@@ -26,8 +26,10 @@ class ConfigError(ValueError):
 
 # Issuings at once per process (services/issuing.Issuer.workers), BILLING_BOT_ISSUING_WORKERS. The
 # workers have a connection pool of their own (workers + 1: the sweeper), so more of them never take
-# the connections the checks and Slack's listeners use.
-ISSUING_WORKERS = 3
+# the connections the checks and Slack's listeners use. 12: issue 16's batch of 2,000 cases (50 ms a
+# Polar call) issued fastest on the bench's 2-core machine at 12 (6, 8 and 16 slower; see
+# bench/remediation_bench.py); a replica then holds at most 8 + 13 connections.
+ISSUING_WORKERS = 12
 MAX_ISSUING_WORKERS = 64
 
 
