@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from services import store as store_mod
+from services.cases import CheckRequest
 from services.config import ISSUING_WORKERS, ConfigError, Env
 from services.db import Database, make_pool, worker_pool_size
 from services.issuing import Issuer
@@ -36,7 +37,6 @@ def test_a_case_is_issued_while_every_connection_of_the_main_pool_is_held(db, db
             await svc.store.migrate()
             rec = Recorder()
             issuer = Issuer(svc, client, CONFIG, rec, lookup_delay_s=0.05, workers=2)
-            from services.cases import CheckRequest
             opened = await svc.open(CheckRequest("i-7f3a", ["2026-10"], "U1", "T-1"))
             approved = await svc.approve(opened.case.id, "U_LEAD", "refund")
             assert approved.ok, approved
@@ -84,7 +84,6 @@ def test_the_case_lock_is_released_before_the_workers_connection_goes_back(db, d
             svc = service(db_)
             await svc.store.migrate()
             issuer = Issuer(svc, client, CONFIG, Recorder(), lookup_delay_s=0.05, workers=1)
-            from services.cases import CheckRequest
             opened = await svc.open(CheckRequest("i-7f3a", ["2026-10"], "U1", "T-1"))
             approved = await svc.approve(opened.case.id, "U_LEAD", "refund")
             async with svc.store.bound():  # another worker holds the case: the issuer leaves it
