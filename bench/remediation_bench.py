@@ -41,7 +41,8 @@ the figures before and after issue 16's changes):
   of 8. At 3 workers issuing took ~120 s for 2,000 cases. Measured with their own pool (this
   2-core machine, another engineer's plan bench running part of the time: noisy), the issuing
   left after `approve` returned (it starts while the cases are opened): 6 workers 56 s, 8: 37 s,
-  12: 20 s; approve to all issued 230 / 214 / 217 s, most of it the approval's plan again. With
+  12: 20 s (18 s in a second run); approve to all issued 230 / 214 / 217 s, most of it the
+  approval's plan again (itself slowed by the issuing it overlaps). With
   `--instances 2000` (one instance a customer: a ~30-45 s plan, the same 2,000 cases to issue),
   approve to all issued: 3 workers 164 s, 8: 120 s, 12: 102 s, 16: 115 s. Past ~12 the machine's
   two cores are the limit (this process ~15 ms of CPU a case, PostgreSQL and our Polar server the
