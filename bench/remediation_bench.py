@@ -1,7 +1,7 @@
 """A remediation batch at scale (SPEC 5.3): plan, approve, and issue every customer's case.
 
     .venv/bin/python -m bench.remediation_bench [--instances 20000] [--customers 2000] [--latency-ms 50]
-        [--affected 3] [--check-polar yes|no] [--workers 3] [--profile FILE]
+        [--affected 3] [--check-polar yes|no] [--workers 12] [--profile FILE]
 
 Seeds period 2026-10 with `instances` instances spread over `customers` customers (10 each by
 default, one org per customer). Each instance has three one-hour records on three days; the first
@@ -11,10 +11,11 @@ an order created 2026-11-01 (the order invoicing October) in our Polar server, w
 process of its own (so this process's RSS and CPU are the bot's) and answers every call after
 `--latency-ms`.
 
-The services are built as `bot/runtime.py` builds them: the pool of 8, an Investigator that reads
-Polar (`--check-polar yes`, as production with a Polar key: customer, usage events and orders per
-instance checked; Kubernetes is not configured here) or not (`no`, as the tests' World), the
-Issuer with its default `workers` (3) and the PolarClient's default retries. Measured:
+The services are built as `bot/runtime.py` builds them: the pool of 8 and the issuing workers' own
+pool (`Database.worker_pool`, workers + 1), an Investigator that reads Polar (`--check-polar yes`,
+as production with a Polar key: customer, usage events and orders per instance checked; Kubernetes
+is not configured here) or not (`no`, as the tests' World), the Issuer with its default `workers`
+(12, BILLING_BOT_ISSUING_WORKERS) and the PolarClient's default retries. Measured:
 (a) `RemediationService.propose` wall time (goal < 10 s);
 (b) approve + every case issued (the issuer drained, then a sweep for anything left) (goal < 2 min);
 (c) peak RSS of this process (goal < 300 MB);
@@ -34,10 +35,18 @@ the figures before and after issue 16's changes):
   chunk of instances per snapshot, `= ANY(...)`) and the usage events per customer.
 - Approving computes the whole plan again (the fingerprint binding of SPEC 5.3), with the
   fingerprints: a second plan's time before the cases open (4 at once) while the issuer starts.
-- Issuing is bounded by the Issuer's 3 workers, each case 3 Polar calls one after another (the
-  orders, the read-back before the POST, the POST) plus ~25 statements: ~120 s for 2,000 cases.
-  6 workers (`--workers 6`) measured 34 s, but each worker holds a pool connection (8) for its
-  whole case, Polar calls included.
+- Issuing: each case is 3 Polar calls one after another (the orders, the read-back before the
+  POST, the POST) plus ~25 statements, on one connection the worker holds for the whole case. The
+  workers have a pool of their own (workers + 1), so their number no longer takes from the pool
+  of 8. At 3 workers issuing took ~120 s for 2,000 cases. Measured with their own pool (this
+  2-core machine, another engineer's plan bench running part of the time: noisy), the issuing
+  left after `approve` returned (it starts while the cases are opened): 6 workers 56 s, 8: 37 s,
+  12: 20 s (18 s in a second run); approve to all issued 230 / 214 / 217 s, most of it the
+  approval's plan again (itself slowed by the issuing it overlaps). With
+  `--instances 2000` (one instance a customer: a ~30-45 s plan, the same 2,000 cases to issue),
+  approve to all issued: 3 workers 164 s, 8: 120 s, 12: 102 s, 16: 115 s. Past ~12 the machine's
+  two cores are the limit (this process ~15 ms of CPU a case, PostgreSQL and our Polar server the
+  rest), and issuing slows the opening of the cases it overlaps; hence the default 12.
 """
 from __future__ import annotations
 
@@ -295,7 +304,8 @@ def main() -> None:
     ap.add_argument("--affected", type=int, default=3, help="instances of each customer with a duplicated record")
     ap.add_argument("--check-polar", choices=("yes", "no"), default="yes",
                     help="the checks read Polar, as in production with a Polar key (yes), or not (no)")
-    ap.add_argument("--workers", type=int, default=3, help="the Issuer's workers (its default: 3)")
+    ap.add_argument("--workers", type=int, default=Issuer.workers,
+                    help=f"the Issuer's workers (its default: {Issuer.workers})")
     ap.add_argument("--profile", help="write cProfile stats here and print the top of them")
     args = ap.parse_args()
 

@@ -12,7 +12,7 @@ and fails while it is down or while the bot is shutting down.
 Lifecycle: start (runtime, migrations, Slack client, background loops, HTTP), then wait for
 SIGTERM/SIGINT; then stop taking work (readiness fails, the listener closes), give in-flight
 background work DRAIN_S to finish and cancel the rest (a case cut mid-issuing stays approved or
-issuing in the database and the issuing sweeper of any replica resumes it), close the pool and
+issuing in the database and the issuing sweeper of any replica resumes it), close the pools and
 the clients; the CLI then stops an embedded PostgreSQL. Exit 0 well within Kubernetes' grace period.
 """
 from __future__ import annotations
@@ -100,7 +100,8 @@ def build_context(env: Env, config: Config, rt, client: AsyncWebClient) -> BotCo
             c = await rt.polar.customer_by_external_id(external_id)
             return {"name": c.name, "email": c.email}
         # Refund outcomes arrive by webhook; without a secret, or past 10 minutes, they are read back.
-        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer),
+        # env.issuing_workers (BILLING_BOT_ISSUING_WORKERS): the runtime sized the workers' pool to it
+        service.issuer = Issuer(service, rt.polar, config, SlackNotifier(ctx, customer), workers=env.issuing_workers,
                                 poll_pending_after_s=float(os.environ.get("BILLING_BOT_POLL_PENDING_S", 600))
                                 if env.polar_webhook_secret else 0.0)
     return ctx
@@ -263,7 +264,7 @@ async def _serve(env: Env, config: Config, demo: bool = False) -> None:
         raise ConfigError("SLACK_BOT_TOKEN and SLACK_SIGNING_SECRET (or SLACK_APP_TOKEN) are needed to serve")
     stop = _stop_event()
     state = ServeState(demo=demo)
-    async with open_runtime(env, config) as rt:  # on leaving: the pool and the clients are closed
+    async with open_runtime(env, config) as rt:  # on leaving: the pools and the clients are closed
         await CaseStore(rt.db).migrate()
         ctx = build_context(env, config, rt, slack_client(env, demo=demo))
         state.db = rt.db
@@ -289,7 +290,7 @@ async def _serve(env: Env, config: Config, demo: bool = False) -> None:
             await socket_mode.close_async()
         await runner.cleanup()  # stop listening; open requests get HTTP_SHUTDOWN_S
         await _drain(ctx, state, DRAIN_S)
-    log.info("shutdown: done in %.1f s (database pool closed)", time.monotonic() - t0)
+    log.info("shutdown: done in %.1f s (database pools closed)", time.monotonic() - t0)
 
 
 def serve(env: Env, config: Config, demo: bool = False) -> int:

@@ -36,7 +36,8 @@ async def open_runtime(env: Env, config: Config) -> AsyncIterator[Runtime]:
     from services.polar import PolarClient
 
     url, embedded = database_url(env)
-    db = await Database.connect(url, config.bot_schema)
+    # the pool of 8 (checks, Slack's listeners) and the issuing workers' own (workers + 1)
+    db = await Database.connect(url, config.bot_schema, issuing_workers=env.issuing_workers)
     kube = None
     kube_problem = None
     try:

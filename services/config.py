@@ -24,6 +24,15 @@ class ConfigError(ValueError):
     """A configuration problem, naming the offending key."""
 
 
+# Issuings at once per process (services/issuing.Issuer.workers), BILLING_BOT_ISSUING_WORKERS. The
+# workers have a connection pool of their own (workers + 1: the sweeper), so more of them never take
+# the connections the checks and Slack's listeners use. 12: issue 16's batch of 2,000 cases (50 ms a
+# Polar call) issued fastest on the bench's 2-core machine at 12 (6, 8 and 16 slower; see
+# bench/remediation_bench.py); a replica then holds at most 8 + 13 connections.
+ISSUING_WORKERS = 12
+MAX_ISSUING_WORKERS = 64
+
+
 @dataclass(frozen=True)
 class Env:
     """What the environment says (SPEC 5). Secrets live here and are never logged."""
@@ -41,6 +50,7 @@ class Env:
     smtp_url: str | None = field(default=None, repr=False)
     polar_webhook_secret: str | None = field(default=None, repr=False)
     port: int = 3000
+    issuing_workers: int = ISSUING_WORKERS  # BILLING_BOT_ISSUING_WORKERS
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Env":
@@ -48,6 +58,10 @@ class Env:
         port_text = e.get("PORT") or "3000"
         if not port_text.isdigit() or not 0 < int(port_text) < 65536:
             raise ConfigError(f"PORT: expected a TCP port number, got {port_text!r}")
+        workers_text = (e.get("BILLING_BOT_ISSUING_WORKERS") or str(ISSUING_WORKERS)).strip()
+        if not workers_text.isdigit() or not 1 <= int(workers_text) <= MAX_ISSUING_WORKERS:
+            raise ConfigError(f"BILLING_BOT_ISSUING_WORKERS: expected a whole number from 1 to {MAX_ISSUING_WORKERS},"
+                              f" got {workers_text!r}")
         return cls(
             database_url=e.get("DATABASE_URL") or None,
             kubeconfig=e.get("KUBECONFIG") or None,
@@ -62,6 +76,7 @@ class Env:
             smtp_url=e.get("SMTP_URL") or None,
             polar_webhook_secret=e.get("POLAR_WEBHOOK_SECRET") or None,
             port=int(port_text),
+            issuing_workers=int(workers_text),
         )
 
 

@@ -20,7 +20,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from handlers.model import Instance, OrgInterval, Record
 from handlers.timeline import to_us
-from services.config import ConfigError, Throttle
+from services.config import ISSUING_WORKERS, ConfigError, Throttle
 
 STATEMENT_TIMEOUT_MS = 15_000
 _RECORD_COLUMNS = ("id, instance_id, org_id, customer_id, tier, rate_per_hour, hours_used, total_charge, billing_period,"
@@ -96,33 +96,62 @@ def _connect_kwargs(url: str) -> dict:
     return {} if "connect_timeout" in given else {"connect_timeout": CONNECT_TIMEOUT_S}
 
 
-def make_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> AsyncConnectionPool:
+def make_pool(url: str, *, min_size: int = 1, max_size: int = 8, name: str | None = None) -> AsyncConnectionPool:
     # check: each connection is tested (an empty query) as it is taken from the pool, so after a
     # database restart or failover the dead connections are replaced instead of failing a request.
     return AsyncConnectionPool(url, min_size=min_size, max_size=max_size, open=False, timeout=POOL_WAIT_S,
-                               reconnect_timeout=RECONNECT_TIMEOUT_S,
+                               reconnect_timeout=RECONNECT_TIMEOUT_S, name=name,
                                configure=_configure, check=AsyncConnectionPool.check_connection,
                                kwargs={"row_factory": dict_row, **_connect_kwargs(url)})
 
 
+def worker_pool_size(workers: int) -> int:
+    """The issuing workers' pool: one connection per worker, and one for the sweeper."""
+    return workers + 1
+
+
 class Database:
-    def __init__(self, pool: AsyncConnectionPool, bot_schema: str = "billing_bot"):
+    def __init__(self, pool: AsyncConnectionPool, bot_schema: str = "billing_bot",
+                 worker_pool: AsyncConnectionPool | None = None):
         self.pool = pool
         self.schema = bot_schema
+        # The issuing workers' own connections (Store.bound and nothing else), so the workers never
+        # take the ones checks and Slack's listeners use; None: they share `pool` (tests).
+        self.worker_pool = worker_pool
 
     @classmethod
-    async def connect(cls, url: str, bot_schema: str = "billing_bot", **kw) -> "Database":
-        """Open the pool. One direct connection first: when the database cannot be reached, it
-        raises libpq's own reason (refused, timed out, authentication) within CONNECT_TIMEOUT_S,
-        where the pool would retry quietly and end in a bare PoolTimeout."""
+    async def connect(cls, url: str, bot_schema: str = "billing_bot", *, issuing_workers: int = ISSUING_WORKERS,
+                      **kw) -> "Database":
+        """Open the pool, and the issuing workers' pool (`worker_pool_size(issuing_workers)`; none
+        open until a worker asks, so commands that never issue add no connection). One direct
+        connection first: when the database cannot be reached, it raises libpq's own reason (refused,
+        timed out, authentication) within CONNECT_TIMEOUT_S, where the pool would retry quietly and
+        end in a bare PoolTimeout."""
         probe = await psycopg.AsyncConnection.connect(url, **_connect_kwargs(url))
         await probe.close()
         pool = make_pool(url, **kw)
         await pool.open(wait=True, timeout=POOL_OPEN_TIMEOUT_S)
-        return cls(pool, bot_schema)
+        workers = make_pool(url, min_size=0, max_size=worker_pool_size(issuing_workers), name="issuing")
+        try:
+            await workers.open(wait=True, timeout=POOL_OPEN_TIMEOUT_S)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, bot_schema, worker_pool=workers)
+
+    async def fit_worker_pool(self, workers: int) -> None:
+        """Room in the workers' pool for `workers` issuings at once and the sweeper (an Issuer with
+        more workers than the pool was opened for grows it; never shrunk)."""
+        pool = self.worker_pool
+        if pool is not None and pool.max_size < worker_pool_size(workers):
+            await pool.resize(pool.min_size, worker_pool_size(workers))
 
     async def close(self) -> None:
-        await self.pool.close()
+        try:
+            if self.worker_pool is not None:
+                await self.worker_pool.close()
+        finally:
+            await self.pool.close()
 
     @asynccontextmanager
     async def snapshot(self) -> AsyncIterator[psycopg.AsyncConnection]:

@@ -1,9 +1,10 @@
 """Issue an approved case's credit in Polar exactly once (SPEC 4).
 
 Exactly once, whatever happens:
-- one worker per case, on any replica: a session advisory lock on the case, taken on the one pool
+- one worker per case, on any replica: a session advisory lock on the case, taken on the one
   connection that does all of the worker's database work (so issuing never waits for a second
-  connection), and at most `workers` issuings at once per process (the pool stays for checks);
+  connection), and at most `workers` issuings at once per process, on a pool of their own
+  (`Database.worker_pool`: the main pool stays for checks and Slack);
 - before any money of the case moves, the evidence is looked at once more under the instance's
   lock; if it changed, the case is checked again and waits for a new decision (SPEC 2.2);
 - the intent is written to the outbox (`issuances`, unique per case and order) before any call;
@@ -24,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Protocol
 
@@ -34,6 +35,7 @@ from handlers.settings import Config
 from handlers.timeline import allocate, fmt_money, from_us
 from services.background import Background
 from services.cases import CaseService, Outcome
+from services.config import ISSUING_WORKERS
 from services.polar import PolarClient, PolarError, PolarUnavailable, refund_failure_reason
 from services.store import Outbox
 
@@ -79,10 +81,13 @@ class Issuer:
     config: Config
     notifier: Notifier
     lookup_delay_s: float = 0.5
-    workers: int = 3  # issuings at once per process; the pool (8) keeps room for checks and Slack
+    # issuings at once per process (BILLING_BOT_ISSUING_WORKERS); each binds a connection of the
+    # workers' own pool (Database.worker_pool, sized to them), so the pool of 8 stays for checks and Slack
+    workers: int = ISSUING_WORKERS
     poll_pending_after_s: float = 600.0  # read back pending refunds after this (0: every sweep)
     in_flight_window_s: float | None = None  # how long a POST elsewhere may still be running (None: 2x timeout)
     background: Background | None = None  # the issuing workers, bounded to `workers`
+    _pool_fitted: bool = field(default=False, repr=False)
 
     @property
     def store(self):
@@ -138,6 +143,9 @@ class Issuer:
             await asyncio.sleep(every_s)
 
     async def issue(self, case_id: int) -> Case | None:
+        if not self._pool_fitted:  # the workers' pool has a connection for each worker and the sweeper
+            await self.store.db.fit_worker_pool(self.workers)
+            self._pool_fitted = True
         async with self.store.bound():
             if not await self.store.try_lock_case(case_id):
                 return None  # another worker, here or on another replica, holds this case

@@ -10,8 +10,9 @@
   locks (SPEC 2.2): claiming pieces, approving, and the last look before money moves go through it.
 - `Outbox`: the money movements, recorded before any call to Polar.
 
-A worker can bind one connection to its task (`bound`), so all of its writes and its session lock
-use that connection: issuing never holds one connection while waiting for a second.
+A worker can bind one connection to its task (`bound`, from the issuing workers' own pool), so all of
+its writes and its session lock use that connection: issuing never holds one connection while
+waiting for a second.
 """
 from __future__ import annotations
 
@@ -60,8 +61,13 @@ class Store:
 
     @asynccontextmanager
     async def bound(self) -> AsyncIterator[object]:
-        """Bind one pool connection to the current task for the duration (autocommit)."""
-        async with self.db.pool.connection() as conn:
+        """Bind one connection to the current task for the duration (autocommit): from the issuing
+        workers' own pool (`Database.worker_pool`), so a worker waiting on Polar never holds one of
+        the connections checks and Slack's listeners use; from the pool when there is none."""
+        pool = getattr(self.db, "worker_pool", None)
+        if pool is None:
+            pool = self.db.pool
+        async with pool.connection() as conn:
             await conn.set_autocommit(True)
             token = _bound.set(conn)
             try:
