@@ -16,10 +16,12 @@ waiting for a second.
 """
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import hashlib
 import json
-from contextlib import asynccontextmanager
+import weakref
+from contextlib import asynccontextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -38,6 +40,10 @@ CASE_LOCKS = 7_242_002  # pg_try_advisory_lock(space, case id): one issuing work
 
 _RECORDS_FOR_PERIODS = (Path(__file__).parent / "sql" / "records_for_periods.sql").read_text()
 _bound: contextvars.ContextVar = contextvars.ContextVar("billing_bot_bound_connection", default=None)
+# Without the workers' pool, at most all but one of the pool's connections are bound at once (per
+# pool): a bound worker that needs a second connection (a re-check's snapshot) then always gets one,
+# where with every connection bound each would wait on the others until the pool's wait ran out.
+_SHARED_BINDS: "weakref.WeakKeyDictionary[object, asyncio.Semaphore]" = weakref.WeakKeyDictionary()
 
 # Columns a move may set besides the state (the rest are the store's own business).
 MOVE_FIELDS = {"decided_by", "reason", "method", "credit_cents", "required_level", "issued_cents", "remainder_cents",
@@ -63,11 +69,14 @@ class Store:
     async def bound(self) -> AsyncIterator[object]:
         """Bind one connection to the current task for the duration (autocommit): from the issuing
         workers' own pool (`Database.worker_pool`), so a worker waiting on Polar never holds one of
-        the connections checks and Slack's listeners use; from the pool when there is none."""
+        the connections checks and Slack's listeners use; from the pool when there is none (then
+        leaving one of its connections unbound: _SHARED_BINDS)."""
         pool = getattr(self.db, "worker_pool", None)
+        room = nullcontext()
         if pool is None:
             pool = self.db.pool
-        async with pool.connection() as conn:
+            room = _SHARED_BINDS.setdefault(pool, asyncio.Semaphore(max(pool.max_size - 1, 1)))
+        async with room, pool.connection() as conn:
             await conn.set_autocommit(True)
             token = _bound.set(conn)
             try:

@@ -273,3 +273,30 @@ def test_workers_rechecking_while_checks_hold_the_whole_main_pool_fail_no_case(d
     assert_each_case_refunded_once(db_url, polar, n)
     assert {r["amount"] for r in polar.refunds} == {416}
 
+
+def test_twelve_workers_sharing_a_pool_of_eight_recheck_without_a_pool_deadlock(db, db_url, polar):
+    """Database(pool) without the workers' pool: the 12 workers bind from the pool of 8. Each
+    re-check needs a second connection (the snapshot) while the worker holds its bound one: were all
+    8 bound, every worker would wait on the others until the pool's wait ran out, wave after wave."""
+    n = 16
+    seed(db, polar, n)
+
+    async def go():
+        pool = make_pool(db_url, max_size=8)
+        await pool.open(wait=True)
+        pool.timeout = 1.0  # POOL_WAIT_S, shortened: a pile-up shows as PoolTimeouts
+        async with Replica(db_url, polar, db=Database(pool)) as a:
+            ids = await a.open_all(n)
+            await approve_quietly(a, ids)
+            bill_again(db, n)
+            for case_id in ids:
+                await a.issuer.submit(case_id)
+            await a.issuer.drain(30)
+            states = dict(rows(db_url, "SELECT state, count(*) FROM billing_bot.cases GROUP BY 1"))
+            assert states == {"pending": n}, states  # every one re-checked in its first run
+            assert advisory_locks(db_url) == [] and polar.refunds == []
+            for case_id in ids:
+                assert (await a.service.approve(case_id, "U_LEAD", "refund")).ok
+            await settle(a)
+    asyncio.run(go())
+    assert_each_case_refunded_once(db_url, polar, n)
