@@ -118,6 +118,7 @@ class Database:
         # The issuing workers' own connections (Store.bound and nothing else), so the workers never
         # take the ones checks and Slack's listeners use; None: they share `pool` (tests).
         self.worker_pool = worker_pool
+        self._worker_pool_wanted = 0  # the largest size an issuer asked for (fit_worker_pool)
 
     @classmethod
     async def connect(cls, url: str, bot_schema: str = "billing_bot", *, issuing_workers: int = ISSUING_WORKERS,
@@ -143,8 +144,13 @@ class Database:
         """Room in the workers' pool for `workers` issuings at once and the sweeper (an Issuer with
         more workers than the pool was opened for grows it; never shrunk)."""
         pool = self.worker_pool
-        if pool is not None and pool.max_size < worker_pool_size(workers):
-            await pool.resize(pool.min_size, worker_pool_size(workers))
+        if pool is None:
+            return
+        # resize waits for the pool's lock, so concurrent fits may land in any order: each asks for
+        # the largest size wanted so far and looks again after, so a smaller one never lands last
+        self._worker_pool_wanted = max(self._worker_pool_wanted, worker_pool_size(workers))
+        while pool.max_size < self._worker_pool_wanted:
+            await pool.resize(pool.min_size, self._worker_pool_wanted)
 
     async def close(self) -> None:
         try:

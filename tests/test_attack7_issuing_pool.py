@@ -300,3 +300,30 @@ def test_twelve_workers_sharing_a_pool_of_eight_recheck_without_a_pool_deadlock(
             await settle(a)
     asyncio.run(go())
     assert_each_case_refunded_once(db_url, polar, n)
+
+
+def test_the_workers_pool_fitted_by_many_workers_at_once_ends_at_the_largest_size(db, db_url, polar):
+    """Twelve workers of an issuer fit the workers' pool at their first use, all at once, and other
+    issuers of the same database with other sizes too, while a checkout holds the pool's lock (the
+    resizes then land in any order): the pool ends sized for the largest, never shrunk by a smaller
+    one landing last; every case of the first burst is issued once."""
+    n = 12
+    seed(db, polar, n)
+
+    async def go():
+        db_ = await Database.connect(db_url, issuing_workers=3)
+        async with Replica(db_url, polar, workers=12, db=db_) as a:
+            ids = await a.open_all(n)
+            await approve_quietly(a, ids)
+            pool = db_.worker_pool
+            others = [Issuer(a.service, a.client, CONFIG, Recorder(), workers=w) for w in (20, 16, 13, 18)]
+            await pool._lock.acquire()  # a checkout in progress
+            tasks = [asyncio.create_task(a.issuer.issue(i)) for i in ids]
+            tasks += [asyncio.create_task(o.issue(999_999)) for o in others]
+            await asyncio.sleep(0.05)
+            pool._lock.release()
+            await asyncio.gather(*tasks)
+            assert pool.max_size == 21, pool.max_size
+            await settle(a)
+    asyncio.run(go())
+    assert_each_case_refunded_once(db_url, polar, n)
