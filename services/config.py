@@ -33,6 +33,12 @@ ISSUING_WORKERS = 12
 MAX_ISSUING_WORKERS = 64
 
 
+def _digits(text: str) -> bool:
+    """A few ASCII digits: str.isdigit() also takes '²' and 5,000 digits, where int() then raises a
+    bare ValueError that names no key."""
+    return text.isascii() and text.isdigit() and len(text) <= 9
+
+
 @dataclass(frozen=True)
 class Env:
     """What the environment says (SPEC 5). Secrets live here and are never logged."""
@@ -56,10 +62,10 @@ class Env:
     def from_environ(cls, environ: Mapping[str, str] | None = None) -> "Env":
         e = os.environ if environ is None else environ
         port_text = e.get("PORT") or "3000"
-        if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        if not _digits(port_text) or not 0 < int(port_text) < 65536:
             raise ConfigError(f"PORT: expected a TCP port number, got {port_text!r}")
         workers_text = (e.get("BILLING_BOT_ISSUING_WORKERS") or str(ISSUING_WORKERS)).strip()
-        if not workers_text.isdigit() or not 1 <= int(workers_text) <= MAX_ISSUING_WORKERS:
+        if not _digits(workers_text) or not 1 <= int(workers_text) <= MAX_ISSUING_WORKERS:
             raise ConfigError(f"BILLING_BOT_ISSUING_WORKERS: expected a whole number from 1 to {MAX_ISSUING_WORKERS},"
                               f" got {workers_text!r}")
         return cls(

@@ -327,3 +327,39 @@ def test_the_workers_pool_fitted_by_many_workers_at_once_ends_at_the_largest_siz
             await settle(a)
     asyncio.run(go())
     assert_each_case_refunded_once(db_url, polar, n)
+
+
+@pytest.mark.parametrize("bad", ["0", "65", "-3", "+3", "1e3", "3 workers", "²", "٣", "9" * 5000, "0x10", "1_2"])
+def test_a_bad_issuing_workers_value_is_a_config_error_naming_the_key(bad):
+    """'²' and 5,000 digits pass str.isdigit() but not int(): a bare ValueError naming no key."""
+    with pytest.raises(ConfigError, match="BILLING_BOT_ISSUING_WORKERS: expected a whole number from 1 to 64"):
+        Env.from_environ({"BILLING_BOT_ISSUING_WORKERS": bad})
+    if not bad.isdigit() or len(bad) > 5:
+        with pytest.raises(ConfigError, match="PORT: expected a TCP port number"):
+            Env.from_environ({"PORT": bad})
+    assert Env.from_environ({"BILLING_BOT_ISSUING_WORKERS": " 7 "}).issuing_workers == 7
+
+
+def test_no_secret_reaches_a_log_while_the_workers_pool_opens_grows_and_fails(db, db_url, polar, caplog):
+    """The database password (in the URL), Polar's token: in no log record, at DEBUG, while the
+    workers' pool is opened, resized, loses a connection and is closed."""
+    import logging
+
+    secret = "hunter2-s3cret"
+    url = db_url + ("&" if "?" in db_url else "?") + f"password={secret}"
+    seed(db, polar, 1)
+    caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="psycopg")
+
+    async def go():
+        async with Replica(url, polar, workers=3, db=await Database.connect(url, issuing_workers=1)) as a:
+            (case_id,) = await a.open_all(1)
+            await approve_quietly(a, [case_id])
+            async with a.db.worker_pool.connection() as conn:  # a pooled connection, then killed
+                rows(db_url, "SELECT pg_terminate_backend(%s)", (conn.info.backend_pid,))
+            await a.issuer.issue(case_id)
+    asyncio.run(go())
+    text = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "resizing 'issuing'" in text
+    assert secret not in text and TOKEN not in text
+    assert_each_case_refunded_once(db_url, polar, 1)
