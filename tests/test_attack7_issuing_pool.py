@@ -363,3 +363,37 @@ def test_no_secret_reaches_a_log_while_the_workers_pool_opens_grows_and_fails(db
     assert "resizing 'issuing'" in text
     assert secret not in text and TOKEN not in text
     assert_each_case_refunded_once(db_url, polar, 1)
+
+
+def test_the_database_closed_under_running_workers_strands_no_case_and_pays_none_twice(db, db_url, polar):
+    """30 cases submitted to 12 workers; while 12 refund POSTs wait at Polar the database (both
+    pools) is closed: the running workers finish on the connections they hold, the queued ones find
+    the pool closed and leave their cases approved; another replica resumes every one, once."""
+    n = 30
+    seed(db, polar, n)
+    entered, gate = hold_refund_posts(polar)
+
+    async def go():
+        async with Replica(db_url, polar) as b:
+            a = Replica(db_url, polar)
+            await a.__aenter__()
+            ids = await a.open_all(n)
+            await approve_quietly(a, ids)
+            for case_id in ids:
+                await a.issuer.submit(case_id)
+            await asyncio.to_thread(entered.wait, 10)
+            while sum(1 for r in polar.server.requests if r.method == "POST") < 12:
+                await asyncio.sleep(0.02)
+            closing = asyncio.create_task(a.db.close())
+            await asyncio.sleep(0.2)
+            gate.set()
+            await closing
+            await a.issuer.drain(30)
+            await a.client.close()
+            assert a.db.pool.closed and a.db.worker_pool.closed
+            states = dict(rows(db_url, "SELECT state, count(*) FROM billing_bot.cases GROUP BY 1"))
+            assert states.get("failed", 0) == 0, states
+            assert advisory_locks(db_url) == []
+            await settle(b)
+    asyncio.run(go())
+    assert_each_case_refunded_once(db_url, polar, n)
