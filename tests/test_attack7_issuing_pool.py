@@ -397,3 +397,35 @@ def test_the_database_closed_under_running_workers_strands_no_case_and_pays_none
             await settle(b)
     asyncio.run(go())
     assert_each_case_refunded_once(db_url, polar, n)
+
+
+def test_a_case_lock_never_goes_to_the_next_worker_with_the_pooled_connection(db, db_url, polar, monkeypatch):
+    """One worker's connection in the workers' pool (issuing_workers=1), reused case after case;
+    the unlock of each case is lost (a bug, a cancelled call): pg_advisory_unlock_all() on the way
+    back still frees it, so the next worker on that connection holds only its own case, and the
+    other replica can take every case at once."""
+    n = 4
+    seed(db, polar, n)
+    unlocks = []
+
+    async def lost_unlock(self, case_id):
+        unlocks.append(case_id)
+    monkeypatch.setattr(CaseStore, "unlock_case", lost_unlock)
+
+    async def go():
+        async with Replica(db_url, polar, workers=1, db=await Database.connect(db_url, issuing_workers=1)) as a, \
+                Replica(db_url, polar) as b:
+            ids = await a.open_all(n)
+            await approve_quietly(a, ids)
+            pids = set()
+            for case_id in ids:
+                async with a.service.store.bound() as conn:  # the connection the next worker gets
+                    pids.add(conn.info.backend_pid)
+                assert (await a.issuer.issue(case_id))["state"] == "issued"
+                assert advisory_locks(db_url) == []
+            assert len(pids) == 1 and unlocks == ids
+            async with b.service.store.bound():
+                for case_id in ids:
+                    assert await b.service.store.try_lock_case(case_id)
+    asyncio.run(go())
+    assert_each_case_refunded_once(db_url, polar, n)
