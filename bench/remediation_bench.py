@@ -69,6 +69,8 @@ import psycopg
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import Quiet, copy_records, fresh_database  # noqa: E402
 from handlers.cases import authority_from_levels  # noqa: E402
+from services.investigation import EVENTS_PER_LISTING  # noqa: E402
+from services.polar import PAGE_LIMIT  # noqa: E402
 from services.cases import CaseService  # noqa: E402
 from services.config import parse_config  # noqa: E402
 from services.db import Database  # noqa: E402
@@ -95,40 +97,54 @@ def customer_id(c: int) -> str:
     return f"c-{c:05d}"
 
 
-def seed_controlplane(conn, instances: int, customers: int, affected: int) -> int:
-    """The instances and their records (COPY). Returns the number of duplicate records."""
+def billed_hours(instances: int, customers: int, affected: int):
+    """(customer, org, instance, start, end, copies) of every billed hour: the first `affected`
+    instances of every customer have their first hour billed twice (copies 2)."""
     per = max(instances // customers, 1)
-    inst_rows, rec_rows = [], []
-    rid = 0
-    dups = 0
-    created = datetime(2026, 9, 1, tzinfo=timezone.utc)
     for n in range(instances):
         c, k = divmod(n, per)
         c = min(c, customers - 1)
         cust, org, iid = customer_id(c), f"o-{c:05d}", f"i-{c:05d}-{k:03d}"
-        inst_rows.append((iid, org, cust, "gpu", "running", created, created, None, None))
         for j, day in enumerate(DAYS):
             start = datetime(2026, 10, day, 8 + k % 8, tzinfo=timezone.utc)
-            end = start.replace(hour=start.hour + 1)
-            copies = 2 if (j == 0 and k < affected) else 1
-            for _ in range(copies):
-                rid += 1
-                rec_rows.append((rid, cust, org, iid, "gpu", "2.08", "1", "2.08", PERIOD, start, end))
-            dups += copies - 1
+            yield cust, org, iid, start, start.replace(hour=start.hour + 1), 2 if (j == 0 and k < affected) else 1
+
+
+def seed_controlplane(conn, instances: int, customers: int, affected: int) -> int:
+    """The instances and their records (COPY). Returns the number of duplicate records."""
+    inst_rows, rec_rows = {}, []
+    dups = 0
+    created = datetime(2026, 9, 1, tzinfo=timezone.utc)
+    for cust, org, iid, start, end, copies in billed_hours(instances, customers, affected):
+        inst_rows[iid] = (iid, org, cust, "gpu", "running", created, created, None, None)
+        for _ in range(copies):
+            rec_rows.append((len(rec_rows) + 1, cust, org, iid, "gpu", "2.08", "1", "2.08", PERIOD, start, end))
+        dups += copies - 1
     with conn.cursor() as cur:
         with cur.copy("COPY instances FROM STDIN") as copy:
-            for r in inst_rows:
+            for r in inst_rows.values():
                 copy.write_row(r)
     copy_records(conn, rec_rows)
     conn.execute("ANALYZE")
     return dups
 
 
-def seed_polar(polar, customers: int) -> None:
+def seed_polar(polar, customers: int, metered: tuple[int, int] | None = None) -> None:
+    """Each customer and its October order; with metered=(instances, affected), one usage event
+    per billing record, as the metering sends them (a record billed twice was metered twice, so
+    Polar and the database agree and the events add no finding: the events are read, not credited)."""
     for c in range(customers):
         cust = customer_id(c)
         polar.add_customer(cust, email=f"{cust}@example.com", name=f"Customer {c}")
         polar.add_order(cust, datetime(2026, 11, 1, 0, 5, tzinfo=timezone.utc), 100_00)
+    if metered:
+        rid = 0
+        for cust, _, iid, start, end, copies in billed_hours(metered[0], customers, metered[1]):
+            for _ in range(copies):
+                rid += 1
+                polar.add_usage_event(cust, "compute_hours", {
+                    "instance_id": iid, "start_time": start.isoformat(), "end_time": end.isoformat(),
+                    "record_id": str(rid)})
 
 
 # --- counting Polar's calls --------------------------------------------------------------------------
@@ -157,12 +173,12 @@ def refunds_summary(refunds) -> dict:
             "refunded_cents": sum(r["amount"] for r in refunds)}
 
 
-def _polar_process(conn, customers: int, latency_s: float) -> None:
+def _polar_process(conn, customers: int, latency_s: float, metered: tuple[int, int] | None) -> None:
     """Our Polar server in a process of its own; answers 'stats' and 'stop' on the pipe."""
     from tests.fakes.polar_server import FakePolar
 
     polar = FakePolar(latency_s=latency_s)
-    seed_polar(polar, customers)
+    seed_polar(polar, customers, metered)
     polar.start()
     conn.send(polar.url)
     while True:
@@ -179,10 +195,10 @@ def _polar_process(conn, customers: int, latency_s: float) -> None:
 
 
 class PolarProcess:
-    def __init__(self, customers: int, latency_s: float):
+    def __init__(self, customers: int, latency_s: float, metered: tuple[int, int] | None = None):
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_polar_process, args=(child, customers, latency_s), daemon=True)
+        self.proc = ctx.Process(target=_polar_process, args=(child, customers, latency_s, metered), daemon=True)
         self.proc.start()
         self.url = self.conn.recv()
 
@@ -228,13 +244,27 @@ def diff(after: Counter, before: Counter) -> dict:
     return {k: after[k] - before[k] for k in sorted(after) if after[k] - before[k]}
 
 
-def needed_calls(customers: int) -> dict:
-    """What issuing the batch needs from Polar, per customer: the customer's orders listed once
-    (which order invoiced the period, what it can still refund) and one refund POST."""
-    return {"GET /v1/orders/": customers, "POST /v1/refunds/": customers}
+def needed_calls(customers: int, metered: tuple[int, int] | None) -> dict[str, dict[str, int]]:
+    """What the batch needs from Polar, by phase. Each check of the period (the plan, and the
+    approval's recompute, which must see the evidence as it is then) lists every customer's usage
+    events, EVENTS_PER_LISTING customers to a listing of PAGE_LIMIT events a page. Issuing, per
+    customer: its orders (which order invoiced the period, what it can still refund), the read-back
+    of that order's refunds before the POST (Polar's refunds take no idempotency key: a refund Polar
+    made without our record of it must count as made), and the POST."""
+    events = Counter()
+    if metered:
+        for cust, _, _, _, _, copies in billed_hours(metered[0], customers, metered[1]):
+            events[cust] += copies
+    ids = [customer_id(c) for c in range(customers)]
+    pages = sum(max(1, -(-sum(events[c] for c in ids[n:n + EVENTS_PER_LISTING]) // PAGE_LIMIT))
+                for n in range(0, len(ids), EVENTS_PER_LISTING))
+    return {"plan": {"GET /v1/events/": pages},
+            "approve_issue": {"GET /v1/events/": pages, "GET /v1/orders/": customers,
+                              "GET /v1/refunds/?order_id": customers, "POST /v1/refunds/": customers}}
 
 
-async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: int, customers: int) -> dict:
+async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: int, customers: int,
+              metered: tuple[int, int] | None) -> dict:
     db = await Database.connect(url)
     client = PolarClient(polar_url, "polar_oat_test_token")
     inv = Investigator(CONFIG, db, polar=client if check_polar else None)
@@ -282,7 +312,7 @@ async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: in
     out["calls_plan"] = diff(c1, c0)
     out["calls_approve"] = diff(c2, c1)  # the plan again, and the issuing that started meanwhile
     out["calls_issue"] = diff(final["calls"], c1)  # approve and issue together
-    out["calls_needed"] = needed_calls(customers)
+    out["calls_needed"] = needed_calls(customers, metered if check_polar else None)
     for k in ("refunds", "orders_refunded", "orders_refunded_twice", "cases_refunded_twice", "refunded_cents",
               "violations", "violation_texts"):
         out[k] = final[k]
@@ -296,6 +326,16 @@ async def run(url: str, polar_url: str, stats, *, check_polar: bool, workers: in
     return out
 
 
+def check_polar_calls_extra(out: dict) -> dict:
+    """Calls beyond what the batch needs, by phase (429s retried would show here: there are none)."""
+    extra = {}
+    for phase, made in (("plan", out["calls_plan"]), ("approve_issue", out["calls_issue"])):
+        for k, n in made.items():
+            if n > out["calls_needed"][phase].get(k, 0):
+                extra[f"{phase} {k}"] = n - out["calls_needed"][phase].get(k, 0)
+    return extra
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=20000)
@@ -304,13 +344,16 @@ def main() -> None:
     ap.add_argument("--affected", type=int, default=3, help="instances of each customer with a duplicated record")
     ap.add_argument("--check-polar", choices=("yes", "no"), default="yes",
                     help="the checks read Polar, as in production with a Polar key (yes), or not (no)")
+    ap.add_argument("--metered", choices=("yes", "no"), default="yes",
+                    help="Polar holds one usage event per billing record, as the metering sends them (yes), or none")
     ap.add_argument("--workers", type=int, default=Issuer.workers,
                     help=f"the Issuer's workers (its default: {Issuer.workers})")
     ap.add_argument("--profile", help="write cProfile stats here and print the top of them")
     args = ap.parse_args()
 
     Queries.install()
-    polar = PolarProcess(args.customers, args.latency_ms / 1000)
+    polar = PolarProcess(args.customers, args.latency_ms / 1000,
+                         (args.instances, args.affected) if args.metered == "yes" else None)
     server, url = fresh_database()
     t = time.perf_counter()
     with psycopg.connect(url, autocommit=True) as conn:
@@ -321,7 +364,8 @@ def main() -> None:
         prof.enable()
     try:
         out = asyncio.run(run(url, polar.url, polar.stats, check_polar=args.check_polar == "yes",
-                              workers=args.workers, customers=args.customers))
+                              workers=args.workers, customers=args.customers,
+                              metered=(args.instances, args.affected) if args.metered == "yes" else None))
     finally:
         if prof:
             prof.disable()
@@ -329,7 +373,7 @@ def main() -> None:
         polar.stop()
     if prof:
         pstats.Stats(args.profile).sort_stats("cumulative").print_stats(30)
-    out = {"instances": args.instances, "customers": args.customers, "duplicates": dups,
+    out = {"instances": args.instances, "customers": args.customers, "duplicates": dups, "metered": args.metered,
            "latency_ms": args.latency_ms, "check_polar": args.check_polar, "workers": args.workers,
            "seed_s": seed_s, **out}
     problems = []
@@ -358,10 +402,13 @@ def main() -> None:
           f"{out['approve_to_all_issued_sql_statements']}")
     print(f"issued {out['issued']}/{args.customers} ({out['swept']} by the sweep), refunds {out['refunds']}, "
           f"corrections {out['corrections']}, refunded {out['refunded_cents']} of {out['plan_total_cents']} cents")
-    print(f"{'Polar calls':40} {'plan':>8} {'approve+issue':>14} {'needed':>8}")
-    for k in sorted(set(out["calls_plan"]) | set(out["calls_issue"]) | set(out["calls_needed"])):
-        print(f"{k:40} {out['calls_plan'].get(k, 0):>8} {out['calls_issue'].get(k, 0):>14} "
-              f"{out['calls_needed'].get(k, 0):>8}")
+    need = out["calls_needed"]
+    print(f"{'Polar calls':34} {'plan':>6} {'needed':>7} {'approve+issue':>14} {'needed':>7}")
+    for k in sorted(set(out["calls_plan"]) | set(out["calls_issue"]) | set(need["plan"]) | set(need["approve_issue"])):
+        print(f"{k:34} {out['calls_plan'].get(k, 0):>6} {need['plan'].get(k, 0):>7} "
+              f"{out['calls_issue'].get(k, 0):>14} {need['approve_issue'].get(k, 0):>7}")
+    if check_polar_calls_extra(out):
+        problems.append("more Polar calls than the batch needs: " + json.dumps(check_polar_calls_extra(out)))
     print("problems:", problems or "none")
     print(json.dumps(out))
     sys.exit(1 if problems else 0)

@@ -70,6 +70,7 @@ class CheckReport:
 
 
 EVENTS_PER_LISTING = 40  # customers per listing of usage events (their ids go in the URL)
+LISTINGS_AT_ONCE = 4
 KUBE_AT_ONCE = 16  # Kubernetes reads at once within one chunk of instances
 
 
@@ -83,6 +84,9 @@ class PolarMemo:
         self.polar = polar
         self.event_name = event_name
         self._calls: dict[tuple[str, str], asyncio.Task] = {}
+        # listings at once (each pages PAGE_CONCURRENCY at a time): a plan asks for all of its
+        # customers' events at its start, and Polar's rate limit is per organisation
+        self._listings = asyncio.Semaphore(LISTINGS_AT_ONCE)
 
     def _once(self, what: str, customer_id: str, make) -> asyncio.Task:
         key = (what, customer_id)
@@ -101,9 +105,18 @@ class PolarMemo:
         todo = [c for c in dict.fromkeys(customer_ids) if ("events", c) not in self._calls]
         for n in range(0, len(todo), EVENTS_PER_LISTING):
             group = todo[n:n + EVENTS_PER_LISTING]
-            task = _task(self.polar.usage_events_of_customers(group, self.event_name))
+            task = _task(self._listing(group))
             for c in group:
                 self._calls[("events", c)] = task
+
+    async def _listing(self, group: list[str]):
+        async with self._listings:  # in the order asked: the first chunk's customers first
+            return await self.polar.usage_events_of_customers(group, self.event_name)
+
+    def cancel(self) -> None:
+        """Stop the reads nobody will wait for (the run over many instances failed)."""
+        for task in self._calls.values():
+            task.cancel()
 
     async def events_of(self, customer_id: str) -> dict[str, list[UsageEvent]]:
         """instance -> the customer's metering events of it."""

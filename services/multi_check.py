@@ -63,6 +63,15 @@ async def instances_by_customer(db, periods: list[str], *, customer_id: str | No
         return out
 
 
+async def customers_of(db, instance_ids: list[str]) -> list[str]:
+    """The customers of these instances (their rows'), each once, in the instances' order."""
+    async with db.snapshot() as conn:
+        cur = await conn.execute(
+            "SELECT i.customer_id FROM unnest(%s::text[]) WITH ORDINALITY AS u(instance_id, n)"
+            " JOIN instances i USING (instance_id) ORDER BY u.n", (instance_ids,))
+        return list(dict.fromkeys(r["customer_id"] for r in await cur.fetchall()))
+
+
 def check_periods(inv: Investigator, periods: Iterable[str] | None) -> list[str]:
     return sorted({validate_period(p) for p in periods}) if periods else default_periods(inv.now())
 
@@ -122,6 +131,8 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
         return await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
     intervals, systematic = await asyncio.gather(intervals_of_orgs(), systematic_counts())
     memo = inv.polar_memo()
+    if memo is not None:  # every customer's events, EVENTS_PER_LISTING customers to a listing, from the start
+        memo.prefetch_events(await customers_of(inv.db, instance_ids))
     gate = asyncio.Semaphore(CHUNKS_AT_ONCE)
     reports: list[CheckReport] = []
 
@@ -145,6 +156,8 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
         # done stop here rather than read on for minutes in the background for nobody
         for t in tasks:
             t.cancel()
+        if memo is not None:
+            memo.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         raise
     reports.sort(key=lambda r: r.result.instance.instance_id)

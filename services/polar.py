@@ -167,21 +167,28 @@ class PolarClient:
         return Customer(body["id"], body.get("external_id"), body.get("email"), body.get("name"))
 
     async def list_all(self, path: str, params: dict[str, Any]) -> list[dict]:
-        """Every item of a paginated list: page 1 first, then the remaining pages concurrently."""
+        """Every item of a paginated list, each once: page 1 first, then the remaining pages
+        concurrently. Items added while the pages are read shift the later pages: an item already
+        read comes again (kept once, by id) and the last ones move past the last page page 1
+        announced, so the pages a later answer announces are read too, until none is new."""
         params = {**params, "limit": PAGE_LIMIT}
         first = await self.request("GET", path, params={**params, "page": 1})
         items = list(first.get("items", []))
         pagination = first.get("pagination") or {}
         if "max_page" in pagination:
-            pages = range(2, int(pagination["max_page"]) + 1)
             gate = asyncio.Semaphore(PAGE_CONCURRENCY)
 
-            async def page(n: int) -> list[dict]:
+            async def page(n: int) -> dict:
                 async with gate:
-                    return (await self.request("GET", path, params={**params, "page": n})).get("items", [])
+                    return await self.request("GET", path, params={**params, "page": n})
 
-            for chunk in await asyncio.gather(*(page(n) for n in pages)):
-                items.extend(chunk)
+            read, last = 1, int(pagination["max_page"])
+            while last > read:
+                bodies = await asyncio.gather(*(page(n) for n in range(read + 1, last + 1)))
+                read = last
+                for body in bodies:
+                    items.extend(body.get("items", []))
+                    last = max(last, int((body.get("pagination") or {}).get("max_page", 0)))
         else:  # cursor pagination: walk while the server says there is more
             n = 1
             while pagination.get("has_next_page"):
@@ -189,7 +196,7 @@ class PolarClient:
                 body = await self.request("GET", path, params={**params, "page": n})
                 items.extend(body.get("items", []))
                 pagination = body.get("pagination") or {}
-        return items
+        return _once_by_id(items)
 
     async def usage_events(self, external_customer_id: str, name: str, instance_id: str) -> list[UsageEvent]:
         """The metering events of one instance. The metadata filter narrows the listing; the
@@ -349,10 +356,23 @@ def _quote(value: str) -> str:
     return quote(value, safe="")
 
 
+def _once_by_id(items: list[dict]) -> list[dict]:
+    """Each item once (the first time its id is seen); items without an id are all kept."""
+    seen: set[str] = set()
+    out = []
+    for item in items:
+        key = item.get("id")
+        if key is not None:
+            if str(key) in seen:
+                continue
+            seen.add(str(key))
+        out.append(item)
+    return out
+
+
 def parse_usage_events(raw: list[dict], name: str, instance_id: str) -> list[UsageEvent]:
-    """The instance's metering events, each once: Polar pages its listing by number, newest
-    first, so an event ingested while the pages are read pushes an event already read onto the
-    next page; counted twice it would be an extra metering event (a billed hour credited)."""
+    """The instance's metering events, each once (list_all already keeps each id once; kept here
+    too because a repeated event would be an extra metering event: a billed hour credited)."""
     out = []
     seen: set[str] = set()
     for ev in raw:

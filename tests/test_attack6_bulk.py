@@ -107,30 +107,34 @@ def _meter_after_first_page(monkeypatch, polar, n: int = 1) -> list[dict]:
 @pytest.mark.parametrize("newcomers", [1, 3])
 def test_events_metered_while_a_listing_is_paged_neither_repeat_nor_hide_the_ones_before(
         db, db_url, polar, monkeypatch, newcomers):
-    """The pages after the first are read concurrently. Newest first (Polar's default) a new
-    event shifts every later page: page 2 repeats page 1's last and the oldest fall off the last
-    page, missed while the listing says ok. The client lists oldest first: every event there was
-    when the listing began comes back once, and the newcomers after them."""
+    """The pages after the first are read concurrently. Newest first (Polar's default) a new event
+    shifts every later page: page 2 repeats page 1's last and the oldest fall past the last page
+    page 1 announced. list_all keeps each id once and reads the pages later answers announce; the
+    client also lists events oldest first, where new events land after the ones already listed.
+    Either way every event there was when the listing began comes back, once."""
     monkeypatch.setattr(polar_module, "PAGE_LIMIT", 10)
     _hourly(db, polar, customers=3, hours=10)  # 30 events: three full pages of 10
     added = _meter_after_first_page(monkeypatch, polar, newcomers)
-    listed_before = []
+    listed_before, pages_asked = [], []
 
     async def listings(inv):
         customers = {"external_customer_id": ["c-00", "c-01", "c-02"], "name": EVENT}
-        listed_before.append({e["id"] for e in polar.events})
-        default = await inv.polar.list_all("/v1/events/", customers)  # newest first, as Polar's default
-        added.clear()  # new events again, while the client's own listing is paged
-        listed_before.append({e["id"] for e in polar.events})
-        ours = await inv.polar.list_all("/v1/events/", {**customers, "sorting": polar_module.EVENTS_OLDEST_FIRST})
-        return default, ours
+        out = []
+        for order in ({}, {"sorting": polar_module.EVENTS_OLDEST_FIRST}):  # Polar's default, then ours
+            added.clear()  # new events while this listing is paged
+            listed_before.append({e["id"] for e in polar.events})
+            polar.server.requests.clear()
+            out.append(await inv.polar.list_all("/v1/events/", {**customers, **order}))
+            pages_asked.append(sorted(int(r.query["page"][0]) for r in polar.server.requests))
+        return out
 
     default, ours = asyncio.run(_with_inv(db_url, polar, listings))
-    ours_ids = [e["id"] for e in ours]
-    assert len(ours_ids) == len(set(ours_ids)) and listed_before[1] <= set(ours_ids)
-    # the harm the order avoids: newest first, the same metering repeats one event and misses another
-    default_ids = [e["id"] for e in default]
-    assert len(default_ids) != len(set(default_ids)) and not listed_before[0] <= set(default_ids)
+    for listed, before in ((default, listed_before[0]), (ours, listed_before[1])):
+        ids = [e["id"] for e in listed]
+        assert len(ids) == len(set(ids)) and before <= set(ids)
+    # newest first, the oldest event fell past page 3: list_all read the page a later answer announced
+    assert pages_asked[0] == [1, 2, 3, 4]
+    assert pages_asked[1][:3] == [1, 2, 3]
 
 
 # --- the multi-org org_days.sql against the single-org statement it replaced ----------------------------

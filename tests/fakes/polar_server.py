@@ -103,6 +103,7 @@ class FakePolar(FakeApi):
         self.lock = threading.RLock()
         self.customers: dict[str, dict] = {}
         self.events: list[dict] = []
+        self._events_of: dict[str, list[dict]] = {}  # external customer id -> its events (self.events' order)
         self.event_external_ids: set[str] = set()
         self.orders: list[dict] = []
         self.refunds: list[dict] = []
@@ -152,6 +153,7 @@ class FakePolar(FakeApi):
         ev["_external_id"] = external_id
         ev["_seq"] = len(self.events)
         self.events.append(ev)
+        self._events_of.setdefault(external_customer_id, []).append(ev)
         return ev
 
     def add_order(self, external_customer_id: str, created_at: datetime, amount: int,
@@ -261,7 +263,10 @@ class FakePolar(FakeApi):
                 return Response(404, {"error": "ResourceNotFound", "detail": "Not found"})
             return Response(200, c)
         if template == "/v1/events/":
-            items = [e for e in self.events
+            wanted = req.query.get("external_customer_id")
+            pool = ([e for c in dict.fromkeys(wanted) for e in self._events_of.get(c, ())] if wanted
+                    else self.events)  # by customer: a bench's Polar holds tens of thousands of events
+            items = [e for e in pool
                      if _match(req, "external_customer_id", e["external_customer_id"]) and _match(req, "name", e["name"])]
             # Polar's default is newest first; ties (the same microsecond) in the order metered
             newest_first = req.query.get("sorting", ["-timestamp"])[0].startswith("-")
