@@ -275,17 +275,17 @@ class FakePolar(FakeApi):
                 if key.startswith("metadata[") and key.endswith("]"):
                     k = key[len("metadata["):-1]
                     items = [e for e in items if str(e["metadata"].get(k)) in values]
-            return self._page(req, [_public(e) for e in items])
+            return self._page(req, items)
         if template == "/v1/orders/":
             items = [o for o in self.orders if _match(req, "external_customer_id", o["_external_customer_id"])]
             sorting = req.query.get("sorting", ["-created_at"])
             items.sort(key=lambda o: o["created_at"], reverse=sorting[0].startswith("-"))
-            return self._page(req, [_public(o) for o in items])
+            return self._page(req, items)
         if template == "/v1/refunds/" and method == "get":
             items = [r for r in self.refunds if _match(req, "order_id", r["order_id"]) and _match(req, "id", r["id"])]
             if req.q("succeeded") == "true":  # Polar: only `true` filters; false or absent lists all
                 items = [r for r in items if r["status"] == "succeeded"]
-            return self._page(req, [_public(r) for r in items])
+            return self._page(req, items)
         if template == "/v1/refunds/" and method == "post":
             return self._create_refund(req.json())
         if template == "/v1/events/ingest":
@@ -307,7 +307,7 @@ class FakePolar(FakeApi):
         page = int(req.q("page", "1"))
         total = len(items)
         max_page = max((total + limit - 1) // limit, 1)
-        chunk = items[(page - 1) * limit: page * limit]
+        chunk = [_public(x) for x in items[(page - 1) * limit: page * limit]]  # only the page's
         return Response(200, {"items": chunk, "pagination": {"total_count": total, "max_page": max_page}})
 
     def _create_refund(self, body: dict) -> Response:
