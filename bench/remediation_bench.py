@@ -1,7 +1,7 @@
 """A remediation batch at scale (SPEC 5.3): plan, approve, and issue every customer's case.
 
     .venv/bin/python -m bench.remediation_bench [--instances 20000] [--customers 2000] [--latency-ms 50]
-        [--affected 3] [--check-polar yes|no] [--workers 12] [--profile FILE]
+        [--affected 3] [--check-polar yes|no] [--metered no|yes] [--workers 12] [--profile FILE]
 
 Seeds period 2026-10 with `instances` instances spread over `customers` customers (10 each by
 default, one org per customer). Each instance has three one-hour records on three days; the first
@@ -9,12 +9,13 @@ default, one org per customer). Each instance has three one-hour records on thre
 $2.08 of duplicate_charge), so every customer is affected. Each customer has a Polar customer and
 an order created 2026-11-01 (the order invoicing October) in our Polar server, which runs in a
 process of its own (so this process's RSS and CPU are the bot's) and answers every call after
-`--latency-ms`.
+`--latency-ms`; with `--metered yes` it also holds one usage event per billing record, as the
+metering sends them.
 
 The services are built as `bot/runtime.py` builds them: the pool of 8 and the issuing workers' own
 pool (`Database.worker_pool`, workers + 1), an Investigator that reads Polar (`--check-polar yes`,
-as production with a Polar key: customer, usage events and orders per instance checked; Kubernetes
-is not configured here) or not (`no`, as the tests' World), the Issuer with its default `workers`
+as production with a Polar key: usage events, 40 customers to a listing; Kubernetes is not
+configured here) or not (`no`, as the tests' World), the Issuer with its default `workers`
 (12, BILLING_BOT_ISSUING_WORKERS) and the PolarClient's default retries. Measured:
 (a) `RemediationService.propose` wall time (goal < 10 s);
 (b) approve + every case issued (the issuer drained, then a sweep for anything left) (goal < 2 min);
@@ -25,28 +26,24 @@ summing to the plan's total. Prints a table and one JSON line.
 
 Where the time goes (20,000 instances, 2,000 customers, 50 ms, this 2-core machine; README has
 the figures before and after issue 16's changes):
-- The plan is CPU-bound in this process (88 s of CPU for 104 s): per instance ~9 SQL statements
-  (the snapshot's BEGIN / SET TRANSACTION / COMMIT, the instance, its records, the throttle row,
-  held pieces) and one HTTP call (the instance's usage events), each a few hundred microseconds of
-  psycopg or httpx; the rules (handlers.pipeline) are ~4%. Already once per plan: the systematic
-  counts, the tables' existence, the org's daily-limit intervals; once per customer: Polar's
-  customer and orders (investigation.PolarMemo); skipped for a plan shown before approval: the
-  evidence fingerprints. The goal (10 s: 0.5 ms an instance) needs the checks' reads in bulk (a
-  chunk of instances per snapshot, `= ANY(...)`) and the usage events per customer.
+- The plan: 5.4-5.7 s, 4.9 s of it CPU in this process, 693 SQL statements. The checks read a
+  chunk of 250 instances per snapshot (Investigator.check_many: ~8 statements a chunk), 3 chunks at
+  once; the orgs' daily-limit days 500 orgs to a statement; Polar's usage events 40 customers to a
+  listing, all asked for at the start, 4 listings at once. The rules (handlers.pipeline) are now the
+  largest part of the CPU (~35%), then psycopg's rows and the asyncio loop. Before (per instance:
+  ~9 statements and one HTTP call) it was 99-104 s. With --metered yes (66,000 events, 700 pages a
+  check) it is 11.8-12.4 s, CPU-bound: decoding the pages' JSON and placing the events ~2 s,
+  httpx's connection pool ~1 s (it looks at every pooled connection for each request).
 - Approving computes the whole plan again (the fingerprint binding of SPEC 5.3), with the
-  fingerprints: a second plan's time before the cases open (4 at once) while the issuer starts.
+  fingerprints (one LATERAL statement a chunk) and no Polar customers (a batch case's letter looks
+  its customer up), then opens the 2,000 cases 4 at once, each handed to the issuer as it opens:
+  39-40 s in all.
 - Issuing: each case is 3 Polar calls one after another (the orders, the read-back before the
   POST, the POST) plus ~25 statements, on one connection the worker holds for the whole case. The
-  workers have a pool of their own (workers + 1), so their number no longer takes from the pool
-  of 8. At 3 workers issuing took ~120 s for 2,000 cases. Measured with their own pool (this
-  2-core machine, another engineer's plan bench running part of the time: noisy), the issuing
-  left after `approve` returned (it starts while the cases are opened): 6 workers 56 s, 8: 37 s,
-  12: 20 s (18 s in a second run); approve to all issued 230 / 214 / 217 s, most of it the
-  approval's plan again (itself slowed by the issuing it overlaps). With
-  `--instances 2000` (one instance a customer: a ~30-45 s plan, the same 2,000 cases to issue),
-  approve to all issued: 3 workers 164 s, 8: 120 s, 12: 102 s, 16: 115 s. Past ~12 the machine's
-  two cores are the limit (this process ~15 ms of CPU a case, PostgreSQL and our Polar server the
-  rest), and issuing slows the opening of the cases it overlaps; hence the default 12.
+  workers have a pool of their own (workers + 1), so their number does not take from the pool of 8.
+  At 3 workers issuing took ~120 s for 2,000 cases; at 12 (the default) it overlaps the opening of
+  the cases and ends ~20 s after it: approve to all issued 59-61 s. Past ~12 workers the machine's
+  two cores are the limit (this process ~15 ms of CPU a case, PostgreSQL and our Polar the rest).
 """
 from __future__ import annotations
 
