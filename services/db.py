@@ -184,18 +184,6 @@ class Database:
             stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"]))
 
     @staticmethod
-    async def instance_from_records(conn, instance_id: str) -> Instance | None:
-        """An instance with billing records but no instances row: known only from its records."""
-        cur = await conn.execute(
-            "SELECT org_id, customer_id, tier FROM billing_records WHERE instance_id = %s ORDER BY id DESC LIMIT 1",
-            (instance_id,))
-        row = await cur.fetchone()
-        if row is None:
-            return None
-        return Instance(instance_id, row["org_id"], row["customer_id"], row["tier"], "unknown",
-                        None, None, None, None)
-
-    @staticmethod
     async def records(conn, instance_id: str, periods: list[str] | None = None,
                       run_gap: timedelta = timedelta(seconds=60)) -> list[Record]:
         """The instance's records, in id order: its whole history, or with periods, only the history
@@ -216,7 +204,7 @@ class Database:
     @staticmethod
     async def instances(conn, instance_ids: list[str]) -> dict[str, Instance]:
         """instance -> its row, for the instances that have one; else, for those with billing
-        records only, what their latest record says (as `instance_from_records`)."""
+        records only, what their latest record says (an instance known only from its records)."""
         cur = await conn.execute(
             "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
             " last_heartbeat FROM instances WHERE instance_id = ANY(%s)", (instance_ids,))
