@@ -33,12 +33,14 @@ class Background:
                 coro.close()  # cancelled while waiting for a slot: its coroutine never ran (a no-op otherwise)
         task = asyncio.create_task(bounded())
         task.what = what or self.name
+        task.work = coro  # closed when the task ends: cancelled before it first ran, its finally never runs
         self._tasks.add(task)
         task.add_done_callback(self._done)
         return task
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
+        task.work.close()  # a no-op once it ran; else "coroutine ... was never awaited"
         if not task.cancelled() and task.exception() is not None:
             log.error("%s failed", task.what, exc_info=task.exception())
 
