@@ -171,32 +171,21 @@ class Database:
 
     @staticmethod
     async def instance(conn, instance_id: str) -> Instance | None:
-        cur = await conn.execute(
-            "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
-            " last_heartbeat FROM instances WHERE instance_id = %s", (instance_id,))
+        """The instance's row, or None (`instances` reads many, and those known only by records)."""
+        cur = await conn.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = %s", (instance_id,))
         row = await cur.fetchone()
-        if row is None:
-            return None
-        return Instance(
-            instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
-            tier=row["tier"], status=row["status"],
-            created_at=_us(row["created_at"]), started_at=_us(row["started_at"]),
-            stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"]))
+        return None if row is None else _instance(row)
 
     @staticmethod
     async def records(conn, instance_id: str, periods: list[str] | None = None,
                       run_gap: timedelta = timedelta(seconds=60)) -> list[Record]:
         """The instance's records, in id order: its whole history, or with periods, only the history
         that can change those periods' findings (RECORDS_FOR_PERIODS_SQL says which)."""
+        if periods is not None:
+            return (await Database.records_of(conn, [instance_id], periods, run_gap))[instance_id]
         cur = conn.cursor(row_factory=psycopg.rows.tuple_row)
-        if periods is None:
-            await cur.execute(f"SELECT {_RECORD_COLUMNS} FROM billing_records WHERE instance_id = %s ORDER BY id",
-                              (instance_id,))
-        else:
-            # the instance's history passes through narrow in-memory steps: room for 100k+ records
-            await cur.execute("SET LOCAL work_mem = '32MB'")
-            await cur.execute(RECORDS_FOR_PERIODS_SQL,
-                              {"instance": instance_id, "periods": periods, "gap": run_gap}, prepare=False)
+        await cur.execute(f"SELECT {_RECORD_COLUMNS} FROM billing_records WHERE instance_id = %s ORDER BY id",
+                          (instance_id,))
         return [Record(*r) for r in await cur.fetchall()]
 
     # --- the same reads for a chunk of instances (a check over many: services/multi_check.py) ---
@@ -205,14 +194,9 @@ class Database:
     async def instances(conn, instance_ids: list[str]) -> dict[str, Instance]:
         """instance -> its row, for the instances that have one; else, for those with billing
         records only, what their latest record says (an instance known only from its records)."""
-        cur = await conn.execute(
-            "SELECT instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
-            " last_heartbeat FROM instances WHERE instance_id = ANY(%s)", (instance_ids,))
-        out = {row["instance_id"]: Instance(
-            instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
-            tier=row["tier"], status=row["status"],
-            created_at=_us(row["created_at"]), started_at=_us(row["started_at"]),
-            stopped_at=_us(row["stopped_at"]), last_heartbeat=_us(row["last_heartbeat"])) for row in await cur.fetchall()}
+        cur = await conn.execute(f"SELECT {_INSTANCE_COLUMNS} FROM instances WHERE instance_id = ANY(%s)",
+                                 (instance_ids,))
+        out = {row["instance_id"]: _instance(row) for row in await cur.fetchall()}
         missing = [i for i in instance_ids if i not in out]
         if missing:
             cur = await conn.execute(
@@ -250,13 +234,7 @@ class Database:
     @staticmethod
     async def throttle(conn, org_id: str, defaults: Throttle) -> tuple[Throttle, bool]:
         """The org's limits and whether they came from a throttle_settings row."""
-        cur = await conn.execute(
-            "SELECT continuous_limit, daily_limit, idle_timeout FROM throttle_settings WHERE org_id = %s",
-            (org_id,))
-        row = await cur.fetchone()
-        if row is None:
-            return defaults, False
-        return Throttle(row["continuous_limit"], row["daily_limit"], row["idle_timeout"]), True
+        return (await Database.throttles(conn, [org_id], defaults))[org_id]
 
     @staticmethod
     async def org_intervals(conn, org_id: str, days: list[datetime], limit: timedelta) -> list[OrgInterval]:
@@ -302,6 +280,17 @@ class Database:
         from services.store import systematic_counts
 
         return await systematic_counts(conn, self.schema, periods)
+
+
+_INSTANCE_COLUMNS = ("instance_id, org_id, customer_id, tier, status, created_at, started_at, stopped_at,"
+                     " last_heartbeat")
+
+
+def _instance(row) -> Instance:
+    return Instance(instance_id=row["instance_id"], org_id=row["org_id"], customer_id=row["customer_id"],
+                    tier=row["tier"], status=row["status"], created_at=_us(row["created_at"]),
+                    started_at=_us(row["started_at"]), stopped_at=_us(row["stopped_at"]),
+                    last_heartbeat=_us(row["last_heartbeat"]))
 
 
 def _us(value) -> int | None:

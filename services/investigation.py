@@ -273,9 +273,8 @@ class Investigator:
 
     async def _kube_many(self, insts: list[Instance]) -> dict[str, tuple]:
         """instance -> `_kube` of it, at most KUBE_AT_ONCE at once."""
-        if self.kube is None:
-            problem = self.kube_problem or "not configured"
-            return {inst.instance_id: ([], [], problem, {"pods": problem, "logs": problem}) for inst in insts}
+        if self.kube is None:  # no task per instance for a source that is not there
+            return {inst.instance_id: self._kube_not_read() for inst in insts}
         gate = asyncio.Semaphore(KUBE_AT_ONCE)
 
         async def one(inst):
@@ -283,11 +282,14 @@ class Investigator:
                 return await self._kube(inst)
         return dict(zip((inst.instance_id for inst in insts), await asyncio.gather(*(one(i) for i in insts))))
 
+    def _kube_not_read(self) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
+        problem = self.kube_problem or "not configured"
+        return [], [], problem, {"pods": problem, "logs": problem}
+
     async def _kube(self, inst) -> tuple[list[Pod], list[LogEvent], str, dict[str, str | None]]:
         """Pods, log events, the source's status, and per part (pods, logs) why it was not read."""
         if self.kube is None:
-            problem = self.kube_problem or "not configured"
-            return [], [], problem, {"pods": problem, "logs": problem}
+            return self._kube_not_read()
         since = inst.created_at - HOUR_US if inst.created_at is not None else None
         pods_r, logs_r = await asyncio.gather(
             _bounded(self.kube.instance_pods(inst.instance_id)),

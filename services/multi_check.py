@@ -129,10 +129,17 @@ async def check_all(inv: Investigator, instance_ids: list[str], periods: list[st
 
     async def intervals_of_orgs():
         return await org_intervals_for(inv, await org_days(inv.db, instance_ids, periods))
-    intervals, systematic = await asyncio.gather(intervals_of_orgs(), systematic_counts())
     memo = inv.polar_memo()
-    if memo is not None:  # every customer's events, EVENTS_PER_LISTING customers to a listing, from the start
-        memo.prefetch_events(await customers_of(inv.db, instance_ids))
+
+    async def prefetch() -> None:  # every customer's events, EVENTS_PER_LISTING to a listing, from the start
+        if memo is not None:
+            memo.prefetch_events(await customers_of(inv.db, instance_ids))
+    try:
+        intervals, systematic, _ = await asyncio.gather(intervals_of_orgs(), systematic_counts(), prefetch())
+    except BaseException:
+        if memo is not None:
+            memo.cancel()  # the listings already asked for: nobody will read them
+        raise
     gate = asyncio.Semaphore(CHUNKS_AT_ONCE)
     reports: list[CheckReport] = []
 
